@@ -1,0 +1,3 @@
+from smolrun.cli import main
+
+main()

@@ -1,0 +1,99 @@
+"""The FastAPI application: routes, API-key check, and every error in OpenAI's shape."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from smolrun import __version__
+from smolrun.api.chat import router as chat_router
+from smolrun.api.state import AppState, get_state
+from smolrun.config import Settings
+from smolrun.engine import Engine
+from smolrun.errors import AuthenticationFailed, InvalidRequest, NotFound, SmolrunError
+from smolrun.scheduler import Scheduler
+
+log = logging.getLogger("smolrun")
+
+
+def create_app(engine: Engine, settings: Settings) -> FastAPI:
+    state = AppState(settings, engine, Scheduler(settings.max_queue))
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        state.scheduler.close()
+
+    app = FastAPI(title="smolrun", version=__version__, lifespan=lifespan)
+    app.state.smolrun = state
+
+    async def check_api_key(request: Request) -> None:
+        key = settings.api_key
+        if not key:
+            return
+        given = request.headers.get("authorization", "")
+        token = given[7:] if given.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(token.encode(), key.encode()):
+            raise AuthenticationFailed(
+                "Incorrect API key provided." if token else "Missing API key: send 'Authorization: Bearer <key>'."
+            )
+
+    @app.exception_handler(SmolrunError)
+    async def smolrun_error(request: Request, exc: SmolrunError) -> JSONResponse:
+        if exc.status >= 500:
+            log.error("%s: %s", type(exc).__name__, exc.message)
+        return JSONResponse(exc.to_dict(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = ".".join(loc) or None
+        message = f"Invalid request: {first.get('msg', 'malformed body')}" + (f" at '{param}'" if param else "")
+        return JSONResponse(InvalidRequest(message, param=param).to_dict(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error: SmolrunError
+        if exc.status_code == 404:
+            error = NotFound(f"Unknown request URL: {request.method} {request.url.path}")
+        elif exc.status_code < 500:
+            error = InvalidRequest(str(exc.detail))
+            error.status = exc.status_code
+        else:
+            error = SmolrunError(str(exc.detail))
+        return JSONResponse(error.to_dict(), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s", request.url.path)
+        return JSONResponse(SmolrunError(f"internal error: {type(exc).__name__}").to_dict(), status_code=500)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": engine.name}
+
+    def model_card() -> dict[str, Any]:
+        return {"id": engine.name, "object": "model", "created": created, "owned_by": "smolrun"}
+
+    @app.get("/v1/models", dependencies=[Depends(check_api_key)])
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(check_api_key)])
+    async def get_model(model_id: str, request: Request) -> dict[str, Any]:
+        get_state(request).check_model(model_id)
+        return model_card()
+
+    app.include_router(chat_router, dependencies=[Depends(check_api_key)])
+    return app

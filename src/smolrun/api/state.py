@@ -1,0 +1,35 @@
+"""What the routes share: the engine, the scheduler and the settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from smolrun.config import Settings
+from smolrun.engine import Engine
+from smolrun.errors import ModelNotFound
+from smolrun.models import REGISTRY
+from smolrun.scheduler import Scheduler
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    engine: Engine
+    scheduler: Scheduler
+
+    def check_model(self, requested: str) -> None:
+        """Accept the served model's name, or the registry name/path it was started from."""
+        if requested in {self.engine.name, self.settings.model}:
+            return
+        raise ModelNotFound(
+            f"The model '{requested}' does not exist on this server; it serves '{self.engine.name}'"
+            + (f" (start a server with --model {requested} to use that one)" if requested in REGISTRY else ""),
+            param="model",
+        )
+
+
+def get_state(request: Request) -> AppState:
+    state: AppState = request.app.state.smolrun
+    return state

@@ -1,0 +1,5 @@
+"""Inference engines behind one decode loop; each imports its library lazily."""
+
+from smolrun.backends.base import Model
+
+__all__ = ["Model"]

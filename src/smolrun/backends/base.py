@@ -1,0 +1,39 @@
+"""What the decode loop needs from an inference library, and what an engine offers the server."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+from llguidance import LLTokenizer
+
+
+class Model(Protocol):
+    """A loaded model with one sequence of state (KV cache) that the decode loop drives."""
+
+    name: str
+    n_ctx: int
+    n_vocab: int
+    eog_tokens: frozenset[int]  # end-of-generation tokens (EOS, EOT, ...)
+    lltokenizer: LLTokenizer
+    chat_template: str | None
+    bos_token: str
+    eos_token: str
+
+    def tokenize(self, text: str) -> list[int]:
+        """Tokenize a rendered prompt, parsing special tokens, adding BOS when the model wants it."""
+        ...
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes a token adds to the output text (empty for control tokens)."""
+        ...
+
+    def prefill(self, tokens: Sequence[int]) -> npt.NDArray[np.float32]:
+        """Make `tokens` the whole sequence (reusing any cached prefix); logits after its last token."""
+        ...
+
+    def extend(self, tokens: Sequence[int]) -> npt.NDArray[np.float32]:
+        """Append `tokens` in one batch; logits after the last one."""
+        ...

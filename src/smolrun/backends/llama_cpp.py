@@ -1,0 +1,93 @@
+"""GGUF models through llama-cpp-python: our own decode loop over `eval` and the raw logits."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from llguidance import LLTokenizer
+
+from smolrun.errors import BackendMissing
+
+
+def _import_llama_cpp() -> Any:
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise BackendMissing(
+            "the llama.cpp engine needs llama-cpp-python: pip install 'smolrun[llama]' (or run `make setup`)"
+        ) from exc
+    return llama_cpp
+
+
+def default_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+class LlamaCppModel:
+    """One GGUF model with one KV-cache sequence; not thread-safe (the scheduler serialises use)."""
+
+    def __init__(self, path: Path, *, name: str, n_ctx: int = 8192, n_threads: int | None = None) -> None:
+        llama_cpp = _import_llama_cpp()
+        from llguidance.llamacpp import lltokenizer_from_vocab
+
+        threads = n_threads or default_threads()
+        self.llama = llama_cpp.Llama(
+            model_path=str(path),
+            n_ctx=n_ctx,
+            n_batch=512,
+            n_threads=threads,
+            n_threads_batch=threads,
+            logits_all=False,
+            verbose=False,
+        )
+        self._lib = llama_cpp
+        self.name = name
+        self.path = path
+        self.n_ctx = self.llama.n_ctx()
+        self.n_vocab = self.llama.n_vocab()
+        vocab = llama_cpp.llama_model_get_vocab(self.llama.model)
+        self.eog_tokens = frozenset(t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t))
+        self.lltokenizer: LLTokenizer = lltokenizer_from_vocab(vocab, eos_token=sorted(self.eog_tokens))
+        self._pieces = [self.llama.detokenize([t], special=False) for t in range(self.n_vocab)]
+        meta = self.llama.metadata
+        self.chat_template: str | None = meta.get("tokenizer.chat_template")
+        self.bos_token = self._piece_text(self.llama.token_bos())
+        self.eos_token = self._piece_text(self.llama.token_eos())
+        self._add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab)) and self.llama.token_bos() >= 0
+
+    def _piece_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return self.llama.detokenize([token], special=True).decode("utf-8", errors="replace")
+
+    def tokenize(self, text: str) -> list[int]:
+        tokens: list[int] = self.llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        bos = self.llama.token_bos()
+        if self._add_bos and (not tokens or tokens[0] != bos):
+            tokens.insert(0, bos)
+        return tokens
+
+    def token_bytes(self, token: int) -> bytes:
+        return self._pieces[token] if 0 <= token < self.n_vocab else b""
+
+    def prefill(self, tokens: Sequence[int]) -> npt.NDArray[np.float32]:
+        cached = self.llama.input_ids[: self.llama.n_tokens]
+        common = 0
+        limit = min(len(cached), len(tokens))
+        while common < limit and cached[common] == tokens[common]:
+            common += 1
+        common = min(common, len(tokens) - 1)  # re-evaluate at least one token to get fresh logits
+        self.llama.n_tokens = common  # eval() drops the KV cache past n_tokens before decoding
+        return self.extend(tokens[common:])
+
+    def extend(self, tokens: Sequence[int]) -> npt.NDArray[np.float32]:
+        self.llama.eval(list(tokens))
+        ptr = self.llama._ctx.get_logits_ith(-1)
+        # A view into llama.cpp's buffer: valid until the next eval, which is all the loop needs.
+        return np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(self.n_vocab,))

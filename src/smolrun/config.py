@@ -1,0 +1,38 @@
+"""Settings for a smolrun process: one object, built from the CLI or the environment, passed explicitly."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from smolrun.models import DEFAULT_MODEL
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str = DEFAULT_MODEL
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    n_ctx: int = 8192
+    threads: int | None = None  # None: every CPU this process may use
+    max_queue: int = 16  # requests waiting for the model before new ones get 429
+    offline: bool | None = None  # None: follow HF_HUB_OFFLINE
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> Settings:
+        """Defaults, then SMOLRUN_* environment variables, then explicit (non-None) overrides."""
+        env = os.environ
+        values: dict[str, object] = {}
+        if "SMOLRUN_MODEL" in env:
+            values["model"] = env["SMOLRUN_MODEL"]
+        if env.get("SMOLRUN_API_KEY"):
+            values["api_key"] = env["SMOLRUN_API_KEY"]
+        if "SMOLRUN_N_CTX" in env:
+            values["n_ctx"] = int(env["SMOLRUN_N_CTX"])
+        if "SMOLRUN_THREADS" in env:
+            values["threads"] = int(env["SMOLRUN_THREADS"])
+        if "SMOLRUN_MAX_QUEUE" in env:
+            values["max_queue"] = int(env["SMOLRUN_MAX_QUEUE"])
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)  # type: ignore[arg-type]

@@ -1,0 +1,131 @@
+"""Walk a JSON Schema, refuse what cannot be guaranteed (naming keyword and path), normalise the rest."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+from smolrun.errors import SchemaError
+
+Path = tuple[str, ...]
+
+# Keywords llguidance enforces during decoding.
+ENFORCED = frozenset(
+    {
+        "type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "$defs", "definitions",
+        "properties", "required", "additionalProperties", "patternProperties", "minProperties", "maxProperties",
+        "items", "prefixItems", "minItems", "maxItems",
+        "minLength", "maxLength", "pattern", "format",
+        "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
+    }
+)
+# Validation keywords no grammar here can enforce: refused rather than silently ignored.
+REFUSED = frozenset(
+    {
+        "not", "if", "then", "else", "uniqueItems", "contains", "minContains", "maxContains",
+        "propertyNames", "dependentRequired", "dependentSchemas", "dependencies",
+        "unevaluatedProperties", "unevaluatedItems", "additionalItems", "$dynamicRef", "$recursiveRef",
+    }
+)
+FORMATS = frozenset({"date-time", "time", "date", "duration", "email", "hostname", "ipv4", "ipv6", "uuid", "uri"})
+TYPES = frozenset({"object", "array", "string", "number", "integer", "boolean", "null"})
+
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_SINGLE = ("additionalProperties", "items")
+
+
+def check_schema(schema: Any, *, strict: bool, what: str) -> dict[str, Any]:
+    """Return a normalised copy of `schema` or raise SchemaError.
+
+    `what` names the schema in messages, e.g. "response_format 'person'". With `strict`, OpenAI's
+    structural rules apply as well (object root, every property required, additionalProperties false),
+    so a schema accepted here is accepted by OpenAI's strict mode too.
+    """
+    if not isinstance(schema, dict):
+        raise SchemaError(f"Invalid schema for {what}: the schema must be a JSON object.")
+    schema = copy.deepcopy(schema)
+    if strict and (schema.get("type") != "object" or "anyOf" in schema):
+        _fail(what, (), "the root schema must be an object (\"type\": \"object\") and not use 'anyOf'")
+    for path, node in _walk(schema, ()):
+        _check_node(node, path, strict=strict, what=what)
+    return schema
+
+
+def _walk(node: Any, path: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
+    if isinstance(node, bool):
+        return
+    if not isinstance(node, dict):
+        raise SchemaError(f"In context={path!r}, a schema must be an object or a boolean.")
+    yield path, node
+    for key in _SUBSCHEMA_MAPS:
+        children = node.get(key)
+        if isinstance(children, dict):
+            for name, child in children.items():
+                yield from _walk(child, (*path, key, name))
+    for key in _SUBSCHEMA_LISTS:
+        children = node.get(key)
+        if isinstance(children, list):
+            for i, child in enumerate(children):
+                yield from _walk(child, (*path, key, str(i)))
+    for key in _SUBSCHEMA_SINGLE:
+        if key in node and isinstance(node[key], dict | bool):
+            yield from _walk(node[key], (*path, key))
+
+
+def _fail(what: str, path: Path, reason: str) -> None:
+    raise SchemaError(f"Invalid schema for {what}: In context={path!r}, {reason}.")
+
+
+def _check_node(node: dict[str, Any], path: Path, *, strict: bool, what: str) -> None:
+    for key in node:
+        if key in REFUSED:
+            _fail(what, path, f"'{key}' is not permitted (smolrun cannot guarantee it during decoding)")
+    types = node.get("type")
+    type_list = types if isinstance(types, list) else [types] if types is not None else []
+    for t in type_list:
+        if t not in TYPES:
+            _fail(what, path, f"'type' {t!r} is not a JSON Schema type")
+    fmt = node.get("format")
+    if fmt is not None and fmt not in FORMATS:
+        _fail(what, path, f"'format' {fmt!r} is not supported (supported: {', '.join(sorted(FORMATS))})")
+    ref = node.get("$ref")
+    if ref is not None and not (isinstance(ref, str) and ref.startswith("#")):
+        _fail(what, path, f"'$ref' {ref!r} is not permitted: only local references ('#...') are resolved")
+    pattern = node.get("pattern")
+    if pattern is not None:
+        _check_pattern(pattern, path, what)
+    for name in node.get("patternProperties") or {}:
+        _check_pattern(name, (*path, "patternProperties"), what)
+    # OpenAI's nullable enum (`"type": ["string", "null"], "enum": [...]`) means "or null"; say it in JSON Schema.
+    if "enum" in node and "null" in type_list and None not in node["enum"]:
+        node["enum"] = [*node["enum"], None]
+    if strict and ("properties" in node or "object" in type_list):
+        _check_strict_object(node, path, what)
+
+
+def _check_strict_object(node: dict[str, Any], path: Path, what: str) -> None:
+    if node.get("additionalProperties") is not False:
+        _fail(what, path, "'additionalProperties' is required to be supplied and to be false")
+    keys = list(node.get("properties", {}))
+    required = node.get("required", [])
+    missing = [k for k in keys if k not in required] if isinstance(required, list) else keys
+    if missing:
+        _fail(
+            what,
+            path,
+            "'required' is required to be supplied and to be an array including every key in properties. "
+            f"Missing {missing[0]!r}",
+        )
+
+
+def _check_pattern(pattern: Any, path: Path, what: str) -> None:
+    from llguidance import LLMatcher
+
+    if not isinstance(pattern, str):
+        _fail(what, path, "'pattern' must be a string")
+    is_error, messages = LLMatcher.validate_grammar_with_warnings(LLMatcher.grammar_from_regex(pattern))
+    if is_error:
+        first = messages[0].strip().splitlines()[-1] if messages else "invalid regular expression"
+        _fail(what, path, f"'pattern' {pattern!r} is not supported: {first}")

