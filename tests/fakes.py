@@ -63,7 +63,7 @@ class ByteModel:
         logits[EOS] += 3.0
         return logits
 
-    def prefill(self, tokens: Sequence[int]) -> npt.NDArray[np.float32]:
+    def prefill(self, tokens: Sequence[int], reuse: bool = True) -> npt.NDArray[np.float32]:
         self.calls = [list(tokens)]
         return self._logits()
 

@@ -87,8 +87,11 @@ smolrun is serving {model} at {base}
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None)
 @click.option("--temperature", type=click.FloatRange(0, 2), default=0.0, show_default=True)
 @click.option("--seed", type=int, default=None)
+@click.option("--frequency-penalty", type=click.FloatRange(-2, 2), default=0.0, show_default=True,
+              help="discourage repeating tokens (helps tiny models end their answers)")
 def ask(prompt: str, model: str | None, schema_file: Path | None, json_mode: bool, strict: bool,
-        system: str | None, stream: bool, max_tokens: int | None, temperature: float, seed: int | None) -> None:
+        system: str | None, stream: bool, max_tokens: int | None, temperature: float, seed: int | None,
+        frequency_penalty: float) -> None:
     """Answer PROMPT once with a local model (no server needed)."""
     from smolrun.engine import Engine
 
@@ -96,7 +99,8 @@ def ask(prompt: str, model: str | None, schema_file: Path | None, json_mode: boo
         raise click.UsageError("use either --schema or --json, not both")
     fmt = _load_format(schema_file, strict) if schema_file else ResponseFormat("json_object") if json_mode else None
     messages = ((Message("system", system),) if system else ()) + (Message("user", prompt),)
-    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed,
+                            frequency_penalty=frequency_penalty)
     turn = Turn(messages, fmt or ResponseFormat(), params)
     engine = Engine.load(Settings.from_env(model=model))
     parts: list[str] = []

@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from smolrun.backends.base import Model
-from smolrun.backends.decode import decode, never
+from smolrun.backends.decode import decode, never, token_budget
 from smolrun.config import Settings
 from smolrun.constraints.grammar import Grammar, GrammarCache
 from smolrun.models import resolve
@@ -45,7 +45,9 @@ class Engine:
 
     def prepare(self, turn: Turn) -> Prepared:
         grammar = self.grammars.get(turn.format)
-        return Prepared(self.model.tokenize(self.render(turn)), grammar, turn.params)
+        prompt = self.model.tokenize(self.render(turn))
+        token_budget(self.model.n_ctx, len(prompt), turn.params.max_tokens)  # 400 before queueing, not mid-stream
+        return Prepared(prompt, grammar, turn.params)
 
     def generate(self, prepared: Prepared, cancelled: Callable[[], bool] = never) -> Iterator[Event]:
         matcher = prepared.grammar.matcher() if prepared.grammar is not None else None

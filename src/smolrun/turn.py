@@ -36,6 +36,8 @@ class SamplingParams:
     top_k: int = 0  # 0: no top-k cut
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    frequency_penalty: float = 0.0  # OpenAI semantics: minus penalty x count of each token generated so far
+    presence_penalty: float = 0.0  # minus penalty once for each token generated so far
 
 
 @dataclass(frozen=True)

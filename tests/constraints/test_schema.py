@@ -54,11 +54,15 @@ def test_non_strict_allows_optional_properties_and_any_root() -> None:
     check_schema({"type": "array", "items": {"type": "integer"}}, strict=False, what="x")
 
 
-def test_nullable_enum_gets_null_added_and_input_is_not_mutated() -> None:
+def test_nullable_enum_keeps_standard_semantics_and_input_is_not_mutated() -> None:
+    # OpenAI reads this as "F, C or null"; JSON Schema allows only "F" or "C". We follow JSON Schema, so
+    # the output always validates against the user's own schema with any validator.
     schema = strict_obj({"unit": {"type": ["string", "null"], "enum": ["F", "C"]}})
     out = check_schema(schema, strict=True, what="x")
-    assert out["properties"]["unit"]["enum"] == ["F", "C", None]
-    assert schema["properties"]["unit"]["enum"] == ["F", "C"]
+    assert out["properties"]["unit"]["enum"] == ["F", "C"]
+    dated = strict_obj({"d": {"type": "string", "format": "date"}})
+    assert "pattern" in check_schema(dated, strict=True, what="x")["properties"]["d"]
+    assert dated["properties"]["d"] == {"type": "string", "format": "date"}
 
 
 def test_annotations_are_tolerated() -> None:

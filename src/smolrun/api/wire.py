@@ -98,6 +98,8 @@ class ChatCompletionRequest(_Wire):
             top_k=self.top_k or 0,
             seed=self.seed,
             stop=stop,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            presence_penalty=self.presence_penalty or 0.0,
         )
         messages = tuple(_message(m, i) for i, m in enumerate(self.messages))
         return Turn(messages, _format(self.response_format), params)
@@ -111,9 +113,6 @@ class ChatCompletionRequest(_Wire):
             raise InvalidRequest("function calling ('tools') is not supported yet by this server", param="tools")
         if self.logprobs:
             raise InvalidRequest("'logprobs' is not supported", param="logprobs")
-        for name in ("frequency_penalty", "presence_penalty"):
-            if getattr(self, name):
-                raise InvalidRequest(f"'{name}' is not supported; leave it unset or 0", param=name)
 
 
 def _message(m: ChatMessage, index: int) -> Message:

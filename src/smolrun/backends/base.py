@@ -30,8 +30,11 @@ class Model(Protocol):
         """The bytes a token adds to the output text (empty for control tokens)."""
         ...
 
-    def prefill(self, tokens: Sequence[int]) -> npt.NDArray[np.float32]:
-        """Make `tokens` the whole sequence (reusing any cached prefix); logits after its last token."""
+    def prefill(self, tokens: Sequence[int], reuse: bool = True) -> npt.NDArray[np.float32]:
+        """Make `tokens` the whole sequence; logits after its last token.
+
+        With `reuse`, a prefix already in the KV cache is kept. Logits then differ from a full prefill
+        in the last float bits (other batch shapes), so seeded sampling asks for `reuse=False`."""
         ...
 
     def extend(self, tokens: Sequence[int]) -> npt.NDArray[np.float32]:

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
+import numpy.typing as npt
 from llguidance import LLMatcher
 from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
 
@@ -33,16 +34,17 @@ def decode(
     next forward pass together (fast-forward). A matcher error raises GenerationFailed: an answer is never
     silently cut short.
     """
-    budget = _budget(model, len(prompt), params.max_tokens)
+    budget = token_budget(model.n_ctx, len(prompt), params.max_tokens)
     rng = np.random.default_rng(params.seed)
     bitmask = allocate_token_bitmask(1, model.lltokenizer.vocab_size) if matcher is not None else None
     text = _TextStream(params.stop)
     mask_us: list[float] = []
     generated = forced = passes = 0
+    penalties = _Penalties(params.frequency_penalty, params.presence_penalty)
     reason: FinishReason = "length"
 
     t0 = time.perf_counter()
-    logits = model.prefill(prompt)
+    logits = model.prefill(prompt, reuse=params.seed is None)  # seeded runs must repeat exactly
     t1 = time.perf_counter()
     passes += 1
     while generated < budget:
@@ -54,6 +56,7 @@ def decode(
             fill_next_token_bitmask(matcher, bitmask)
             mask_us.append((time.perf_counter() - tm) * 1e6)
             _check(matcher)
+        penalties.apply(logits)
         token = sample(logits, bitmask, params, rng)
         if token in model.eog_tokens:
             if matcher is not None:
@@ -69,6 +72,7 @@ def decode(
                 batch += ff
                 forced += len(ff)
         generated += len(batch)
+        penalties.add(batch)
         delta, stopped = text.push(b"".join(model.token_bytes(t) for t in batch))
         if delta:
             yield TextDelta(delta)
@@ -97,18 +101,19 @@ def decode(
     yield Done(reason, stats)
 
 
-def _budget(model: Model, n_prompt: int, max_tokens: int | None) -> int:
-    room = model.n_ctx - n_prompt
+def token_budget(n_ctx: int, n_prompt: int, max_tokens: int | None) -> int:
+    """How many tokens may be generated; ContextLengthExceeded when the request cannot fit."""
+    room = n_ctx - n_prompt
     if room <= 0:
         raise ContextLengthExceeded(
-            f"This model's maximum context length is {model.n_ctx} tokens, but the messages use {n_prompt}.",
+            f"This model's maximum context length is {n_ctx} tokens, but the messages use {n_prompt}.",
             param="messages",
         )
     if max_tokens is None:
         return room
     if max_tokens > room:
         raise ContextLengthExceeded(
-            f"This model's maximum context length is {model.n_ctx} tokens. However, you requested "
+            f"This model's maximum context length is {n_ctx} tokens. However, you requested "
             f"{n_prompt + max_tokens} tokens ({n_prompt} in the messages, {max_tokens} in the completion).",
             param="max_tokens",
         )
@@ -125,6 +130,26 @@ def _consume(matcher: LLMatcher, tokens: list[int]) -> None:
 def _check(matcher: LLMatcher) -> None:
     if matcher.is_error():
         raise GenerationFailed(f"grammar matcher failed: {matcher.get_error()}")
+
+
+class _Penalties:
+    """OpenAI's frequency and presence penalties over the tokens generated so far (forced ones included)."""
+
+    def __init__(self, frequency: float, presence: float) -> None:
+        self.frequency, self.presence = frequency, presence
+        self.counts: dict[int, int] = {}
+
+    def add(self, tokens: list[int]) -> None:
+        if self.frequency or self.presence:
+            for t in tokens:
+                self.counts[t] = self.counts.get(t, 0) + 1
+
+    def apply(self, logits: npt.NDArray[np.float32]) -> None:
+        if not self.counts:
+            return
+        ids = np.fromiter(self.counts.keys(), dtype=np.intp, count=len(self.counts))
+        counts = np.fromiter(self.counts.values(), dtype=np.float32, count=len(self.counts))
+        logits[ids] -= counts * np.float32(self.frequency) + np.float32(self.presence)
 
 
 class _TextStream:

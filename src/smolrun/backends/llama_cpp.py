@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,9 @@ class LlamaCppModel:
         self.n_vocab = self.llama.n_vocab()
         vocab = llama_cpp.llama_model_get_vocab(self.llama.model)
         self.eog_tokens = frozenset(t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t))
-        self.lltokenizer: LLTokenizer = lltokenizer_from_vocab(vocab, eos_token=sorted(self.eog_tokens))
+        with warnings.catch_warnings():  # llguidance calls a llama.cpp symbol deprecated in 0.3.36
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.lltokenizer: LLTokenizer = lltokenizer_from_vocab(vocab, eos_token=sorted(self.eog_tokens))
         self._pieces = [self.llama.detokenize([t], special=False) for t in range(self.n_vocab)]
         meta = self.llama.metadata
         self.chat_template: str | None = meta.get("tokenizer.chat_template")
@@ -76,10 +79,10 @@ class LlamaCppModel:
     def token_bytes(self, token: int) -> bytes:
         return self._pieces[token] if 0 <= token < self.n_vocab else b""
 
-    def prefill(self, tokens: Sequence[int]) -> npt.NDArray[np.float32]:
+    def prefill(self, tokens: Sequence[int], reuse: bool = True) -> npt.NDArray[np.float32]:
         cached = self.llama.input_ids[: self.llama.n_tokens]
         common = 0
-        limit = min(len(cached), len(tokens))
+        limit = min(len(cached), len(tokens)) if reuse else 0
         while common < limit and cached[common] == tokens[common]:
             common += 1
         common = min(common, len(tokens) - 1)  # re-evaluate at least one token to get fresh logits

@@ -111,9 +111,6 @@ def _check_node(node: dict[str, Any], path: Path, *, strict: bool, what: str) ->
         _check_pattern(pattern, path, what)
     for name in node.get("patternProperties") or {}:
         _check_pattern(name, (*path, "patternProperties"), what)
-    # OpenAI's nullable enum (`"type": ["string", "null"], "enum": [...]`) means "or null"; say it in JSON Schema.
-    if "enum" in node and "null" in type_list and None not in node["enum"]:
-        node["enum"] = [*node["enum"], None]
     if strict and ("properties" in node or "object" in type_list):
         _check_strict_object(node, path, what)
 

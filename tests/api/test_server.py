@@ -1,0 +1,110 @@
+"""Server behaviour that needs no real model: API keys, the queue, cancellation, error shapes."""
+
+import threading
+import time
+from collections.abc import Sequence
+
+import httpx
+import numpy as np
+import numpy.typing as npt
+import openai
+import pytest
+
+from smolrun.engine import Engine
+from tests.fakes import ByteModel
+
+BODY = {"model": "byte-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 400}
+
+
+class SlowModel(ByteModel):
+    """Never ends on its own (EOS banned) and takes 20 ms a step, so requests overlap."""
+
+    def __init__(self) -> None:
+        super().__init__(seed=0)
+        self.steps = 0
+        self.started = threading.Event()
+
+    def extend(self, tokens: Sequence[int]) -> npt.NDArray[np.float32]:
+        self.started.set()
+        self.steps += 1
+        time.sleep(0.02)
+        logits = super().extend(tokens)
+        logits[256] = -np.inf
+        return logits
+
+
+def test_api_key_is_required_when_set(make_server) -> None:  # type: ignore[no-untyped-def]
+    server = make_server(Engine(ByteModel()), api_key="s3cret")
+    base = server.url
+    assert httpx.get(base.replace("/v1", "/health")).status_code == 200
+    missing = httpx.get(f"{base}/models")
+    assert missing.status_code == 401 and missing.json()["error"]["code"] == "invalid_api_key"
+    wrong = httpx.get(f"{base}/models", headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and "Incorrect API key" in wrong.json()["error"]["message"]
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=base, api_key="nope", max_retries=0).models.list()
+    assert [m.id for m in server.client().models.list()] == ["byte-model"]
+
+
+def test_full_queue_answers_429_and_nothing_accepted_is_lost(make_server) -> None:  # type: ignore[no-untyped-def]
+    model = SlowModel()
+    server = make_server(Engine(model), max_queue=1)
+    results: list[int] = []
+
+    def post() -> None:
+        results.append(httpx.post(f"{server.url}/chat/completions", json={**BODY, "max_tokens": 30},
+                                  timeout=60).status_code)
+
+    running = threading.Thread(target=post)
+    running.start()
+    assert model.started.wait(10)
+    waiting = threading.Thread(target=post)
+    waiting.start()
+    time.sleep(0.2)  # let it take the one queue slot
+    rejected = httpx.post(f"{server.url}/chat/completions", json=BODY, timeout=60)
+    assert rejected.status_code == 429
+    assert rejected.json()["error"]["type"] == "rate_limit_error"
+    running.join()
+    waiting.join()
+    assert results == [200, 200]
+
+
+def test_a_client_that_disconnects_cancels_its_generation(make_server) -> None:  # type: ignore[no-untyped-def]
+    model = SlowModel()
+    server = make_server(Engine(model))
+    with httpx.stream("POST", f"{server.url}/chat/completions", json={**BODY, "stream": True}, timeout=60) as r:
+        for line in r.iter_lines():
+            if '"content"' in line and model.steps > 3:
+                break
+    time.sleep(0.5)
+    steps_after_close = model.steps
+    time.sleep(0.5)
+    assert model.steps == steps_after_close < 100  # stopped well before max_tokens=400
+    ok = httpx.post(f"{server.url}/chat/completions", json={**BODY, "max_tokens": 5}, timeout=60)
+    assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_non_streaming_disconnect_cancels_too(make_server) -> None:  # type: ignore[no-untyped-def]
+    model = SlowModel()
+    server = make_server(Engine(model))
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/chat/completions", json=BODY, timeout=0.5)
+    time.sleep(1.0)
+    steps = model.steps
+    time.sleep(0.5)
+    assert model.steps == steps < 100
+
+
+def test_unknown_route_and_bad_json_use_openai_error_shape(make_server) -> None:  # type: ignore[no-untyped-def]
+    server = make_server(Engine(ByteModel()))
+    r = httpx.get(f"{server.url}/nothing-here")
+    assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    r = httpx.post(f"{server.url}/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_context_overflow_is_a_400(make_server) -> None:  # type: ignore[no-untyped-def]
+    server = make_server(Engine(ByteModel(n_ctx=64)))
+    r = httpx.post(f"{server.url}/chat/completions",
+                   json={**BODY, "messages": [{"role": "user", "content": "x" * 200}]})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"

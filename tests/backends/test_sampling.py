@@ -1,0 +1,61 @@
+import numpy as np
+import pytest
+from llguidance.numpy import allocate_token_bitmask
+
+from smolrun.backends.sampling import allowed, greedy, mask_logits, sample
+from smolrun.turn import SamplingParams
+
+
+def bitmask_of(vocab: int, ok: list[int]) -> np.ndarray:
+    bm = allocate_token_bitmask(1, vocab)
+    bm[:] = 0
+    for t in ok:
+        bm[0, t >> 5] |= np.int32(np.uint32(1 << (t & 31)).view(np.int32))
+    return bm
+
+
+def test_allowed_reads_the_right_bit_and_nothing_beyond_the_vocab() -> None:
+    bm = bitmask_of(100, [0, 31, 32, 99])
+    assert [t for t in range(100) if allowed(bm, t)] == [0, 31, 32, 99]
+    assert not allowed(bm, 5000)
+
+
+def test_greedy_takes_the_best_allowed_token() -> None:
+    logits = np.array([0.0, 5.0, 3.0, 1.0], dtype=np.float32)
+    assert greedy(logits, None) == 1
+    assert greedy(logits, bitmask_of(4, [2, 3])) == 2
+    masked = mask_logits(logits, bitmask_of(4, [3]))
+    assert np.isneginf(masked[:3]).all() and masked[3] == 1.0
+
+
+def test_sampling_never_picks_a_banned_token_and_is_seeded() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=300).astype(np.float32)
+    ok = [3, 40, 41, 299]
+    bm = bitmask_of(300, ok)
+    for params in (SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_p=0.9),
+                   SamplingParams(temperature=1.5, top_k=2)):
+        picks = [sample(logits, bm, params, np.random.default_rng(s)) for s in range(200)]
+        assert set(picks) <= set(ok)
+        assert picks == [sample(logits, bm, params, np.random.default_rng(s)) for s in range(200)]
+
+
+def test_sampling_follows_the_softmax() -> None:
+    logits = np.log(np.array([0.5, 0.3, 0.2], dtype=np.float32))
+    rng = np.random.default_rng(1)
+    picks = np.bincount([sample(logits, None, SamplingParams(temperature=1.0), rng) for _ in range(20000)],
+                        minlength=3) / 20000
+    assert np.allclose(picks, [0.5, 0.3, 0.2], atol=0.02)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0, top_k=1), SamplingParams(top_p=0.001)])
+def test_top_k_one_and_tiny_top_p_are_greedy(params: SamplingParams) -> None:
+    logits = np.random.default_rng(2).normal(size=5000).astype(np.float32)
+    assert all(sample(logits, None, params, np.random.default_rng(s)) == int(np.argmax(logits)) for s in range(20))
+
+
+def test_top_p_keeps_only_the_nucleus() -> None:
+    logits = np.log(np.array([0.6, 0.3, 0.05, 0.05], dtype=np.float32))
+    rng = np.random.default_rng(3)
+    picks = {sample(logits, None, SamplingParams(top_p=0.85), rng) for _ in range(500)}
+    assert picks == {0, 1}
