@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -61,7 +61,7 @@ def usage(stats: DecodeStats) -> dict[str, Any]:
     }
 
 
-async def _events(state: AppState, prepared: Prepared) -> AsyncIterator[TextDelta | Done]:
+async def _events(state: AppState, prepared: Prepared) -> AsyncGenerator[TextDelta | Done, None]:
     async for event in state.scheduler.stream(lambda cancelled: state.engine.generate(prepared, cancelled)):
         yield event
 
@@ -82,7 +82,7 @@ async def _complete(state: AppState, prepared: Prepared, meta: _Meta, request: R
         await events.aclose()
     if done is None:
         raise GenerationFailed("generation ended without a result")
-    message = {"role": "assistant", "content": "".join(parts), "refusal": None, "annotations": []}
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(parts), "refusal": None, "annotations": []}
     choice = {"index": 0, "message": message, "finish_reason": done.finish_reason, "logprobs": None}
     return {**meta.envelope("chat.completion"), "choices": [choice], "usage": usage(done.stats),
             "service_tier": "default"}

@@ -67,7 +67,8 @@ class LlamaCppModel:
     def _piece_text(self, token: int) -> str:
         if token < 0:
             return ""
-        return self.llama.detokenize([token], special=True).decode("utf-8", errors="replace")
+        piece: bytes = self.llama.detokenize([token], special=True)
+        return piece.decode("utf-8", errors="replace")
 
     def tokenize(self, text: str) -> list[int]:
         tokens: list[int] = self.llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)

@@ -15,7 +15,7 @@ from smolrun.turn import ResponseFormat
 
 # Compact JSON: no whitespace between tokens. Flexible whitespace lets a small model emit blanks until
 # max_tokens (llama-cpp-python #1500); compact output is also fewer tokens and more of them forced.
-JSON_OPTIONS = {"whitespace_flexible": False}
+JSON_OPTIONS: Any = {"whitespace_flexible": False}  # llguidance's JsonCompileOptions TypedDict (stub-only)
 
 
 @dataclass(frozen=True)

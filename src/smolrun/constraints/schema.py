@@ -46,16 +46,16 @@ _SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 _SUBSCHEMA_SINGLE = ("additionalProperties", "items")
 
 
-def check_schema(schema: Any, *, strict: bool, what: str) -> dict[str, Any]:
+def check_schema(raw: Any, *, strict: bool, what: str) -> dict[str, Any]:
     """Return a normalised copy of `schema` or raise SchemaError.
 
     `what` names the schema in messages, e.g. "response_format 'person'". With `strict`, OpenAI's
     structural rules apply as well (object root, every property required, additionalProperties false),
     so a schema accepted here is accepted by OpenAI's strict mode too.
     """
-    if not isinstance(schema, dict):
+    if not isinstance(raw, dict):
         raise SchemaError(f"Invalid schema for {what}: the schema must be a JSON object.")
-    schema = copy.deepcopy(schema)
+    schema: dict[str, Any] = copy.deepcopy(raw)
     if strict and (schema.get("type") != "object" or "anyOf" in schema):
         _fail(what, (), "the root schema must be an object (\"type\": \"object\") and not use 'anyOf'")
     for path, node in _walk(schema, ()):
