@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import pytest
 import uvicorn
+from fastapi import FastAPI
 
 from smolrun.api import create_app
 from smolrun.config import Settings
@@ -34,6 +35,7 @@ class Server:
     url: str
     engine: Engine
     settings: Settings
+    app: FastAPI
 
     def client(self, **kwargs: object):  # type: ignore[no-untyped-def]
         from openai import OpenAI
@@ -59,7 +61,7 @@ def serve(engine: Engine, settings: Settings) -> Iterator[Server]:
         if time.monotonic() > deadline:
             raise RuntimeError("test server did not start")
         time.sleep(0.02)
-    yield Server(f"http://127.0.0.1:{settings.port}/v1", engine, settings)
+    yield Server(f"http://127.0.0.1:{settings.port}/v1", engine, settings, app)
     server.should_exit = True
     thread.join(timeout=10)
 

@@ -65,6 +65,10 @@ class Scheduler:
         finally:
             job.cancel.set()
 
+    def waiting(self) -> int:
+        """Requests queued behind the one being generated."""
+        return self._jobs.qsize()
+
     def close(self) -> None:
         self._jobs.put(None)
         self._thread.join(timeout=5)

@@ -52,7 +52,7 @@ def test_full_queue_answers_429_and_nothing_accepted_is_lost(make_server) -> Non
     results: list[int] = []
 
     def post() -> None:
-        results.append(httpx.post(f"{server.url}/chat/completions", json={**BODY, "max_tokens": 30},
+        results.append(httpx.post(f"{server.url}/chat/completions", json={**BODY, "max_tokens": 60},
                                   timeout=60).status_code)
 
     running = threading.Thread(target=post)
@@ -60,7 +60,11 @@ def test_full_queue_answers_429_and_nothing_accepted_is_lost(make_server) -> Non
     assert model.started.wait(10)
     waiting = threading.Thread(target=post)
     waiting.start()
-    time.sleep(0.2)  # let it take the one queue slot
+    scheduler = server.app.state.smolrun.scheduler
+    deadline = time.monotonic() + 10
+    while scheduler.waiting() < 1 and time.monotonic() < deadline:  # until it holds the one queue slot
+        time.sleep(0.01)
+    assert model.steps < 60, "the first request ended before the queue filled; the test proves nothing"
     rejected = httpx.post(f"{server.url}/chat/completions", json=BODY, timeout=60)
     assert rejected.status_code == 429
     assert rejected.json()["error"]["type"] == "rate_limit_error"
