@@ -7,6 +7,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -39,9 +40,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
     return JSONResponse(await _complete(state, prepared, meta, request))
 
 
+@dataclass(frozen=True)
 class _Meta:
-    def __init__(self, id: str, created: int, model: str) -> None:
-        self.id, self.created, self.model = id, created, model
+    """What every response and chunk of one completion repeats."""
+
+    id: str
+    created: int
+    model: str
 
     def envelope(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
