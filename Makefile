@@ -7,9 +7,32 @@ STAMP := $(VENV)/.smolrun-installed
 # so later setups reuse it.
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: setup serve test bench lint clean
+# The sandbox's own Python (numpy, pandas, matplotlib, IPython), built from the system interpreter in a
+# place the unprivileged sandbox uids can read; smolrun looks for it at the same path.
+ifeq ($(shell id -u),0)
+SANDBOX_ENV ?= /opt/smolrun/sandbox-env
+else
+SANDBOX_ENV ?= $(HOME)/.local/share/smolrun/sandbox-env
+endif
+SANDBOX_STAMP := $(SANDBOX_ENV)/.smolrun-ready
 
-setup: $(STAMP)
+.PHONY: setup sandbox serve test bench lint clean
+
+setup: $(STAMP) $(SANDBOX_STAMP)
+
+sandbox: $(SANDBOX_STAMP)
+
+$(SANDBOX_STAMP):
+	@if ! command -v bwrap >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get install -y -qq bubblewrap || (apt-get update -qq && apt-get install -y -qq bubblewrap); \
+	  else \
+	    echo "smolrun: code execution needs bubblewrap: sudo apt-get install bubblewrap" >&2; \
+	  fi; \
+	fi
+	test -x $(SANDBOX_ENV)/bin/python || /usr/bin/python3 -m venv $(SANDBOX_ENV)
+	$(SANDBOX_ENV)/bin/python -m pip install --quiet numpy pandas matplotlib ipython
+	touch $(SANDBOX_STAMP)
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "smolrun needs Python 3.11 or newer")'

@@ -137,6 +137,44 @@ def _load_format(path: Path, strict: bool) -> ResponseFormat:
     return ResponseFormat("json_schema", check_schema(schema, strict=strict, what=f"schema file {path}"), name, strict)
 
 
+@main.command(name="exec")
+@click.argument("source", type=click.File("r", encoding="utf-8"))
+@click.option("--file", "files", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="copy this file into /mnt/data first (repeatable)")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=60.0, show_default=True, help="seconds")
+@click.option("--save-images", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="write the PNG images the code produced into this directory")
+def exec_(source: Any, files: tuple[Path, ...], timeout: float, save_images: Path | None) -> None:
+    """Run Python from SOURCE (a file, or - for stdin) in a fresh sandboxed container.
+
+    Exactly the sandbox and limits that model-written code gets. Prints the output, the last expression's
+    value and any traceback; exits 1 when the code raised.
+    """
+    from smolrun.sandbox import Container, default_config
+
+    code = source.read()
+    container = Container(default_config(), preload=()).start()
+    try:
+        for path in files:
+            container.put_file(path.name, path.read_bytes())
+        result = container.run(code, timeout=timeout)
+        click.echo(result.logs, nl=False)
+        if result.result is not None:
+            click.echo(result.result)
+        for i, png in enumerate(result.images, 1):
+            if save_images is not None:
+                save_images.mkdir(parents=True, exist_ok=True)
+                (save_images / f"image-{i}.png").write_bytes(png)
+            click.echo(f"[image {i}: {len(png)} bytes PNG{' saved' if save_images else ''}]", err=True)
+        if result.files:
+            click.echo(f"[files written in /mnt/data: {', '.join(result.files)}]", err=True)
+        if result.error is not None:
+            click.echo(result.error.traceback or f"{result.error.name}: {result.error.value}", err=True)
+            sys.exit(1)
+    finally:
+        container.close()
+
+
 @main.command()
 def models() -> None:
     """List registry models and GGUF files in the Hugging Face cache."""
