@@ -51,6 +51,7 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/structured.py $(ARGS)
+	$(BIN)/python bench/sandbox.py
 
 lint: setup
 	$(BIN)/ruff check src tests bench

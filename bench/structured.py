@@ -20,6 +20,7 @@ from typing import Any
 
 import jsonschema
 import numpy as np
+from report import write_section
 
 from smolrun.config import Settings
 from smolrun.constraints import check_schema
@@ -231,14 +232,14 @@ def main() -> None:
     print("JSONSchemaBench ...", file=sys.stderr)
     bench = schemabench(engine, args.generate)
     print("\n".join(bench))
-    doc = f"""# Benchmarks
+    doc = f"""## Structured outputs
 
 Written by `python bench/structured.py --threads {args.threads}` (`make bench`), one run, on
 {platform.machine()} with {args.threads} threads, model `{engine.name}` (SmolLM2-135M-Instruct Q4_1), greedy,
 `frequency_penalty={PENALTY}`, at most {MAX_TOKENS} tokens. Timings depend on the machine and its load; compare
 the ratios, which come from one run with the same prompts and schemas.
 
-## Structured output speed
+### Speed
 
 Output tokens per second while decoding (after the prompt is evaluated; the first token's sampling
 counted), median of {REPEATS} interleaved repeats, same model, prompt and schema for the three columns;
@@ -252,7 +253,7 @@ text with a never-seen schema (grammar compile, prompt evaluation, first token).
 Geometric mean: json_schema / free text **{summary['vs_free']:.2f}x** (target at least 1.3x);
 json_schema / llama-cpp-python GBNF **{summary['vs_gbnf']:.2f}x** (target at least 2x).
 
-## JSONSchemaBench sample (600 real-world schemas, `../shared/data/jsonschemabench-sample`)
+### JSONSchemaBench sample (600 real-world schemas, `../shared/data/jsonschemabench-sample`)
 
 Compiled = accepted by smolrun's schema checks and llguidance (non-strict mode); the others get a 400 naming
 the keyword. Generation: one greedy output per schema for an evenly spaced subset of the compiled ones,
@@ -261,7 +262,7 @@ schema's own draft.
 
 {chr(10).join(bench)}
 """
-    args.out.write_text(doc)
+    write_section(args.out, "structured", doc)
     print(f"wrote {args.out}", file=sys.stderr)
 
 
