@@ -67,17 +67,18 @@ def serve(engine: Engine, settings: Settings) -> Iterator[Server]:
 
 
 @pytest.fixture(scope="session")
-def server(engine: Engine) -> Iterator[Server]:
-    yield from serve(engine, Settings(port=_free_port()))
+def server(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    yield from serve(engine, Settings(port=_free_port(), data_dir=tmp_path_factory.mktemp("data"), warm_containers=0))
 
 
 @pytest.fixture()
-def make_server() -> Iterator[object]:
+def make_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """Start extra servers (other settings, fake engines) that stop after the test."""
     stops: list[Iterator[Server]] = []
 
     def start(engine: Engine, **settings: object) -> Server:
-        gen = serve(engine, Settings(port=_free_port(), **settings))  # type: ignore[arg-type]
+        values = {"port": _free_port(), "data_dir": tmp_path_factory.mktemp("data"), "warm_containers": 0, **settings}
+        gen = serve(engine, Settings(**values))  # type: ignore[arg-type]
         stops.append(gen)
         return next(gen)
 

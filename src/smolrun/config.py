@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from smolrun.models import DEFAULT_MODEL
+
+
+def default_data_dir() -> Path:
+    if "SMOLRUN_DATA_DIR" in os.environ:
+        return Path(os.environ["SMOLRUN_DATA_DIR"])
+    if os.geteuid() == 0:
+        return Path("/var/lib/smolrun")
+    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "smolrun"
 
 
 @dataclass(frozen=True)
@@ -18,6 +27,9 @@ class Settings:
     threads: int | None = None  # None: every CPU this process may use
     max_queue: int = 16  # requests waiting for the model before new ones get 429
     offline: bool | None = None  # None: follow HF_HUB_OFFLINE
+    data_dir: Path = field(default_factory=lambda: default_data_dir())  # files and the metadata database
+    max_file_mb: int = 512  # largest upload to /v1/files or a container
+    warm_containers: int = 1  # sandboxes kept started with pandas imported, for new containers
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:

@@ -7,7 +7,9 @@
     ├── AuthenticationFailed          401 invalid_request_error (code invalid_api_key)
     ├── NotFound                      404 invalid_request_error
     │   └── ModelNotFound             404 (code model_not_found): no such model name
+    │   └── PayloadTooLarge           413 (code file_too_large)
     ├── ModelUnavailable              503 server_error: known model, weights not on this machine
+    ├── SandboxUnavailable            503 server_error: no sandbox here, so no code execution
     ├── QueueFull                     429 rate_limit_error
     ├── BackendMissing                500 server_error: an optional extra is not installed
     └── GenerationFailed              500 server_error: the grammar matcher failed mid-generation
@@ -45,6 +47,11 @@ class SchemaError(InvalidRequest):
     code = "invalid_json_schema"
 
 
+class PayloadTooLarge(InvalidRequest):
+    status = 413
+    code = "file_too_large"
+
+
 class ContextLengthExceeded(InvalidRequest):
     code = "context_length_exceeded"
 
@@ -66,6 +73,13 @@ class ModelNotFound(NotFound):
 
 
 class ModelUnavailable(SmolrunError):
+    status = 503
+    exit_code = 2
+
+
+class SandboxUnavailable(SmolrunError):
+    """Code is never run unsandboxed instead."""
+
     status = 503
     exit_code = 2
 

@@ -16,23 +16,34 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from smolrun import __version__
 from smolrun.api.chat import router as chat_router
+from smolrun.api.containers import router as containers_router
+from smolrun.api.files import router as files_router
 from smolrun.api.state import AppState, get_state
 from smolrun.config import Settings
 from smolrun.engine import Engine
 from smolrun.errors import AuthenticationFailed, InvalidRequest, NotFound, SmolrunError
+from smolrun.files import FileStore
+from smolrun.sandbox import default_config
+from smolrun.sandbox.manager import ContainerManager
 from smolrun.scheduler import Scheduler
+from smolrun.store import Store
 
 log = logging.getLogger("smolrun")
 
 
 def create_app(engine: Engine, settings: Settings) -> FastAPI:
-    state = AppState(settings, engine, Scheduler(settings.max_queue))
+    store = Store(settings.data_dir / "smolrun.db")
+    file_store = FileStore(store, settings.data_dir / "files")
+    containers = ContainerManager(store, default_config(), file_store, warm=settings.warm_containers)
+    state = AppState(settings, engine, Scheduler(settings.max_queue), file_store, containers)
     created = int(time.time())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         state.scheduler.close()
+        containers.close()
+        store.close()
 
     app = FastAPI(title="smolrun", version=__version__, lifespan=lifespan)
     app.state.smolrun = state
@@ -95,5 +106,6 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
         get_state(request).check_model(model_id)
         return model_card()
 
-    app.include_router(chat_router, dependencies=[Depends(check_api_key)])
+    for router in (chat_router, files_router, containers_router):
+        app.include_router(router, dependencies=[Depends(check_api_key)])
     return app

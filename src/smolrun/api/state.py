@@ -9,7 +9,9 @@ from fastapi import Request
 from smolrun.config import Settings
 from smolrun.engine import Engine
 from smolrun.errors import ModelNotFound
+from smolrun.files import FileStore
 from smolrun.models import REGISTRY
+from smolrun.sandbox.manager import ContainerManager
 from smolrun.scheduler import Scheduler
 
 
@@ -18,6 +20,8 @@ class AppState:
     settings: Settings
     engine: Engine
     scheduler: Scheduler
+    files: FileStore
+    containers: ContainerManager
 
     def check_model(self, requested: str) -> None:
         """Accept the served model's name, or the registry name/path it was started from."""

@@ -17,19 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from smolrun.errors import SmolrunError
+from smolrun.errors import SandboxUnavailable
 from smolrun.sandbox import files
 from smolrun.sandbox.launch import MiB, SandboxConfig, start, unavailable_reason
 
 PRELOAD = ("numpy", "pandas", "matplotlib", "matplotlib.pyplot")
 _FIRST_UID = 100_000
-
-
-class SandboxUnavailable(SmolrunError):
-    """No sandbox on this machine: code is never run unsandboxed instead."""
-
-    status = 503
-    exit_code = 2
 
 
 @dataclass(frozen=True)

@@ -77,3 +77,22 @@ def snapshot(workdir: Path) -> dict[str, tuple[int, int]]:
 
 def changed(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> tuple[str, ...]:
     return tuple(sorted(p for p, meta in after.items() if before.get(p) != meta))
+
+
+def remove_file(workdir: Path, name: str) -> None:
+    """Unlink a file (or a planted link itself) without following symlinks in its parent directories."""
+    parts = safe_name(name).parts
+    fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        for part in parts[:-1]:
+            next_fd = _open_at(fd, part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, name)
+            os.close(fd)
+            fd = next_fd
+        try:
+            os.unlink(parts[-1], dir_fd=fd)
+        except FileNotFoundError:
+            pass
+        except IsADirectoryError:
+            raise InvalidRequest(f"{name} is a directory", param="path") from None
+    finally:
+        os.close(fd)

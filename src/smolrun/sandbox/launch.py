@@ -103,6 +103,8 @@ def _environment(config: SandboxConfig) -> list[str]:
         "MPLBACKEND": "Agg",
         "MPLCONFIGDIR": "/tmp/.matplotlib",
         "IPYTHONDIR": "/tmp/.ipython",
+        "XDG_CACHE_HOME": "/tmp/.cache",  # font caches and the like stay out of the user's /mnt/data
+        "XDG_CONFIG_HOME": "/tmp/.config",
         "OPENBLAS_NUM_THREADS": "1",
         "OMP_NUM_THREADS": "1",
         "PYTHONDONTWRITEBYTECODE": "1",

@@ -1,0 +1,190 @@
+"""Containers as an API resource: metadata in the store, live sandboxes in memory, idle expiry, files."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from dataclasses import replace
+from typing import Any
+
+from smolrun.errors import InvalidRequest, NotFound
+from smolrun.files import FileStore
+from smolrun.sandbox import files
+from smolrun.sandbox.container import Container, Execution
+from smolrun.sandbox.launch import SandboxConfig
+from smolrun.sandbox.pool import WarmPool
+from smolrun.store import Store
+
+MEMORY_LIMITS = {"1g": 1024, "4g": 4096, "16g": 16384, "64g": 65536}
+DEFAULT_MEMORY = "1g"
+
+
+class ContainerManager:
+    def __init__(self, store: Store, config: SandboxConfig, file_store: FileStore, warm: int = 1) -> None:
+        self.store = store
+        self.config = config
+        self.file_store = file_store
+        self._live: dict[str, Container] = {}
+        self._lock = threading.Lock()
+        self._pool: WarmPool | None = WarmPool(config, size=warm) if warm > 0 else None
+        self._closed = threading.Event()
+        self._reaper = threading.Thread(target=self._reap_loop, name="smolrun-container-reaper", daemon=True)
+        self._reaper.start()
+
+    # -- containers ---------------------------------------------------------------------------------------
+
+    def create(self, name: str, expires_minutes: int = 20, memory_limit: str = DEFAULT_MEMORY,
+               file_ids: tuple[str, ...] = ()) -> dict[str, Any]:
+        if memory_limit not in MEMORY_LIMITS:
+            raise InvalidRequest(f"'memory_limit' must be one of {', '.join(MEMORY_LIMITS)}", param="memory_limit")
+        if not 1 <= expires_minutes <= 24 * 60:
+            raise InvalidRequest("'expires_after.minutes' must be between 1 and 1440", param="expires_after")
+        uploads = [self.file_store.content(f) for f in file_ids]  # 404 before anything starts
+        if memory_limit == DEFAULT_MEMORY and self._pool is not None:
+            container = self._pool.acquire()
+        else:
+            limits = replace(self.config.limits, memory_mb=MEMORY_LIMITS[memory_limit])
+            container = Container(replace(self.config, limits=limits)).start()
+        now = int(time.time())
+        self.store.execute("INSERT INTO containers VALUES (?, ?, ?, ?, 'active', ?, ?)", container.id, name, now,
+                           now, expires_minutes, memory_limit)
+        with self._lock:
+            self._live[container.id] = container
+        for meta, data in uploads:
+            self.add_file(container.id, meta["filename"], data, source="user")
+        return self.get(container.id)
+
+    def get(self, container_id: str) -> dict[str, Any]:
+        row = self.store.one("SELECT * FROM containers WHERE id = ? AND status != 'deleted'", container_id)
+        if row is None:
+            raise NotFound(f"No container found with id '{container_id}'.", param="container_id")
+        return {
+            "id": row["id"], "object": "container", "name": row["name"], "created_at": row["created_at"],
+            "status": row["status"], "last_active_at": row["last_active_at"], "memory_limit": row["memory_limit"],
+            "expires_after": {"anchor": "last_active_at", "minutes": row["expires_minutes"]},
+        }
+
+    def list_all(self, order: str, name: str | None) -> list[dict[str, Any]]:
+        direction = "ASC" if order == "asc" else "DESC"
+        rows = self.store.all(f"SELECT id FROM containers WHERE status != 'deleted' AND (? IS NULL OR name = ?) "
+                              f"ORDER BY created_at {direction}, rowid {direction}", name, name)
+        return [self.get(r["id"]) for r in rows]
+
+    def live(self, container_id: str) -> Container:
+        """The running container; any use refreshes its expiry, as at OpenAI."""
+        meta = self.get(container_id)
+        if meta["status"] == "expired":
+            raise InvalidRequest(f"Container is expired: {container_id}", param="container_id",
+                                 code="container_expired")
+        with self._lock:
+            container = self._live.get(container_id)
+        if container is None:  # known to the store but not to this process (a restart): its state is gone
+            self.store.execute("UPDATE containers SET status = 'expired' WHERE id = ?", container_id)
+            raise InvalidRequest(f"Container is expired: {container_id}", param="container_id",
+                                 code="container_expired")
+        self.store.execute("UPDATE containers SET last_active_at = ? WHERE id = ?", int(time.time()), container_id)
+        return container
+
+    def delete(self, container_id: str) -> dict[str, Any]:
+        self.get(container_id)
+        self._stop(container_id)
+        self.store.execute("DELETE FROM container_files WHERE container_id = ?", container_id)
+        self.store.execute("UPDATE containers SET status = 'deleted' WHERE id = ?", container_id)
+        return {"id": container_id, "object": "container.deleted", "deleted": True}
+
+    def execute(self, container_id: str, code: str, timeout: float | None) -> Execution:
+        container = self.live(container_id)
+        result = container.run(code, timeout)
+        self.store.execute("UPDATE containers SET last_active_at = ? WHERE id = ?", int(time.time()), container_id)
+        return result
+
+    def _stop(self, container_id: str) -> None:
+        with self._lock:
+            container = self._live.pop(container_id, None)
+        if container is not None:
+            container.close()
+
+    def _reap_loop(self) -> None:
+        while not self._closed.wait(15):
+            self.reap()
+
+    def reap(self, now: float | None = None) -> list[str]:
+        """Expire containers unused for longer than their `expires_after`: files and memory are discarded."""
+        now = time.time() if now is None else now
+        rows = self.store.all("SELECT id, last_active_at, expires_minutes FROM containers WHERE status = 'active'")
+        expired = [r["id"] for r in rows if now - r["last_active_at"] > r["expires_minutes"] * 60]
+        for container_id in expired:
+            self._stop(container_id)
+            self.store.execute("DELETE FROM container_files WHERE container_id = ?", container_id)
+            self.store.execute("UPDATE containers SET status = 'expired' WHERE id = ?", container_id)
+        return expired
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._pool is not None:
+            self._pool.close()
+        with self._lock:
+            live, self._live = list(self._live.values()), {}
+        for container in live:
+            container.close()
+
+    # -- container files ----------------------------------------------------------------------------------
+
+    def add_file(self, container_id: str, name: str, data: bytes, source: str = "user") -> dict[str, Any]:
+        container = self.live(container_id)
+        base = os.path.basename(name.replace("\\", "/"))
+        path = container.put_file(base, data)
+        return self._record(container_id, path, len(data), source)
+
+    def _record(self, container_id: str, path: str, size: int, source: str) -> dict[str, Any]:
+        row = self.store.one("SELECT id FROM container_files WHERE container_id = ? AND path = ?", container_id, path)
+        if row is None:
+            file_id = f"cfile_{uuid.uuid4().hex}"
+            self.store.execute("INSERT INTO container_files VALUES (?, ?, ?, ?, ?, ?)", file_id, container_id, path,
+                               size, int(time.time()), source)
+        else:
+            file_id = row["id"]
+            self.store.execute("UPDATE container_files SET bytes = ? WHERE id = ?", size, file_id)
+        return self.file(container_id, file_id)
+
+    def sync_files(self, container_id: str) -> None:
+        """Register files the code created (source "assistant") and forget files that are gone."""
+        container = self.live(container_id)
+        present = {f"/mnt/data/{p}": size for p, (size, _) in files.snapshot(container.workdir).items()}
+        known = {r["path"]: r["id"] for r in self.store.all(
+            "SELECT id, path FROM container_files WHERE container_id = ?", container_id)}
+        for path, size in present.items():
+            if path in known:
+                self.store.execute("UPDATE container_files SET bytes = ? WHERE id = ?", size, known[path])
+            else:
+                self._record(container_id, path, size, "assistant")
+        for path, file_id in known.items():
+            if path not in present:
+                self.store.execute("DELETE FROM container_files WHERE id = ?", file_id)
+
+    def list_files(self, container_id: str, order: str) -> list[dict[str, Any]]:
+        self.sync_files(container_id)
+        direction = "ASC" if order == "asc" else "DESC"
+        rows = self.store.all(f"SELECT id FROM container_files WHERE container_id = ? "
+                              f"ORDER BY created_at {direction}, rowid {direction}", container_id)
+        return [self.file(container_id, r["id"]) for r in rows]
+
+    def file(self, container_id: str, file_id: str) -> dict[str, Any]:
+        row = self.store.one("SELECT * FROM container_files WHERE id = ? AND container_id = ?", file_id, container_id)
+        if row is None:
+            raise NotFound(f"No file found with id '{file_id}' in container '{container_id}'.", param="file_id")
+        return {"object": "container.file", **row}
+
+    def file_content(self, container_id: str, file_id: str, max_bytes: int) -> tuple[dict[str, Any], bytes]:
+        container = self.live(container_id)
+        meta = self.file(container_id, file_id)
+        return meta, container.read_file(meta["path"].removeprefix("/mnt/data/"), max_bytes)
+
+    def delete_file(self, container_id: str, file_id: str) -> dict[str, Any]:
+        container = self.live(container_id)
+        meta = self.file(container_id, file_id)
+        files.remove_file(container.workdir, meta["path"].removeprefix("/mnt/data/"))
+        self.store.execute("DELETE FROM container_files WHERE id = ?", file_id)
+        return {"id": file_id, "object": "container.file.deleted", "deleted": True}

@@ -1,0 +1,119 @@
+"""Files and Containers APIs through the openai SDK, and smolrun's direct execution endpoint."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from smolrun.engine import Engine
+from smolrun.sandbox import default_config, unavailable_reason
+from tests.fakes import ByteModel
+
+needs_sandbox = pytest.mark.skipif(unavailable_reason(default_config()) is not None,
+                                   reason=f"no sandbox here: {unavailable_reason(default_config())}")
+CSV = b"city,population\nParis,2100000\nLyon,520000\n"
+
+
+@pytest.fixture()
+def api(make_server):  # type: ignore[no-untyped-def]
+    return make_server(Engine(ByteModel()), max_file_mb=1)
+
+
+def test_files_api_round_trip(api) -> None:  # type: ignore[no-untyped-def]
+    client = api.client()
+    created = client.files.create(file=("cities.csv", CSV), purpose="user_data")
+    assert created.filename == "cities.csv" and created.bytes == len(CSV) and created.id.startswith("file-")
+    assert [f.id for f in client.files.list()] == [created.id]
+    assert client.files.retrieve(created.id).purpose == "user_data"
+    assert client.files.content(created.id).read() == CSV
+    assert client.files.delete(created.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(created.id)
+
+
+def test_files_api_refuses_bad_uploads(api) -> None:  # type: ignore[no-untyped-def]
+    client = api.client()
+    with pytest.raises(openai.APIStatusError) as err:
+        client.files.create(file=("big.bin", b"x" * (1024 * 1024 + 1)), purpose="user_data")
+    assert err.value.status_code == 413
+    with pytest.raises(openai.BadRequestError, match="purpose"):
+        client.files.create(file=("a.txt", b"a"), purpose="nonsense")  # type: ignore[arg-type]
+
+
+@needs_sandbox
+def test_containers_files_and_exec_round_trip(api) -> None:  # type: ignore[no-untyped-def]
+    client = api.client()
+    upload = client.files.create(file=("cities.csv", CSV), purpose="user_data")
+    container = client.containers.create(name="analysis", file_ids=[upload.id])
+    assert container.status == "active" and container.expires_after and container.expires_after.minutes == 20
+    assert [c.id for c in client.containers.list()] == [container.id]
+    files = list(client.containers.files.list(container.id))
+    assert [(f.path, f.source) for f in files] == [("/mnt/data/cities.csv", "user")]
+    client.containers.files.create(container.id, file=("notes.txt", b"hello"))
+
+    code = ("import pandas as pd\ndf = pd.read_csv('/mnt/data/cities.csv')\n"
+            "df.assign(share=df.population / df.population.sum()).to_csv('/mnt/data/report.csv', index=False)\n"
+            "total = int(df.population.sum())\ntotal")
+    run = httpx.post(f"{api.url}/containers/{container.id}/exec", json={"code": code}, timeout=60).json()
+    assert run["error"] is None and run["result"] == "2620000"
+    assert [f["path"] for f in run["files"]] == ["/mnt/data/report.csv"] and run["files"][0]["id"].startswith("cfile_")
+    again = httpx.post(f"{api.url}/containers/{container.id}/exec", json={"code": "total * 2"}, timeout=60).json()
+    assert again["result"] == "5240000"  # state persists
+
+    report = client.containers.files.retrieve(run["files"][0]["id"], container_id=container.id)
+    assert report.source == "assistant"
+    body = client.containers.files.content.retrieve(report.id, container_id=container.id).read()
+    expected = httpx.post(f"{api.url}/containers/{container.id}/exec",
+                          json={"code": "open('/mnt/data/report.csv', 'rb').read()"}, timeout=60).json()["result"]
+    assert repr(body) == expected
+
+    client.containers.files.delete(report.id, container_id=container.id)
+    assert {f.path for f in client.containers.files.list(container.id)} == {"/mnt/data/cities.csv",
+                                                                            "/mnt/data/notes.txt"}
+    client.containers.delete(container.id)
+    with pytest.raises(openai.NotFoundError):
+        client.containers.retrieve(container.id)
+
+
+@needs_sandbox
+def test_planted_links_and_fifos_are_refused_by_downloads(api) -> None:  # type: ignore[no-untyped-def]
+    client = api.client()
+    container = client.containers.create(name="hostile")
+    httpx.post(f"{api.url}/containers/{container.id}/exec", timeout=60,
+               json={"code": "import os\nos.symlink('/etc/shadow', '/mnt/data/leak.txt')\n"
+                             "os.mkfifo('/mnt/data/p.csv')"})
+    listed = {f.path: f.id for f in client.containers.files.list(container.id)}
+    assert listed == {}  # neither a link nor a FIFO is a file the host will serve
+    client.containers.delete(container.id)
+
+
+@needs_sandbox
+def test_exec_timeout_and_tracebacks_are_results(api) -> None:  # type: ignore[no-untyped-def]
+    container = api.client().containers.create(name="t")
+    url = f"{api.url}/containers/{container.id}/exec"
+    failed = httpx.post(url, json={"code": "1/0"}, timeout=60).json()
+    assert failed["error"]["name"] == "ZeroDivisionError"
+    slow = httpx.post(url, json={"code": "while True: pass", "timeout": 1}, timeout=60).json()
+    assert slow["timed_out"] and not slow["state_lost"]
+
+
+@needs_sandbox
+def test_idle_containers_expire_and_then_refuse_use(api) -> None:  # type: ignore[no-untyped-def]
+    client = api.client()
+    container = client.containers.create(name="short", expires_after={"anchor": "last_active_at", "minutes": 1})
+    manager = api.app.state.smolrun.containers
+    import time
+
+    assert manager.reap(now=time.time() + 120) == [container.id]
+    assert client.containers.retrieve(container.id).status == "expired"
+    with pytest.raises(openai.BadRequestError, match="expired"):
+        client.containers.files.list(container.id).data  # noqa: B018
+
+
+def test_no_sandbox_is_a_clear_503(make_server, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("SMOLRUN_SANDBOX_PYTHON", "/nonexistent/python")
+    server = make_server(Engine(ByteModel()))
+    with pytest.raises(openai.InternalServerError) as err:
+        server.client().containers.create(name="x")
+    assert err.value.status_code == 503 and "sandbox Python environment" in str(err.value)
