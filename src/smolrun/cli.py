@@ -42,6 +42,12 @@ def main() -> None:
 @click.option("--n-ctx", type=int, default=None, help="context window in tokens (default 8192)")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: all available)")
 @click.option("--max-queue", type=int, default=None, help="waiting requests before 429 (default 16)")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="uploaded files and the metadata database (default /var/lib/smolrun as root, else "
+                   "~/.local/share/smolrun)")
+@click.option("--max-file-mb", type=click.IntRange(min=1), default=None, help="largest upload (default 512)")
+@click.option("--warm-containers", type=click.IntRange(min=0), default=None,
+              help="sandboxes kept ready with pandas imported (default 1)")
 def serve(**options: Any) -> None:
     """Serve the OpenAI-compatible API."""
     import uvicorn
@@ -54,6 +60,10 @@ def serve(**options: Any) -> None:
     engine = Engine.load(settings)
     app = create_app(engine, settings)
     click.echo(_banner(settings, engine.name), err=True)
+    from smolrun.sandbox import default_config, unavailable_reason
+
+    reason = unavailable_reason(default_config())
+    click.echo(f"code execution: {'ready' if reason is None else 'unavailable, ' + reason}\n", err=True)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
 
 

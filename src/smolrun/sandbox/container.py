@@ -225,7 +225,7 @@ class Container:
                 stream.close()
         self._proc = None
         for group in self._cgroups:
-            _remove_cgroup(group)
+            remove_cgroup(group)
         self._cgroups = []
 
     def put_file(self, name: str, data: bytes) -> str:
@@ -290,13 +290,13 @@ def _make_cgroups(container_id: str, config: SandboxConfig) -> list[Path]:
             for name, value in settings.items():
                 (group / name).write_text(str(value))
         except OSError:
-            _remove_cgroup(group)
+            remove_cgroup(group)
             continue
         made.append(group)
     return made
 
 
-def _remove_cgroup(group: Path) -> None:
+def remove_cgroup(group: Path) -> None:
     for _ in range(50):  # the killed processes leave the group asynchronously
         try:
             group.rmdir()

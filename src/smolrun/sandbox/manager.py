@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import time
 import uuid
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from smolrun.errors import InvalidRequest, NotFound
 from smolrun.files import FileStore
 from smolrun.sandbox import files
-from smolrun.sandbox.container import Container, Execution
+from smolrun.sandbox.container import Container, Execution, remove_cgroup
 from smolrun.sandbox.launch import SandboxConfig
 from smolrun.sandbox.pool import WarmPool
 from smolrun.store import Store
@@ -28,6 +30,7 @@ class ContainerManager:
         self.file_store = file_store
         self._live: dict[str, Container] = {}
         self._lock = threading.Lock()
+        self._expire_leftovers()
         self._pool: WarmPool | None = WarmPool(config, size=warm) if warm > 0 else None
         self._closed = threading.Event()
         self._reaper = threading.Thread(target=self._reap_loop, name="smolrun-container-reaper", daemon=True)
@@ -105,6 +108,15 @@ class ContainerManager:
             container = self._live.pop(container_id, None)
         if container is not None:
             container.close()
+
+    def _expire_leftovers(self) -> None:
+        """Containers still 'active' in the store belong to a previous process: their state is gone."""
+        for row in self.store.all("SELECT id FROM containers WHERE status = 'active'"):
+            shutil.rmtree(self.config.root / row["id"], ignore_errors=True)
+            for controller in ("memory", "pids"):
+                remove_cgroup(Path("/sys/fs/cgroup") / controller / "smolrun" / row["id"])
+            self.store.execute("DELETE FROM container_files WHERE container_id = ?", row["id"])
+            self.store.execute("UPDATE containers SET status = 'expired' WHERE id = ?", row["id"])
 
     def _reap_loop(self) -> None:
         while not self._closed.wait(15):
