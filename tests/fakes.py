@@ -70,3 +70,19 @@ class ByteModel:
     def extend(self, tokens: Sequence[int]) -> npt.NDArray[np.float32]:
         self.calls.append(list(tokens))
         return self._logits()
+
+
+class TurnsModel(ByteModel):
+    """Answers each model turn (each prefill) with the next script; the last one repeats."""
+
+    def __init__(self, *turns: bytes) -> None:
+        super().__init__(script=turns[0])
+        self.turns = [list(t) + [EOS] for t in turns]
+        self.turn = -1
+        self.prompts: list[str] = []
+
+    def prefill(self, tokens: Sequence[int], reuse: bool = True) -> npt.NDArray[np.float32]:
+        self.turn += 1
+        self.script = self.turns[min(self.turn, len(self.turns) - 1)]
+        self.prompts.append(bytes(t for t in tokens if t < 256).decode(errors="replace"))
+        return super().prefill(tokens, reuse)

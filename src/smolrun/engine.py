@@ -43,8 +43,8 @@ class Engine:
         m = self.model
         return render(m.chat_template, turn.messages, bos_token=m.bos_token, eos_token=m.eos_token)
 
-    def prepare(self, turn: Turn) -> Prepared:
-        grammar = self.grammars.get(turn.format)
+    def prepare(self, turn: Turn, allow_code: bool = False) -> Prepared:
+        grammar = self.grammars.get(turn.format, allow_code=allow_code)
         prompt = self.model.tokenize(self.render(turn))
         token_budget(self.model.n_ctx, len(prompt), turn.params.max_tokens)  # 400 before queueing, not mid-stream
         return Prepared(prompt, grammar, turn.params)

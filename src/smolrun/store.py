@@ -25,6 +25,12 @@ MIGRATIONS = (
         bytes INTEGER NOT NULL, created_at INTEGER NOT NULL, source TEXT NOT NULL, UNIQUE (container_id, path)
     );
     """,
+    """
+    CREATE TABLE responses (
+        id TEXT PRIMARY KEY, created_at INTEGER NOT NULL, body TEXT NOT NULL, input_items TEXT NOT NULL,
+        context TEXT NOT NULL, container_id TEXT
+    );
+    """,
 )
 
 

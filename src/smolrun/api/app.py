@@ -18,6 +18,7 @@ from smolrun import __version__
 from smolrun.api.chat import router as chat_router
 from smolrun.api.containers import router as containers_router
 from smolrun.api.files import router as files_router
+from smolrun.api.responses import router as responses_router
 from smolrun.api.state import AppState, get_state
 from smolrun.config import Settings
 from smolrun.engine import Engine
@@ -106,6 +107,6 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
         get_state(request).check_model(model_id)
         return model_card()
 
-    for router in (chat_router, files_router, containers_router):
+    for router in (chat_router, responses_router, files_router, containers_router):
         app.include_router(router, dependencies=[Depends(check_api_key)])
     return app

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import OrderedDict
 from dataclasses import dataclass
 from threading import Lock
@@ -38,6 +39,23 @@ def grammar_source(fmt: ResponseFormat) -> str | None:
     return LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
 
 
+# A code call in the model's own format: one fenced python block, closed by the fence (one lexeme, because
+# llguidance's lexer does not backtrack out of the code when it meets the closing backticks).
+CODE_FENCE = "```python\n"
+_CODE = r"/```python\n([^`]|`[^`]|``[^`])*```/"
+
+
+def turn_source(fmt: ResponseFormat) -> str:
+    """Lark grammar: either one code block or the final answer (free text not starting with a backtick,
+    or JSON under the response format)."""
+    if fmt.type == "text":
+        answer = "TEXT\nTEXT: /[^`](.|\\n)*/"
+    else:
+        schema = {"type": "object"} if fmt.type == "json_object" else (fmt.schema or {})
+        answer = "%json " + json.dumps({**schema, "x-guidance": JSON_OPTIONS})
+    return LLMatcher.grammar_from_lark(f"start: CODE | answer\nCODE: {_CODE}\nanswer: {answer}\n")
+
+
 class GrammarCache:
     """Grammars compiled for one tokenizer, least recently used evicted first."""
 
@@ -48,8 +66,9 @@ class GrammarCache:
         self._lock = Lock()
         self._limits = LLParserLimits(verbose_errors=False)  # errors must not echo schemas into logs
 
-    def get(self, fmt: ResponseFormat) -> Grammar | None:
-        source = grammar_source(fmt)
+    def get(self, fmt: ResponseFormat, allow_code: bool = False) -> Grammar | None:
+        """The grammar for one model turn: the answer format, or (allow_code) a code block or that answer."""
+        source = turn_source(fmt) if allow_code else grammar_source(fmt)
         if source is None:
             return None
         key = hashlib.sha256(source.encode()).hexdigest()

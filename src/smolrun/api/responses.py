@@ -1,0 +1,306 @@
+"""POST /v1/responses (the code-interpreter loop), retrieval, deletion and input items; SSE events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from smolrun.api.pages import page
+from smolrun.api.responses_wire import (
+    INCLUDE_OUTPUTS,
+    CodeTool,
+    ResponsesRequest,
+    output_messages,
+    parse_format,
+    parse_input,
+    parse_tools,
+)
+from smolrun.api.state import AppState, get_state
+from smolrun.engine import Prepared
+from smolrun.errors import InvalidRequest, NotFound, SmolrunError
+from smolrun.runner import Delta, Finished, Interpreting, ItemAdded, ItemDone, RunEvent, RunSpec, run
+from smolrun.sandbox.container import Execution
+from smolrun.turn import Done, Message, SamplingParams, TextDelta
+
+router = APIRouter()
+DEFAULT_MAX_TOOL_CALLS = 4
+
+
+@dataclass
+class _Call:
+    """One request's state: what the runner needs from the server, and what the response reports."""
+
+    state: AppState
+    request: ResponsesRequest
+    id: str = field(default_factory=lambda: f"resp_{uuid.uuid4().hex}")
+    created_at: int = field(default_factory=lambda: int(time.time()))
+    code: CodeTool | None = None
+    container_id: str | None = None
+    file_ids: tuple[str, ...] = ()
+    new_files: dict[str, dict[str, Any]] = field(default_factory=dict)  # path -> container file
+
+    async def generate(self, prepared: Prepared) -> AsyncIterator[TextDelta | Done]:
+        engine = self.state.engine
+        async for event in self.state.scheduler.stream(lambda cancelled: engine.generate(prepared, cancelled)):
+            yield event
+
+    async def execute(self, code: str) -> tuple[str, Execution]:
+        manager = self.state.containers
+        if self.container_id is None:  # auto mode: created at the first code call, never before
+            assert self.code is not None
+            meta = await asyncio.to_thread(manager.create, f"auto-{self.id}", 20, self.code.memory_limit,
+                                           self.code.file_ids + self.file_ids)
+            self.container_id = meta["id"]
+        container_id = self.container_id
+        result = await asyncio.to_thread(manager.execute, container_id, code, None)
+        files = {f["path"]: f for f in await asyncio.to_thread(manager.list_files, container_id, "asc")}
+        for rel in result.files:
+            path = f"/mnt/data/{rel}"
+            if path in files:
+                self.new_files[path] = files[path]
+        return container_id, result
+
+
+@router.post("/v1/responses", response_model=None)
+async def create_response(body: ResponsesRequest, request: Request) -> JSONResponse | StreamingResponse:
+    state = get_state(request)
+    state.check_model(body.model)
+    call = _Call(state, body)
+    spec = await _prepare(call)
+    if body.stream:
+        return StreamingResponse(_sse(call, spec), media_type="text/event-stream")
+    final: dict[str, Any] | None = None
+    async for event in _run(call, spec):
+        if event["type"] in ("response.completed", "response.incomplete"):
+            final = event["response"]
+    assert final is not None
+    return JSONResponse(final)
+
+
+async def _prepare(call: _Call) -> RunSpec:
+    body, state = call.request, call.state
+    fmt = parse_format(body.text)
+    call.code = parse_tools(body.tools)
+    parsed = parse_input(body.input)
+    history: list[Message] = []
+    if body.previous_response_id:
+        previous = _stored(state, body.previous_response_id)
+        history = [Message(m[0], m[1]) for m in json.loads(previous["context"])]
+        if call.code is not None and call.code.container is None and previous["container_id"]:
+            try:  # auto mode reuses the container of the conversation while it is alive
+                state.containers.live(previous["container_id"])
+                call.container_id = previous["container_id"]
+            except SmolrunError:
+                pass
+    if call.code is not None and call.code.container is not None:
+        state.containers.live(call.code.container)  # 404 or "expired" now, not at the first code call
+        call.container_id = call.code.container
+    messages = list(parsed.messages)
+    if parsed.file_ids and call.code is None:
+        messages.append(Message("user", await asyncio.to_thread(_inline_files, state, parsed.file_ids)))
+    elif parsed.file_ids:
+        call.file_ids = parsed.file_ids
+        names = [state.files.get(f)["filename"] for f in parsed.file_ids]
+        messages.append(Message("user", "Files available: " + ", ".join(f"/mnt/data/{n}" for n in names)))
+        if call.container_id is not None:
+            for file_id in parsed.file_ids:
+                meta, data = await asyncio.to_thread(state.files.content, file_id)
+                await asyncio.to_thread(state.containers.add_file, call.container_id, meta["filename"], data)
+    system = [Message("system", body.instructions)] if body.instructions else []
+    call_items = parsed.items
+    call.request = body.model_copy(update={"input": list(call_items)})
+    params = SamplingParams(
+        max_tokens=body.max_output_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+    )
+    max_calls = DEFAULT_MAX_TOOL_CALLS if body.max_tool_calls is None else body.max_tool_calls
+    return RunSpec(tuple(system + history + messages), fmt, params, call.code is not None, max_calls)
+
+
+def _inline_files(state: AppState, file_ids: tuple[str, ...]) -> str:
+    parts = []
+    for file_id in file_ids:
+        meta, data = state.files.content(file_id)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidRequest(f"{meta['filename']} is not text: give the model the code_interpreter tool to "
+                                 "read it", param="input") from None
+        parts.append(f"File {meta['filename']}:\n{text[:20000]}")
+    return "\n\n".join(parts)
+
+
+def _stored(state: AppState, response_id: str) -> dict[str, Any]:
+    row = state.files.store.one("SELECT * FROM responses WHERE id = ?", response_id)
+    if row is None:
+        raise NotFound(f"Response with id '{response_id}' not found.", param="response_id")
+    return row
+
+
+def _response(call: _Call, status: str, output: list[dict[str, Any]], usage: dict[str, Any] | None,
+              incomplete: str | None = None) -> dict[str, Any]:
+    body = call.request
+    include_outputs = INCLUDE_OUTPUTS in (body.include or [])
+    shown = [{**item, "outputs": item.get("outputs") if include_outputs else None}
+             if item["type"] == "code_interpreter_call" else item for item in output]
+    return {
+        "id": call.id, "object": "response", "created_at": call.created_at, "status": status,
+        "completed_at": int(time.time()) if status == "completed" else None,
+        "model": call.state.engine.name, "output": shown, "error": None,
+        "incomplete_details": {"reason": incomplete} if incomplete else None,
+        "instructions": body.instructions, "tools": body.tools, "tool_choice": body.tool_choice or "auto",
+        "parallel_tool_calls": True if body.parallel_tool_calls is None else body.parallel_tool_calls,
+        "text": body.text or {"format": {"type": "text"}}, "reasoning": {"effort": None, "summary": None},
+        "usage": usage, "previous_response_id": body.previous_response_id,
+        "max_output_tokens": body.max_output_tokens, "max_tool_calls": body.max_tool_calls,
+        "temperature": body.temperature if body.temperature is not None else 1.0,
+        "top_p": body.top_p if body.top_p is not None else 1.0, "store": body.store is not False,
+        "metadata": body.metadata or {}, "truncation": "disabled", "background": False,
+    }
+
+
+def _usage(finished: Finished) -> dict[str, Any]:
+    return {"input_tokens": finished.input_tokens,
+            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            "output_tokens": finished.output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": finished.input_tokens + finished.output_tokens}
+
+
+def _citations(call: _Call, text: str) -> list[dict[str, Any]]:
+    notes = []
+    for path, meta in call.new_files.items():
+        name = path.rsplit("/", 1)[-1]
+        start = text.find(name)
+        span = (start, start + len(name)) if start >= 0 else (len(text), len(text))
+        notes.append({"type": "container_file_citation", "container_id": meta["container_id"],
+                      "file_id": meta["id"], "filename": name, "start_index": span[0], "end_index": span[1]})
+    return notes
+
+
+async def _run(call: _Call, spec: RunSpec) -> AsyncIterator[dict[str, Any]]:
+    """The response's events in OpenAI's streaming vocabulary (without sequence numbers)."""
+    output: list[dict[str, Any]] = []
+    yield {"type": "response.created", "response": _response(call, "in_progress", [], None)}
+    yield {"type": "response.in_progress", "response": _response(call, "in_progress", [], None)}
+    code_so_far: dict[int, str] = {}
+    ids: dict[int, str] = {}  # output index -> item id
+    event: RunEvent
+    async for event in run(spec, call.state.engine, call.generate, call.execute):
+        if isinstance(event, ItemAdded):
+            item = event.item
+            ids[event.index] = item["id"]
+            yield {"type": "response.output_item.added", "output_index": event.index, "item": item}
+            if item["type"] == "code_interpreter_call":
+                yield {"type": "response.code_interpreter_call.in_progress", "output_index": event.index,
+                       "item_id": item["id"]}
+            else:
+                yield {"type": "response.content_part.added", "output_index": event.index, "item_id": item["id"],
+                       "content_index": 0, "part": {"type": "output_text", "text": "", "annotations": []}}
+        elif isinstance(event, Delta):
+            item_id = ids[event.index]
+            if event.kind == "code":
+                code_so_far[event.index] = code_so_far.get(event.index, "") + event.text
+                yield {"type": "response.code_interpreter_call_code.delta", "output_index": event.index,
+                       "item_id": item_id, "delta": event.text}
+            else:
+                yield {"type": "response.output_text.delta", "output_index": event.index, "item_id": item_id,
+                       "content_index": 0, "delta": event.text, "logprobs": []}
+        elif isinstance(event, Interpreting):
+            item_id = ids[event.index]
+            yield {"type": "response.code_interpreter_call_code.done", "output_index": event.index,
+                   "item_id": item_id, "code": code_so_far.get(event.index, "")}
+            yield {"type": "response.code_interpreter_call.interpreting", "output_index": event.index,
+                   "item_id": item_id}
+        elif isinstance(event, ItemDone):
+            item = event.item
+            if item["type"] == "code_interpreter_call":
+                if item["status"] == "incomplete":
+                    yield {"type": "response.code_interpreter_call_code.done", "output_index": event.index,
+                           "item_id": item["id"], "code": item["code"]}
+                else:
+                    yield {"type": "response.code_interpreter_call.completed", "output_index": event.index,
+                           "item_id": item["id"]}
+                shown = item if INCLUDE_OUTPUTS in (call.request.include or []) else {**item, "outputs": None}
+                output.append(item)
+                yield {"type": "response.output_item.done", "output_index": event.index, "item": shown}
+            else:
+                part = item["content"][0]
+                part["annotations"] = _citations(call, part["text"])
+                for n, note in enumerate(part["annotations"]):
+                    yield {"type": "response.output_text.annotation.added", "output_index": event.index,
+                           "item_id": item["id"], "content_index": 0, "annotation_index": n, "annotation": note}
+                yield {"type": "response.output_text.done", "output_index": event.index, "item_id": item["id"],
+                       "content_index": 0, "text": part["text"], "logprobs": []}
+                yield {"type": "response.content_part.done", "output_index": event.index, "item_id": item["id"],
+                       "content_index": 0, "part": part}
+                output.append(item)
+                yield {"type": "response.output_item.done", "output_index": event.index, "item": item}
+        elif isinstance(event, Finished):
+            status = event.status
+            final = _response(call, status, output, _usage(event), event.incomplete_reason)
+            await asyncio.to_thread(_save, call, spec, output, final)
+            yield {"type": f"response.{status}", "response": final}
+
+
+
+def _save(call: _Call, spec: RunSpec, output: list[dict[str, Any]], final: dict[str, Any]) -> None:
+    if call.request.store is False:
+        return
+    # The conversation a follow-up continues: history and input (not the instructions), then this output.
+    context = [m for m in spec.messages if m.role != "system"] + output_messages(output)
+    include_outputs = INCLUDE_OUTPUTS in (call.request.include or [])
+    internal = {**final, "output": output, "_include_outputs": include_outputs}  # outputs kept for follow-ups
+    call.state.files.store.execute(
+        "INSERT INTO responses VALUES (?, ?, ?, ?, ?, ?)", call.id, call.created_at, json.dumps(internal),
+        json.dumps(call.request.input), json.dumps([[m.role, m.content] for m in context]), call.container_id)
+
+
+def _data(event: dict[str, Any]) -> str:
+    return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"
+
+
+async def _sse(call: _Call, spec: RunSpec) -> AsyncIterator[str]:
+    sequence = 0
+    try:
+        async for event in _run(call, spec):
+            yield _data({**event, "sequence_number": sequence})
+            sequence += 1
+    except Exception as exc:  # headers are sent: report in the stream, as OpenAI does
+        error = exc if isinstance(exc, SmolrunError) else SmolrunError(f"internal error: {type(exc).__name__}")
+        yield _data({"type": "error", "code": error.code or error.type, "message": error.message,
+                     "param": error.param, "sequence_number": sequence})
+
+
+@router.get("/v1/responses/{response_id}")
+async def retrieve_response(response_id: str, request: Request) -> dict[str, Any]:
+    row = _stored(get_state(request), response_id)
+    body: dict[str, Any] = json.loads(row["body"])
+    # Code outputs are kept for follow-ups but shown only when the creating request included them.
+    if not body.pop("_include_outputs", False):
+        body["output"] = [{**i, "outputs": None} if i["type"] == "code_interpreter_call" else i
+                          for i in body["output"]]
+    return body
+
+
+@router.delete("/v1/responses/{response_id}")
+async def delete_response(response_id: str, request: Request) -> dict[str, Any]:
+    state = get_state(request)
+    _stored(state, response_id)
+    state.files.store.execute("DELETE FROM responses WHERE id = ?", response_id)
+    return {"id": response_id, "object": "response", "deleted": True}
+
+
+@router.get("/v1/responses/{response_id}/input_items")
+async def input_items(response_id: str, request: Request, limit: int = 20, after: str | None = None,
+                      order: str = "desc") -> dict[str, Any]:
+    items = json.loads(_stored(get_state(request), response_id)["input_items"])
+    return page(items if order == "asc" else items[::-1], limit, after)

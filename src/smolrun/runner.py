@@ -1,0 +1,208 @@
+"""The reason -> execute -> answer loop of one Responses request, bounded, emitting typed events.
+
+Each model turn is generated under a turn grammar that allows one fenced python block (a code call) or
+the final answer (under the requested format). Code runs in the request's container; its output goes
+back to the model as the next user turn. After `max_tool_calls` only the answer is allowed.
+"""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from smolrun.constraints.grammar import CODE_FENCE
+from smolrun.engine import Engine, Prepared
+from smolrun.sandbox.container import Execution
+from smolrun.turn import Done, Message, ResponseFormat, SamplingParams, TextDelta, Turn
+
+CODE_INSTRUCTIONS = (
+    "You can run Python code: reply with a single ```python code block and nothing else, and you will get "
+    "its output. Variables persist between runs; files are in /mnt/data. When you have what you need, reply "
+    "with the final answer (no code block)."
+)
+OBSERVATION_CHARS = 2000  # code output shown to a small model: more would crowd out the question
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    messages: tuple[Message, ...]
+    format: ResponseFormat
+    params: SamplingParams  # max_tokens: the whole response's output budget
+    code: bool  # the code interpreter is enabled
+    max_tool_calls: int = 4
+
+
+@dataclass(frozen=True)
+class ItemAdded:
+    index: int
+    item: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Delta:
+    index: int
+    kind: Literal["code", "text"]
+    text: str
+
+
+@dataclass(frozen=True)
+class Interpreting:
+    index: int
+
+
+@dataclass(frozen=True)
+class ItemDone:
+    index: int
+    item: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Finished:
+    status: Literal["completed", "incomplete"]
+    input_tokens: int
+    output_tokens: int
+    incomplete_reason: str | None = None
+
+
+RunEvent = ItemAdded | Delta | Interpreting | ItemDone | Finished
+Generate = Callable[[Prepared], AsyncIterator[TextDelta | Done]]
+Execute = Callable[[str], Awaitable[tuple[str, Execution]]]  # code -> (container id, result)
+
+
+@dataclass
+class _Split:
+    """Sorts a model turn's text into a code call or an answer as it streams, without the code fence."""
+
+    code_allowed: bool
+    kind: Literal["code", "text"] | None = None
+    raw: str = ""
+    sent: int = 0  # characters of the body already emitted
+    pending: list[str] = field(default_factory=list)
+
+    def push(self, text: str) -> str:
+        self.raw += text
+        if self.kind is None:
+            if not self.raw:
+                return ""
+            self.kind = "code" if self.code_allowed and self.raw.startswith("`") else "text"
+        body = self.body(final=False)
+        out, self.sent = body[self.sent :], len(body)
+        return out
+
+    def body(self, final: bool) -> str:
+        if self.kind != "code":
+            return self.raw
+        code = self.raw[len(CODE_FENCE) :] if self.raw.startswith(CODE_FENCE) else ""
+        if not final:
+            return code[: max(0, len(code) - 4)]  # hold back a possible "\n```"
+        code = code.removesuffix("```")
+        return code.removesuffix("\n")
+
+    def rest(self) -> str:
+        body = self.body(final=True)
+        return body[self.sent :] if len(body) >= self.sent else ""
+
+
+async def run(spec: RunSpec, engine: Engine, generate: Generate, execute: Execute) -> AsyncIterator[RunEvent]:
+    conversation = list(spec.messages)
+    if spec.code:
+        conversation = _with_instructions(conversation)
+    budget = spec.params.max_tokens
+    used_in = used_out = calls = index = 0
+    while True:
+        allow_code = spec.code and calls < spec.max_tool_calls
+        remaining = None if budget is None else budget - used_out
+        if remaining is not None and remaining <= 0:
+            yield Finished("incomplete", used_in, used_out, "max_output_tokens")
+            return
+        turn = Turn(tuple(conversation), spec.format, replace(spec.params, max_tokens=remaining))
+        prepared = engine.prepare(turn, allow_code=allow_code)
+        split = _Split(allow_code)
+        item: dict[str, Any] | None = None
+        done: Done | None = None
+        async for event in generate(prepared):
+            if isinstance(event, Done):
+                done = event
+                continue
+            piece = split.push(event.text)
+            if item is None and split.kind is not None:
+                item = _code_item() if split.kind == "code" else _message_item()
+                yield ItemAdded(index, item)
+            if piece:
+                yield Delta(index, split.kind or "text", piece)
+        assert done is not None
+        used_in += done.stats.prompt_tokens
+        used_out += done.stats.completion_tokens
+        if item is None:  # the model ended at once: an empty answer
+            split.kind = "text"
+            item = _message_item()
+            yield ItemAdded(index, item)
+        tail = split.rest()
+        if tail:
+            yield Delta(index, split.kind or "text", tail)
+        cut = done.finish_reason == "length"
+        if split.kind == "text":
+            text = split.body(final=True)
+            yield ItemDone(index, {**item, "status": "incomplete" if cut else "completed",
+                                   "content": [{"type": "output_text", "text": text, "annotations": [],
+                                                "logprobs": []}]})
+            status: Literal["completed", "incomplete"] = "incomplete" if cut else "completed"
+            yield Finished(status, used_in, used_out, "max_output_tokens" if cut else None)
+            return
+        code = split.body(final=True)
+        if cut:
+            yield ItemDone(index, {**item, "code": code, "status": "incomplete"})
+            yield Finished("incomplete", used_in, used_out, "max_output_tokens")
+            return
+        yield Interpreting(index)
+        container_id, result = await execute(code)
+        calls += 1
+        yield ItemDone(index, {**item, "code": code, "container_id": container_id, "status": "completed",
+                               "outputs": _outputs(result)})
+        conversation += [Message("assistant", split.raw), Message("user", _observation(result))]
+        index += 1
+
+
+def _with_instructions(messages: list[Message]) -> list[Message]:
+    if messages and messages[0].role == "system":
+        return [Message("system", f"{messages[0].content}\n\n{CODE_INSTRUCTIONS}"), *messages[1:]]
+    return [Message("system", CODE_INSTRUCTIONS), *messages]
+
+
+def _code_item() -> dict[str, Any]:
+    return {"id": f"ci_{uuid.uuid4().hex}", "type": "code_interpreter_call", "code": "", "container_id": "",
+            "status": "in_progress", "outputs": None}
+
+
+def _message_item() -> dict[str, Any]:
+    return {"id": f"msg_{uuid.uuid4().hex}", "type": "message", "role": "assistant", "status": "in_progress",
+            "content": []}
+
+
+def logs_text(result: Execution) -> str:
+    parts = [result.logs.rstrip("\n")] if result.logs.strip() else []
+    if result.result is not None:
+        parts.append(result.result)
+    if result.error is not None:
+        parts.append(result.error.traceback or f"{result.error.name}: {result.error.value}")
+        if result.state_lost:
+            parts.append(result.error.value)
+    return "\n".join(parts)
+
+
+def _outputs(result: Execution) -> list[dict[str, Any]]:
+    outputs: list[dict[str, Any]] = [{"type": "logs", "logs": logs_text(result)}]
+    outputs += [{"type": "image", "url": f"data:image/png;base64,{base64.b64encode(png).decode()}"}
+                for png in result.images]
+    return outputs
+
+
+def _observation(result: Execution) -> str:
+    text = logs_text(result) or "(no output)"
+    if len(text) > OBSERVATION_CHARS:
+        half = OBSERVATION_CHARS // 2
+        text = f"{text[:half]}\n[... output truncated ...]\n{text[-half:]}"
+    return f"Output of the code:\n{text}"

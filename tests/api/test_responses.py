@@ -1,0 +1,181 @@
+"""The Responses API and its code-interpreter loop: scripted turns for exact checks, the real model for
+"whatever it writes, the call ends well-formed"."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import openai
+import pytest
+from pydantic import BaseModel
+
+from smolrun.engine import Engine
+from tests.api.test_files_containers import needs_sandbox
+from tests.conftest import Server
+from tests.fakes import TurnsModel
+
+CODE = {"type": "code_interpreter", "container": {"type": "auto"}}
+OUTPUTS = ["code_interpreter_call.outputs"]
+
+
+def scripted(make_server, *turns: bytes) -> tuple[Server, TurnsModel]:  # type: ignore[no-untyped-def]
+    model = TurnsModel(*turns)
+    return make_server(Engine(model)), model
+
+
+@needs_sandbox
+def test_code_call_then_answer(make_server) -> None:  # type: ignore[no-untyped-def]
+    server, model = scripted(make_server, b"```python\nx = 6 * 7\nprint(x)\n```", b"The answer is 42.")
+    r = server.client().responses.create(model="byte-model", input="6 times 7?", tools=[CODE], include=OUTPUTS)
+    assert r.status == "completed" and [o.type for o in r.output] == ["code_interpreter_call", "message"]
+    call = r.output[0]
+    assert call.type == "code_interpreter_call" and call.code == "x = 6 * 7\nprint(x)"
+    assert call.container_id.startswith("cntr_") and call.outputs and call.outputs[0].type == "logs"
+    assert call.outputs[0].logs.strip() == "42"
+    assert r.output_text == "The answer is 42."
+    assert "Output of the code:\n42" in model.prompts[1]  # the observation went back to the model
+    assert "```python" in model.prompts[0]  # and it was told how to call the tool
+    assert r.usage is not None and r.usage.output_tokens > 0
+
+
+@needs_sandbox
+def test_tracebacks_are_observations_and_outputs_hidden_unless_included(make_server) -> None:  # type: ignore[no-untyped-def]
+    server, model = scripted(make_server, b"```python\n1/0\n```", b"It failed.")
+    r = server.client().responses.create(model="byte-model", input="x", tools=[CODE])
+    assert r.status == "completed" and r.output[0].type == "code_interpreter_call"
+    assert r.output[0].outputs is None
+    assert "ZeroDivisionError" in model.prompts[1]
+
+
+@needs_sandbox
+def test_max_tool_calls_bounds_the_loop(make_server) -> None:  # type: ignore[no-untyped-def]
+    server, model = scripted(make_server, b"```python\nprint(1)\n```")  # would call code forever
+    r = server.client().responses.create(model="byte-model", input="x", tools=[CODE], max_tool_calls=2,
+                                         max_output_tokens=300)
+    kinds = [o.type for o in r.output]
+    assert kinds[:2] == ["code_interpreter_call", "code_interpreter_call"] and "code_interpreter_call" not in kinds[2:]
+    assert r.status in ("completed", "incomplete")
+
+
+@needs_sandbox
+def test_files_created_by_code_are_cited_and_downloadable(make_server) -> None:  # type: ignore[no-untyped-def]
+    server, _ = scripted(make_server, b"```python\nopen('/mnt/data/report.txt', 'w').write('hi')\n```",
+                         b"Saved report.txt for you.")
+    client = server.client()
+    r = client.responses.create(model="byte-model", input="x", tools=[CODE])
+    message = r.output[-1]
+    assert message.type == "message"
+    note = message.content[0].annotations[0]  # type: ignore[union-attr]
+    assert note.type == "container_file_citation" and note.filename == "report.txt"
+    assert message.content[0].text[note.start_index:note.end_index] == "report.txt"  # type: ignore[union-attr]
+    data = client.containers.files.content.retrieve(note.file_id, container_id=note.container_id).read()
+    assert data == b"hi"
+
+
+@needs_sandbox
+def test_input_file_is_in_the_explicit_container(make_server) -> None:  # type: ignore[no-untyped-def]
+    server, model = scripted(make_server, b"```python\nprint(open('/mnt/data/n.txt').read())\n```", b"Done.")
+    client = server.client()
+    upload = client.files.create(file=("n.txt", b"1234"), purpose="user_data")
+    container = client.containers.create(name="c")
+    r = client.responses.create(
+        model="byte-model", tools=[{"type": "code_interpreter", "container": container.id}], include=OUTPUTS,
+        input=[{"role": "user", "content": [{"type": "input_text", "text": "read it"},
+                                            {"type": "input_file", "file_id": upload.id}]}])
+    assert r.output[0].type == "code_interpreter_call" and r.output[0].container_id == container.id
+    assert r.output[0].outputs and r.output[0].outputs[0].logs.strip() == "1234"  # type: ignore[union-attr]
+    assert "/mnt/data/n.txt" in model.prompts[0]
+
+
+@needs_sandbox
+def test_stream_events_pass_the_sdk_checks(make_server) -> None:  # type: ignore[no-untyped-def]
+    server, _ = scripted(make_server, b"```python\nprint(2 + 2)\n```", b"4")
+    with server.client().responses.stream(model="byte-model", input="x", tools=[CODE]) as stream:
+        events = [e.type for e in stream]
+        final = stream.get_final_response()
+    assert events[:2] == ["response.created", "response.in_progress"] and events[-1] == "response.completed"
+    expected = ["response.output_item.added", "response.code_interpreter_call.in_progress",
+                "response.code_interpreter_call_code.done", "response.code_interpreter_call.interpreting",
+                "response.code_interpreter_call.completed", "response.output_item.done",
+                "response.content_part.added", "response.output_text.done", "response.content_part.done"]
+    positions = [events.index(e) for e in expected]
+    assert positions == sorted(positions)
+    assert final.output_text == "4"
+
+
+def test_stored_responses_chain_and_can_be_read_and_deleted(make_server) -> None:  # type: ignore[no-untyped-def]
+    server, model = scripted(make_server, b"Hello Ada.", b"Your name is Ada.")
+    client = server.client()
+    first = client.responses.create(model="byte-model", input="My name is Ada.", instructions="Be kind.")
+    second = client.responses.create(model="byte-model", input="What is my name?", previous_response_id=first.id)
+    assert "My name is Ada." in model.prompts[1] and "Hello Ada." in model.prompts[1]
+    assert "Be kind." not in model.prompts[1]  # instructions are not carried over, as at OpenAI
+    assert client.responses.retrieve(first.id).output_text == "Hello Ada."
+    items = client.responses.input_items.list(second.id)
+    assert [i.type for i in items] == ["message"]
+    client.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(first.id)
+    unstored = client.responses.create(model="byte-model", input="x", store=False)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unstored.id)
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"tools": [{"type": "function", "name": "f", "parameters": {}, "strict": True}]}, "tools[0]"),
+        ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "data:,"}]}]},
+         "input[0].content[0]"),
+        ({"text": {"format": {"type": "json_schema", "name": "x", "strict": True,
+                              "schema": {"type": "object", "properties": {"a": {"not": {}}}, "required": ["a"],
+                                         "additionalProperties": False}}}}, "text.format.schema"),
+        ({"tools": [{"type": "code_interpreter", "container": "cntr_missing"}]}, "container_id"),
+        ({"previous_response_id": "resp_missing"}, "response_id"),
+    ],
+)
+def test_bad_requests(make_server, extra: dict, param: str) -> None:  # type: ignore[no-untyped-def]
+    server, _ = scripted(make_server, b"x")
+    with pytest.raises(openai.APIStatusError) as err:
+        server.client().responses.create(**{"model": "byte-model", "input": "x", **extra})
+    assert err.value.status_code in (400, 404)
+    assert isinstance(err.value.body, dict) and err.value.body["param"] == param
+
+
+# -- the real bundled model ---------------------------------------------------------------------------------
+
+class Answer(BaseModel):
+    answer: int
+
+
+@pytest.mark.model
+@needs_sandbox
+def test_real_model_with_code_interpreter_ends_well_formed(server: Server) -> None:
+    client = server.client()
+    r = client.responses.create(model="smollm2-135m", input="What is 17 * 23? Use Python.", tools=[CODE],
+                                include=OUTPUTS, max_output_tokens=300, temperature=0)
+    assert r.status in ("completed", "incomplete") and r.output
+    with client.responses.stream(model="smollm2-135m", input="Compute 2**10 with Python.", tools=[CODE],
+                                 max_output_tokens=300, temperature=0) as stream:
+        events = list(stream)  # the SDK's stream checks (order, identities) run on every event
+    # A 135M model may use the whole budget: then the stream ends with response.incomplete, like OpenAI's.
+    assert events[-1].type in ("response.completed", "response.incomplete")
+
+
+@pytest.mark.model
+@needs_sandbox
+def test_real_model_code_interpreter_with_strict_format_validates(server: Server) -> None:
+    client = server.client()
+    parsed = client.responses.parse(model="smollm2-135m", input="What is 6 * 7?", tools=[CODE], text_format=Answer,
+                                    max_output_tokens=400, temperature=0)
+    assert parsed.status == "completed" and isinstance(parsed.output_parsed, Answer)
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},
+              "required": ["city", "population"], "additionalProperties": False}
+    r = client.responses.create(model="smollm2-135m", input="What is the population of Paris?", tools=[CODE],
+                                temperature=0,
+                                max_output_tokens=800, max_tool_calls=1,
+                                text={"format": {"type": "json_schema", "name": "city", "schema": schema,
+                                                 "strict": True}})
+    assert r.status == "completed"
+    jsonschema.validate(json.loads(r.output_text), schema)
