@@ -45,3 +45,19 @@ def test_ask_with_schema_prints_pretty_valid_json(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("{\n  ")
     assert set(json.loads(out.stdout)) == {"city", "population"}
+
+
+@pytest.mark.model
+def test_ask_with_a_file_runs_the_code_loop_and_ends_cleanly(tmp_path: Path) -> None:
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is installed by `make setup`")
+    from smolrun.sandbox import default_config, unavailable_reason
+
+    if unavailable_reason(default_config()) is not None:
+        pytest.skip(f"no sandbox here: {unavailable_reason(default_config())}")
+    data = tmp_path / "data.csv"
+    data.write_text("x,y\n1,2\n3,4\n")
+    out = subprocess.run([sys.executable, "-m", "smolrun", "ask", "Compute the sum of x with Python.", "--file",
+                          str(data), "--max-tokens", "400", "--frequency-penalty", "0.3"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode in (0, 1), out.stderr  # 1 only when the token budget cut the answer
+    assert "── answer ──" in out.stderr and "Traceback (most recent call last)" not in out.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import sys
 from pathlib import Path
@@ -99,10 +100,18 @@ smolrun is serving {model} at {base}
 @click.option("--seed", type=int, default=None)
 @click.option("--frequency-penalty", type=click.FloatRange(-2, 2), default=0.0, show_default=True,
               help="discourage repeating tokens (helps tiny models end their answers)")
+@click.option("--file", "files", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="give the model this file in /mnt/data and let it run Python (repeatable)")
+@click.option("--code", is_flag=True, help="let the model run Python in a sandbox before answering")
+@click.option("--max-tool-calls", type=click.IntRange(min=0), default=4, show_default=True)
 def ask(prompt: str, model: str | None, schema_file: Path | None, json_mode: bool, strict: bool,
         system: str | None, stream: bool, max_tokens: int | None, temperature: float, seed: int | None,
-        frequency_penalty: float) -> None:
-    """Answer PROMPT once with a local model (no server needed)."""
+        frequency_penalty: float, files: tuple[Path, ...], code: bool, max_tool_calls: int) -> None:
+    """Answer PROMPT once with a local model (no server needed).
+
+    With --file or --code the model may write Python, which runs in a sandboxed container; each cell and
+    its output are shown as they run, then the answer.
+    """
     from smolrun.engine import Engine
 
     if schema_file is not None and json_mode:
@@ -113,6 +122,11 @@ def ask(prompt: str, model: str | None, schema_file: Path | None, json_mode: boo
                             frequency_penalty=frequency_penalty)
     turn = Turn(messages, fmt or ResponseFormat(), params)
     engine = Engine.load(Settings.from_env(model=model))
+    if files or code:
+        import asyncio
+
+        asyncio.run(_ask_with_code(engine, turn, files, max_tool_calls))
+        return
     parts: list[str] = []
     done: Done | None = None
     for event in engine.generate(engine.prepare(turn)):
@@ -130,6 +144,62 @@ def ask(prompt: str, model: str | None, schema_file: Path | None, json_mode: boo
     else:
         click.echo(text)
     if done is not None and done.finish_reason == "length":
+        click.echo("smolrun: the answer was cut at the token limit (--max-tokens)", err=True)
+        sys.exit(1)
+
+
+async def _ask_with_code(engine: Any, turn: Turn, files: tuple[Path, ...], max_tool_calls: int) -> None:
+    """The Responses loop, locally: stream each code cell, its output, then the answer."""
+    import asyncio
+    from collections.abc import AsyncIterator
+
+    from smolrun.runner import Delta, Finished, Interpreting, ItemAdded, ItemDone, RunSpec, run
+    from smolrun.sandbox import Container, Execution, default_config
+
+    container: Container | None = None
+    names = [f"/mnt/data/{p.name}" for p in files]
+    messages = turn.messages + ((Message("user", "Files available: " + ", ".join(names)),) if names else ())
+
+    async def generate(prepared: Any) -> AsyncIterator[Any]:
+        for event in engine.generate(prepared):
+            yield event
+
+    async def execute(code: str) -> tuple[str, Execution]:
+        nonlocal container
+        if container is None:  # created at the first code call only
+            container = Container(default_config()).start()
+            for path in files:
+                container.put_file(path.name, path.read_bytes())
+        result = await asyncio.to_thread(container.run, code)
+        return container.id, result
+
+    spec = RunSpec(messages, turn.format, turn.params, code=True, max_tool_calls=max_tool_calls)
+    answer: list[str] = []
+    finished: Finished | None = None
+    try:
+        async for event in run(spec, engine, generate, execute):
+            if isinstance(event, ItemAdded) and event.item["type"] == "code_interpreter_call":
+                click.secho("── python ──", fg="cyan", err=True)
+            elif isinstance(event, Delta) and event.kind == "code":
+                click.echo(event.text, nl=False, err=True)
+            elif isinstance(event, Interpreting):
+                click.secho("\n── output ──", fg="cyan", err=True)
+            elif isinstance(event, ItemDone) and event.item["type"] == "code_interpreter_call":
+                logs = "\n".join(o["logs"] for o in event.item.get("outputs") or [] if o["type"] == "logs")
+                click.echo(logs or "(no output)", err=True)
+            elif isinstance(event, Delta):
+                answer.append(event.text)
+            elif isinstance(event, Finished):
+                finished = event
+    finally:
+        if container is not None:
+            container.close()
+    text = "".join(answer)
+    if turn.format.type != "text" and finished is not None and finished.status == "completed":
+        text = json.dumps(json.loads(text), indent=2, ensure_ascii=False)
+    click.secho("── answer ──", fg="cyan", err=True)
+    click.echo(text)
+    if finished is not None and finished.status == "incomplete":
         click.echo("smolrun: the answer was cut at the token limit (--max-tokens)", err=True)
         sys.exit(1)
 
@@ -154,35 +224,80 @@ def _load_format(path: Path, strict: bool) -> ResponseFormat:
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=60.0, show_default=True, help="seconds")
 @click.option("--save-images", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="write the PNG images the code produced into this directory")
-def exec_(source: Any, files: tuple[Path, ...], timeout: float, save_images: Path | None) -> None:
-    """Run Python from SOURCE (a file, or - for stdin) in a fresh sandboxed container.
+@click.option("--container", "container_id", default=None,
+              help="run in this container of a running server (state persists between calls)")
+@click.option("--server", default="http://127.0.0.1:8000", show_default=True, help="with --container")
+@click.option("--api-key", default=None, help="with --container (or SMOLRUN_API_KEY)")
+def exec_(source: Any, files: tuple[Path, ...], timeout: float, save_images: Path | None, container_id: str | None,
+          server: str, api_key: str | None) -> None:
+    """Run Python from SOURCE (a file, or - for stdin) in a sandboxed container.
 
-    Exactly the sandbox and limits that model-written code gets. Prints the output, the last expression's
-    value and any traceback; exits 1 when the code raised.
+    Without --container: a fresh local container, removed afterwards. Exactly the sandbox and limits that
+    model-written code gets. Prints the output, the last expression's value and any traceback; exits 1 when
+    the code raised.
     """
-    from smolrun.sandbox import Container, default_config
-
     code = source.read()
-    container = Container(default_config(), preload=()).start()
+    if container_id is not None:
+        if files:
+            raise click.UsageError("--file works with a local container; upload to a server's container with "
+                                   "POST /v1/containers/{id}/files")
+        key = api_key or Settings.from_env().api_key
+        reply = _remote_exec(server, container_id, code, timeout, key)
+    else:
+        from smolrun.sandbox import Container, default_config
+
+        container = Container(default_config(), preload=()).start()
+        try:
+            for path in files:
+                container.put_file(path.name, path.read_bytes())
+            result = container.run(code, timeout=timeout)
+        finally:
+            container.close()
+        reply = {
+            "logs": result.logs, "result": result.result, "files": [{"path": p} for p in result.files],
+            "images": [base64.b64encode(png).decode() for png in result.images],
+            "error": result.error and {"name": result.error.name, "value": result.error.value,
+                                       "traceback": result.error.traceback},
+        }
+    _print_execution(reply, save_images)
+
+
+def _remote_exec(server: str, container_id: str, code: str, timeout: float, api_key: str | None) -> dict[str, Any]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"{server.rstrip('/')}/v1/containers/{container_id}/exec", method="POST",
+        data=json.dumps({"code": code, "timeout": timeout}).encode(),
+        headers={"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})},
+    )
     try:
-        for path in files:
-            container.put_file(path.name, path.read_bytes())
-        result = container.run(code, timeout=timeout)
-        click.echo(result.logs, nl=False)
-        if result.result is not None:
-            click.echo(result.result)
-        for i, png in enumerate(result.images, 1):
-            if save_images is not None:
-                save_images.mkdir(parents=True, exist_ok=True)
-                (save_images / f"image-{i}.png").write_bytes(png)
-            click.echo(f"[image {i}: {len(png)} bytes PNG{' saved' if save_images else ''}]", err=True)
-        if result.files:
-            click.echo(f"[files written in /mnt/data: {', '.join(result.files)}]", err=True)
-        if result.error is not None:
-            click.echo(result.error.traceback or f"{result.error.name}: {result.error.value}", err=True)
-            sys.exit(1)
-    finally:
-        container.close()
+        with urllib.request.urlopen(request, timeout=timeout + 30) as response:
+            reply: dict[str, Any] = json.load(response)
+    except urllib.error.HTTPError as exc:
+        message = json.load(exc).get("error", {}).get("message", exc.reason)
+        raise InvalidRequest(f"the server refused: {message}") from None
+    except OSError as exc:
+        raise InvalidRequest(f"cannot reach {server}: {exc}") from None
+    reply["images"] = [i.split(",", 1)[1] for i in reply.get("images", [])]
+    return reply
+
+
+def _print_execution(reply: dict[str, Any], save_images: Path | None) -> None:
+    click.echo(reply["logs"], nl=False)
+    if reply.get("result") is not None:
+        click.echo(reply["result"])
+    for i, png in enumerate(base64.b64decode(b) for b in reply.get("images", [])):
+        if save_images is not None:
+            save_images.mkdir(parents=True, exist_ok=True)
+            (save_images / f"image-{i + 1}.png").write_bytes(png)
+        click.echo(f"[image {i + 1}: {len(png)} bytes PNG{' saved' if save_images else ''}]", err=True)
+    if reply.get("files"):
+        click.echo(f"[files written: {', '.join(f['path'] for f in reply['files'])}]", err=True)
+    error = reply.get("error")
+    if error:
+        click.echo(error["traceback"] or f"{error['name']}: {error['value']}", err=True)
+        sys.exit(1)
 
 
 @main.command()

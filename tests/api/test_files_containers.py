@@ -117,3 +117,46 @@ def test_no_sandbox_is_a_clear_503(make_server, monkeypatch: pytest.MonkeyPatch)
     with pytest.raises(openai.InternalServerError) as err:
         server.client().containers.create(name="x")
     assert err.value.status_code == 503 and "sandbox Python environment" in str(err.value)
+
+
+ATTACKS = {
+    "fork bomb": "import os\nwhile True:\n    try: os.fork()\n    except OSError: break",
+    "memory bomb": "hog = []\nwhile True: hog.append(bytearray(64 * 1024 * 1024))",
+    "infinite loop": "while True: pass",
+    "kill the parent": "import os, signal\nfor pid in (1, os.getppid()):\n    try: os.kill(pid, signal.SIGKILL)\n"
+                       "    except OSError: pass",
+    "suicide": "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)",
+    "huge output": "import os\nfor _ in range(5000): os.write(1, b'x' * 4096)",
+    "network": "import socket\nsocket.create_connection(('127.0.0.1', 80), timeout=1)",
+}
+
+
+@needs_sandbox
+@pytest.mark.parametrize("attack", list(ATTACKS))
+def test_attacks_through_the_api_leave_the_server_healthy(api, attack: str) -> None:  # type: ignore[no-untyped-def]
+    client = api.client()
+    container = client.containers.create(name=attack)
+    url = f"{api.url}/containers/{container.id}/exec"
+    reply = httpx.post(url, json={"code": ATTACKS[attack], "timeout": 3}, timeout=60)
+    assert reply.status_code == 200  # an attack is a result, never a server error
+    assert httpx.get(api.url.replace("/v1", "/health")).status_code == 200
+    assert httpx.post(url, json={"code": "1 + 1"}, timeout=60).json()["result"] == "2"
+    assert [m.id for m in client.models.list()] == ["byte-model"]
+    client.containers.delete(container.id)
+
+
+@needs_sandbox
+def test_exec_cli_in_a_server_container_keeps_state(api) -> None:  # type: ignore[no-untyped-def]
+    from click.testing import CliRunner
+
+    from smolrun.cli import main
+
+    container = api.client().containers.create(name="cli")
+    server = api.url.removesuffix("/v1")
+    runner = CliRunner()
+    first = runner.invoke(main, ["exec", "-", "--container", container.id, "--server", server], input="y = 5")
+    assert first.exit_code == 0, first.output
+    second = runner.invoke(main, ["exec", "-", "--container", container.id, "--server", server], input="y * 3")
+    assert second.exit_code == 0 and second.output.strip() == "15"
+    missing = runner.invoke(main, ["exec", "-", "--container", "cntr_nope", "--server", server], input="1")
+    assert missing.exit_code == 2 and "No container found" in missing.output
