@@ -17,8 +17,8 @@ def safe_name(name: str) -> PurePosixPath:
     return path
 
 
-def read_file(workdir: Path, name: str, max_bytes: int) -> bytes:
-    """Read a regular file without following any symlink and without blocking on FIFOs or devices."""
+def _open_parent(workdir: Path, name: str) -> tuple[int, str]:
+    """A descriptor of the directory holding `name`, reached without following any symlink, and the leaf."""
     parts = safe_name(name).parts
     fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
@@ -26,7 +26,17 @@ def read_file(workdir: Path, name: str, max_bytes: int) -> bytes:
             next_fd = _open_at(fd, part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, name)
             os.close(fd)
             fd = next_fd
-        leaf = _open_at(fd, parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY, name)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, parts[-1]
+
+
+def read_file(workdir: Path, name: str, max_bytes: int) -> bytes:
+    """Read a regular file without following any symlink and without blocking on FIFOs or devices."""
+    fd, leaf_name = _open_parent(workdir, name)
+    try:
+        leaf = _open_at(fd, leaf_name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY, name)
     finally:
         os.close(fd)
     try:
@@ -81,15 +91,10 @@ def changed(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]
 
 def remove_file(workdir: Path, name: str) -> None:
     """Unlink a file (or a planted link itself) without following symlinks in its parent directories."""
-    parts = safe_name(name).parts
-    fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    fd, leaf_name = _open_parent(workdir, name)
     try:
-        for part in parts[:-1]:
-            next_fd = _open_at(fd, part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, name)
-            os.close(fd)
-            fd = next_fd
         try:
-            os.unlink(parts[-1], dir_fd=fd)
+            os.unlink(leaf_name, dir_fd=fd)
         except FileNotFoundError:
             pass
         except IsADirectoryError:
