@@ -75,7 +75,7 @@ async def _complete(state: AppState, prepared: Prepared, meta: _Meta, request: R
     parts: list[str] = []
     done: Done | None = None
     events = _events(state, prepared)
-    watcher = asyncio.create_task(_cancel_on_disconnect(request, asyncio.current_task()))
+    watcher = asyncio.create_task(cancel_on_disconnect(request, asyncio.current_task()))
     try:
         async for event in events:
             if isinstance(event, TextDelta):
@@ -93,7 +93,7 @@ async def _complete(state: AppState, prepared: Prepared, meta: _Meta, request: R
             "service_tier": "default"}
 
 
-async def _cancel_on_disconnect(request: Request, task: asyncio.Task[Any] | None) -> None:
+async def cancel_on_disconnect(request: Request, task: asyncio.Task[Any] | None) -> None:
     """A non-streaming client that hangs up cancels its generation instead of leaving it running."""
     while not await request.is_disconnected():
         await asyncio.sleep(0.25)

@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from smolrun.api.chat import cancel_on_disconnect
 from smolrun.api.pages import page
 from smolrun.api.responses_wire import (
     INCLUDE_OUTPUTS,
@@ -78,9 +79,13 @@ async def create_response(body: ResponsesRequest, request: Request) -> JSONRespo
     if body.stream:
         return StreamingResponse(_sse(call, spec), media_type="text/event-stream")
     final: dict[str, Any] | None = None
-    async for event in _run(call, spec):
-        if event["type"] in ("response.completed", "response.incomplete"):
-            final = event["response"]
+    watcher = asyncio.create_task(cancel_on_disconnect(request, asyncio.current_task()))
+    try:
+        async for event in _run(call, spec):
+            if event["type"] in ("response.completed", "response.incomplete"):
+                final = event["response"]
+    finally:
+        watcher.cancel()
     assert final is not None
     return JSONResponse(final)
 
