@@ -11,6 +11,7 @@ from smolrun.config import Settings
 from smolrun.constraints.grammar import Grammar, GrammarCache
 from smolrun.models import resolve
 from smolrun.prompt import render
+from smolrun.prompt.tools import render_history
 from smolrun.turn import Event, SamplingParams, Turn
 
 
@@ -41,10 +42,11 @@ class Engine:
 
     def render(self, turn: Turn) -> str:
         m = self.model
-        return render(m.chat_template, turn.messages, bos_token=m.bos_token, eos_token=m.eos_token)
+        messages = render_history(turn.messages, turn.tools)
+        return render(m.chat_template, messages, bos_token=m.bos_token, eos_token=m.eos_token)
 
     def prepare(self, turn: Turn, allow_code: bool = False) -> Prepared:
-        grammar = self.grammars.get(turn.format, allow_code=allow_code)
+        grammar = self.grammars.get(turn.format, allow_code=allow_code, tools=turn.tools)
         prompt = self.model.tokenize(self.render(turn))
         token_budget(self.model.n_ctx, len(prompt), turn.params.max_tokens)  # 400 before queueing, not mid-stream
         return Prepared(prompt, grammar, turn.params)

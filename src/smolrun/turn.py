@@ -10,9 +10,52 @@ FinishReason = Literal["stop", "length", "cancelled"]
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # JSON text, as on the wire
+
+
+@dataclass(frozen=True)
 class Message:
     role: Role
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant turn that called functions
+    tool_call_id: str | None = None  # a tool turn: which call it answers
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A function the model may call; `parameters` is already checked (see constraints.check_schema)."""
+
+    name: str
+    parameters: dict[str, Any]
+    description: str = ""
+    strict: bool = False
+
+
+@dataclass(frozen=True)
+class ToolUse:
+    """Which functions the model may call in a turn: choice "none", "auto", "required", or one name."""
+
+    tools: tuple[Tool, ...] = ()
+    choice: str = "auto"
+    parallel: bool = True
+
+    @property
+    def active(self) -> tuple[Tool, ...]:
+        if self.choice == "none":
+            return ()
+        if self.choice in ("auto", "required"):
+            return self.tools
+        return tuple(t for t in self.tools if t.name == self.choice)
+
+    @property
+    def answer_allowed(self) -> bool:
+        return not self.active or self.choice == "auto"
+
+
+NO_TOOLS = ToolUse()
 
 
 @dataclass(frozen=True)
@@ -47,6 +90,7 @@ class Turn:
     messages: tuple[Message, ...]
     format: ResponseFormat = TEXT
     params: SamplingParams = field(default_factory=SamplingParams)
+    tools: ToolUse = NO_TOOLS
 
 
 @dataclass(frozen=True)

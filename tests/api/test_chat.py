@@ -135,7 +135,6 @@ def test_strict_schema_must_follow_openai_rules(server: Server) -> None:
     [
         ({"n": 2}, "n"),
         ({"temperature": 5}, "temperature"),
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
         ({"logprobs": True}, "logprobs"),
         ({"max_tokens": 10_000_000}, "max_tokens"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),

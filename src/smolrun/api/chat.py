@@ -18,7 +18,9 @@ from smolrun.api.state import AppState, get_state
 from smolrun.api.wire import ChatCompletionRequest
 from smolrun.engine import Prepared
 from smolrun.errors import GenerationFailed, SchemaError, SmolrunError
-from smolrun.turn import DecodeStats, Done, TextDelta
+from smolrun.prompt.tools import OPEN as TOOL_OPEN
+from smolrun.prompt.tools import parse_calls
+from smolrun.turn import DecodeStats, Done, TextDelta, ToolCall
 
 router = APIRouter()
 FINGERPRINT = f"smolrun-{__version__}"
@@ -32,8 +34,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
         turn = body.to_turn()
         prepared = await asyncio.to_thread(state.engine.prepare, turn)
     except SchemaError as exc:
+        if exc.param is not None:
+            raise
         raise SchemaError(exc.message, param="response_format") from exc
-    meta = _Meta(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), state.engine.name)
+    meta = _Meta(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), state.engine.name, bool(turn.tools.active))
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(_sse(state, prepared, meta, include_usage), media_type="text/event-stream")
@@ -47,7 +51,7 @@ class _Meta:
     id: str
     created: int
     model: str
-
+    tools: bool = False  # functions may be called: output starting with "<tool_call>" is calls
     def envelope(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "system_fingerprint": FINGERPRINT}
@@ -87,8 +91,14 @@ async def _complete(state: AppState, prepared: Prepared, meta: _Meta, request: R
         await events.aclose()
     if done is None:
         raise GenerationFailed("generation ended without a result")
-    message: dict[str, Any] = {"role": "assistant", "content": "".join(parts), "refusal": None, "annotations": []}
-    choice = {"index": 0, "message": message, "finish_reason": done.finish_reason, "logprobs": None}
+    text = "".join(parts)
+    message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None, "annotations": []}
+    finish: str = done.finish_reason
+    if meta.tools and text.startswith(TOOL_OPEN) and finish == "stop":
+        message["content"] = None
+        message["tool_calls"] = [_wire_call(c) for c in parse_calls(text)]
+        finish = "tool_calls"
+    choice = {"index": 0, "message": message, "finish_reason": finish, "logprobs": None}
     return {**meta.envelope("chat.completion"), "choices": [choice], "usage": usage(done.stats),
             "service_tier": "default"}
 
@@ -110,15 +120,35 @@ def _data(obj: dict[str, Any]) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+def _wire_call(call: ToolCall, index: int | None = None) -> dict[str, Any]:
+    wire = {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+    return wire if index is None else {"index": index, **wire}
+
+
 async def _sse(state: AppState, prepared: Prepared, meta: _Meta, include_usage: bool) -> AsyncIterator[str]:
     yield _data(_chunk(meta, {"role": "assistant", "content": "", "refusal": None}, None))
     events = _events(state, prepared)
+    calls: list[str] | None = None  # the text of a turn of function calls, sent once it is complete
+    first = True
     try:
         async for event in events:
             if isinstance(event, TextDelta):
-                yield _data(_chunk(meta, {"content": event.text}, None))
+                if first and meta.tools and event.text.startswith("<"):  # the grammar's choice of branch
+                    calls = []
+                first = False
+                if calls is not None:
+                    calls.append(event.text)
+                else:
+                    yield _data(_chunk(meta, {"content": event.text}, None))
                 continue
-            yield _data(_chunk(meta, {}, event.finish_reason))
+            finish: str = event.finish_reason
+            if calls is not None and finish == "stop":
+                tool_calls = [_wire_call(c, i) for i, c in enumerate(parse_calls("".join(calls)))]
+                yield _data(_chunk(meta, {"tool_calls": tool_calls}, None))
+                finish = "tool_calls"
+            elif calls is not None:  # cut by max_tokens: what was generated, as text
+                yield _data(_chunk(meta, {"content": "".join(calls)}, None))
+            yield _data(_chunk(meta, {}, finish))
             if include_usage:
                 yield _data({**meta.envelope("chat.completion.chunk"), "choices": [], "usage": usage(event.stats)})
     except Exception as exc:

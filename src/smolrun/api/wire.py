@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from smolrun.constraints import check_schema
-from smolrun.errors import InvalidRequest
-from smolrun.turn import TEXT, Message, ResponseFormat, SamplingParams, Turn
+from smolrun.errors import InvalidRequest, SchemaError
+from smolrun.turn import TEXT, Message, ResponseFormat, SamplingParams, Tool, ToolCall, ToolUse, Turn
 
 _NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 
@@ -31,11 +32,35 @@ class OtherPart(_Wire):
 ContentPart = Annotated[TextPart | OtherPart, Field(discriminator="type")]
 
 
+class FunctionCall(_Wire):
+    name: str
+    arguments: str
+
+
+class ToolCallWire(_Wire):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Wire):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
-    tool_calls: list[Any] | None = None
+    tool_calls: list[ToolCallWire] | None = None
+    tool_call_id: str | None = None
+
+
+class FunctionSpec(_Wire):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class FunctionTool(_Wire):
+    type: Literal["function"]
+    function: FunctionSpec
 
 
 class JsonSchemaSpec(_Wire):
@@ -82,8 +107,9 @@ class ChatCompletionRequest(_Wire):
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     logprobs: bool | None = None
-    tools: list[Any] | None = None
+    tools: list[FunctionTool] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
     reasoning_effort: str | None = None  # accepted; SmolLM2 has no thinking mode, so it has no effect
 
     def to_turn(self) -> Turn:
@@ -102,27 +128,30 @@ class ChatCompletionRequest(_Wire):
             presence_penalty=self.presence_penalty or 0.0,
         )
         messages = tuple(_message(m, i) for i, m in enumerate(self.messages))
-        return Turn(messages, _format(self.response_format), params)
+        tools = ToolUse(_tools(self.tools or []), _tool_choice(self.tool_choice, self.tools or []),
+                        self.parallel_tool_calls is not False)
+        return Turn(messages, _format(self.response_format), params, tools)
 
     def _refuse_unsupported(self) -> None:
         if self.n not in (None, 1):
             raise InvalidRequest("only n=1 is supported", param="n")
         if self.stream_options is not None and not self.stream:
             raise InvalidRequest("'stream_options' is only allowed when 'stream' is true", param="stream_options")
-        if self.tools:
-            raise InvalidRequest("function calling ('tools') is not supported yet by this server", param="tools")
         if self.logprobs:
             raise InvalidRequest("'logprobs' is not supported", param="logprobs")
 
 
 def _message(m: ChatMessage, index: int) -> Message:
-    if m.role == "tool" or m.tool_calls:
-        raise InvalidRequest("tool messages are not supported yet", param=f"messages[{index}]")
     role = "system" if m.role == "developer" else m.role
+    calls = tuple(_call(c, index) for c in m.tool_calls or ())
+    if m.role == "tool" and not m.tool_call_id:
+        raise InvalidRequest("a tool message needs 'tool_call_id'", param=f"messages[{index}].tool_call_id")
     if m.content is None:
+        if calls:
+            return Message("assistant", "", calls)
         raise InvalidRequest("message content is required", param=f"messages[{index}].content")
     if isinstance(m.content, str):
-        return Message(role, m.content)
+        return Message(role, m.content, calls, m.tool_call_id)
     texts: list[str] = []
     for j, part in enumerate(m.content):
         if not isinstance(part, TextPart):
@@ -131,7 +160,52 @@ def _message(m: ChatMessage, index: int) -> Message:
                 param=f"messages[{index}].content[{j}]",
             )
         texts.append(part.text)
-    return Message(role, "\n".join(texts))
+    return Message(role, "\n".join(texts), calls, m.tool_call_id)
+
+
+def _call(call: ToolCallWire, index: int) -> ToolCall:
+    try:
+        json.loads(call.function.arguments)
+    except ValueError:
+        raise InvalidRequest("tool call arguments must be a JSON string",
+                             param=f"messages[{index}].tool_calls") from None
+    return ToolCall(call.id, call.function.name, call.function.arguments)
+
+
+def _tools(tools: list[FunctionTool]) -> tuple[Tool, ...]:
+    out: list[Tool] = []
+    for i, tool in enumerate(tools):
+        spec = tool.function
+        if not _NAME.match(spec.name):
+            raise InvalidRequest("function names are 1-64 characters of a-z, A-Z, 0-9, _ and -",
+                                 param=f"tools[{i}].function.name")
+        if spec.name in {t.name for t in out}:
+            raise InvalidRequest(f"duplicate function name {spec.name!r}", param=f"tools[{i}].function.name")
+        raw = spec.parameters if spec.parameters is not None else {"type": "object", "properties": {}}
+        strict = bool(spec.strict)
+        try:
+            parameters = check_schema(raw, strict=strict, what=f"function '{spec.name}'")
+        except SchemaError as exc:
+            raise SchemaError(exc.message, param=f"tools[{i}].function.parameters",
+                              code="invalid_function_parameters") from exc
+        out.append(Tool(spec.name, parameters, spec.description or "", strict))
+    return tuple(out)
+
+
+def _tool_choice(choice: Any, tools: list[FunctionTool]) -> str:
+    if choice is None:
+        return "auto" if tools else "none"
+    if choice in ("none", "auto", "required"):
+        if choice == "required" and not tools:
+            raise InvalidRequest("tool_choice 'required' needs tools", param="tool_choice")
+        return str(choice)
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        name = (choice.get("function") or {}).get("name")
+        if name not in {t.function.name for t in tools}:
+            raise InvalidRequest(f"tool_choice names no function of 'tools': {name!r}", param="tool_choice")
+        return str(name)
+    raise InvalidRequest("tool_choice must be 'none', 'auto', 'required' or {\"type\": \"function\", ...}",
+                         param="tool_choice")
 
 
 def _format(fmt: AnyFormat | None) -> ResponseFormat:

@@ -12,7 +12,9 @@ from typing import Any
 from llguidance import LLMatcher, LLParserLimits, LLTokenizer
 
 from smolrun.errors import SchemaError
-from smolrun.turn import ResponseFormat
+from smolrun.prompt.tools import CLOSE as TOOL_CLOSE
+from smolrun.prompt.tools import OPEN as TOOL_OPEN
+from smolrun.turn import NO_TOOLS, ResponseFormat, ToolUse
 
 # Compact JSON: no whitespace between tokens. Flexible whitespace lets a small model emit blanks until
 # max_tokens (llama-cpp-python #1500); compact output is also fewer tokens and more of them forced.
@@ -45,15 +47,62 @@ CODE_FENCE = "```python\n"
 _CODE = r"/```python\n([^`]|`[^`]|``[^`])*```/"
 
 
-def turn_source(fmt: ResponseFormat) -> str:
-    """Lark grammar: either one code block or the final answer (free text not starting with a backtick,
-    or JSON under the response format)."""
-    if fmt.type == "text":
-        answer = "TEXT\nTEXT: /[^`](.|\\n)*/"
-    else:
-        schema = {"type": "object"} if fmt.type == "json_object" else (fmt.schema or {})
-        answer = "%json " + json.dumps({**schema, "x-guidance": JSON_OPTIONS})
-    return LLMatcher.grammar_from_lark(f"start: CODE | answer\nCODE: {_CODE}\nanswer: {answer}\n")
+def turn_source(fmt: ResponseFormat, allow_code: bool = False, tools: ToolUse = NO_TOOLS) -> str | None:
+    """The grammar of one model turn: a code block, function calls, or the answer, as allowed.
+
+    Without code or tools this is the answer format alone (None for free text). Free text may not start
+    with the first character of another branch, so the choice is made by the first token.
+    """
+    active = tools.active
+    if not allow_code and not active:
+        return grammar_source(fmt)
+    branches: list[str] = []
+    rules: list[str] = []
+    first_chars = ""
+    if allow_code:
+        branches.append("CODE")
+        rules.append(f"CODE: {_CODE}")
+        first_chars += "`"
+    if active:
+        several = tools.parallel and tools.choice in ("auto", "required")
+        branches.append("calls")
+        rules.append('calls: call ("\\n" call)*' if several else "calls: call")
+        names = [f"fn_{i}" for i in range(len(active))]
+        rules.append(f'call: "{TOOL_OPEN}" ({" | ".join(names)}) "{TOOL_CLOSE}"')
+        rules += [f"{n}: %json {json.dumps(_call_schema(t.name, t.parameters))}" for n, t in zip(names, active,
+                                                                                               strict=True)]
+        first_chars += "<"
+    if tools.answer_allowed:
+        branches.append("answer")
+        if fmt.type == "text":
+            rules += ["answer: TEXT", f"TEXT: /[^{first_chars}](.|\\n)*/"]
+        else:
+            schema = {"type": "object"} if fmt.type == "json_object" else (fmt.schema or {})
+            rules.append("answer: %json " + json.dumps({**schema, "x-guidance": JSON_OPTIONS}))
+    return LLMatcher.grammar_from_lark(f"start: {' | '.join(branches)}\n" + "\n".join(rules) + "\n")
+
+
+def _call_schema(name: str, parameters: dict[str, Any]) -> dict[str, Any]:
+    """{"name": <const>, "arguments": <parameters>} with the parameters' definitions kept at the root, so
+    their "#/$defs/..." references still resolve."""
+    defs = {k: parameters[k] for k in ("$defs", "definitions") if k in parameters}
+    arguments = _rebase({k: v for k, v in parameters.items() if k not in defs})
+    return {"type": "object", "properties": {"name": {"const": name}, "arguments": arguments},
+            "required": ["name", "arguments"], "additionalProperties": False, **_rebase(defs),
+            "x-guidance": JSON_OPTIONS}
+
+
+def _rebase(node: Any) -> Any:
+    """Point references to the parameters' root ("#", "#/properties/...") at their new place."""
+    if isinstance(node, list):
+        return [_rebase(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _rebase(v) for k, v in node.items()}
+    ref = out.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#") and not ref.startswith(("#/$defs/", "#/definitions/")):
+        out["$ref"] = "#/properties/arguments" + ref[1:]
+    return out
 
 
 class GrammarCache:
@@ -66,9 +115,9 @@ class GrammarCache:
         self._lock = Lock()
         self._limits = LLParserLimits(verbose_errors=False)  # errors must not echo schemas into logs
 
-    def get(self, fmt: ResponseFormat, allow_code: bool = False) -> Grammar | None:
-        """The grammar for one model turn: the answer format, or (allow_code) a code block or that answer."""
-        source = turn_source(fmt) if allow_code else grammar_source(fmt)
+    def get(self, fmt: ResponseFormat, allow_code: bool = False, tools: ToolUse = NO_TOOLS) -> Grammar | None:
+        """The grammar for one model turn (see turn_source); None when the turn is free text."""
+        source = turn_source(fmt, allow_code, tools)
         if source is None:
             return None
         key = hashlib.sha256(source.encode()).hexdigest()

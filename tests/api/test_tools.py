@@ -1,0 +1,146 @@
+"""Function calling in Chat Completions: grammar-enforced calls, tool_choice, round trips, streaming."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+from openai import pydantic_function_tool
+from pydantic import BaseModel
+
+from smolrun.engine import Engine
+from tests.conftest import Server
+from tests.fakes import TurnsModel
+
+
+class GetWeather(BaseModel):
+    city: str
+    days: int
+
+
+WEATHER = pydantic_function_tool(GetWeather)
+NOTE = {"type": "function", "function": {"name": "note", "parameters": {"type": "object", "properties": {
+    "text": {"type": "string"}}, "required": ["text"], "additionalProperties": False}, "strict": True}}
+ASK = [{"role": "user", "content": "What is the weather in Paris for 3 days?"}]
+
+
+def scripted(make_server, *turns: bytes) -> tuple[Server, TurnsModel]:  # type: ignore[no-untyped-def]
+    model = TurnsModel(*turns)
+    return make_server(Engine(model)), model
+
+
+TWO_CALLS = (b'<tool_call>{"name":"GetWeather","arguments":{"city":"Paris","days":3}}</tool_call>\n'
+             b'<tool_call>{"name":"note","arguments":{"text":"hi"}}</tool_call>')
+
+
+def test_calls_come_back_as_tool_calls(make_server) -> None:  # type: ignore[no-untyped-def]
+    server, model = scripted(make_server, TWO_CALLS)
+    r = server.client().chat.completions.create(model="byte-model", messages=ASK, tools=[WEATHER, NOTE])
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    calls = choice.message.tool_calls or []
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [  # type: ignore[union-attr]
+        ("GetWeather", {"city": "Paris", "days": 3}), ("note", {"text": "hi"})]
+    assert len({c.id for c in calls}) == 2
+    assert '"name": "GetWeather"' in model.prompts[0]  # the functions are described to the model
+
+
+def test_parallel_tool_calls_false_allows_one_call(make_server) -> None:  # type: ignore[no-untyped-def]
+    server, _ = scripted(make_server, TWO_CALLS)
+    r = server.client().chat.completions.create(model="byte-model", messages=ASK, tools=[WEATHER, NOTE],
+                                                parallel_tool_calls=False)
+    assert len(r.choices[0].message.tool_calls or []) == 1
+
+
+def test_tool_choice_none_never_calls(make_server) -> None:  # type: ignore[no-untyped-def]
+    server, model = scripted(make_server, TWO_CALLS)
+    r = server.client().chat.completions.create(model="byte-model", messages=ASK, tools=[WEATHER],
+                                                tool_choice="none", max_tokens=50)
+    assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason != "tool_calls"
+    assert "GetWeather" not in model.prompts[0]
+
+
+def test_named_tool_choice_forces_that_function(make_server) -> None:  # type: ignore[no-untyped-def]
+    server, _ = scripted(make_server, TWO_CALLS)  # the model wants GetWeather first; the grammar says note
+    r = server.client().chat.completions.create(model="byte-model", messages=ASK, tools=[WEATHER, NOTE],
+                                                tool_choice={"type": "function", "function": {"name": "note"}},
+                                                max_tokens=200)
+    calls = r.choices[0].message.tool_calls or []
+    assert [c.function.name for c in calls] == ["note"]  # type: ignore[union-attr]
+
+
+def test_round_trip_renders_calls_and_results(make_server) -> None:  # type: ignore[no-untyped-def]
+    server, model = scripted(make_server, b"It is sunny.")
+    messages = [*ASK, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "GetWeather",
+                                                          "arguments": '{"city":"Paris","days":3}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"sky": "sunny"}'}]
+    r = server.client().chat.completions.create(model="byte-model", messages=messages, tools=[WEATHER])
+    assert r.choices[0].message.content == "It is sunny." and r.choices[0].finish_reason == "stop"
+    call = '<tool_call>{"name": "GetWeather", "arguments": {"city": "Paris", "days": 3}}</tool_call>'
+    assert call in model.prompts[0]
+    assert '<tool_response>\n{"sky": "sunny"}\n</tool_response>' in model.prompts[0]
+
+
+def test_streamed_calls_merge_in_the_sdk(make_server) -> None:  # type: ignore[no-untyped-def]
+    server, _ = scripted(make_server, TWO_CALLS.split(b"\n")[0])
+    with server.client().chat.completions.stream(model="byte-model", messages=ASK, tools=[WEATHER]) as stream:
+        for _ in stream:
+            pass
+        final = stream.get_final_completion()
+    calls = final.choices[0].message.tool_calls or []
+    assert final.choices[0].finish_reason == "tool_calls"
+    assert [c.function.parsed_arguments for c in calls] == [GetWeather(city="Paris", days=3)]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"tools": [{"type": "function", "function": {"name": "f", "strict": True, "parameters": {
+            "type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}}}]},
+         "tools[0].function.parameters"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+            "a": {"not": {}}}}}}]}, "tools[0].function.parameters"),
+        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "missing"}}}, "tool_choice"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools[0].function.name"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
+    ],
+)
+def test_bad_tool_requests(make_server, extra: dict, param: str) -> None:  # type: ignore[no-untyped-def]
+    server, _ = scripted(make_server, b"x")
+    with pytest.raises(openai.BadRequestError) as err:
+        server.client().chat.completions.create(**{"model": "byte-model", "messages": ASK, **extra})
+    assert isinstance(err.value.body, dict) and err.value.body["param"] == param
+
+
+# -- the real bundled model ---------------------------------------------------------------------------------
+
+REAL = {"model": "smollm2-135m", "temperature": 0, "max_tokens": 150, "frequency_penalty": 0.5}
+
+
+@pytest.mark.model
+def test_real_model_strict_tool_arguments_validate(server: Server) -> None:
+    client = server.client()
+    for question in ("What's the weather in Paris for 3 days?", "Rome, next week?", "Tell me a joke."):
+        r = client.chat.completions.parse(messages=[{"role": "user", "content": question}], tools=[WEATHER],
+                                          tool_choice="required", **REAL)
+        calls = r.choices[0].message.tool_calls or []
+        assert r.choices[0].finish_reason == "tool_calls" and calls  # required: always a call
+        assert all(isinstance(c.function.parsed_arguments, GetWeather) for c in calls)
+
+
+@pytest.mark.model
+def test_real_model_round_trip_and_none(server: Server) -> None:
+    client = server.client()
+    first = client.chat.completions.parse(messages=ASK, tools=[WEATHER], tool_choice="required", **REAL)
+    call = (first.choices[0].message.tool_calls or [])[0]
+    messages = [*ASK, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": call.id, "type": "function", "function": {"name": call.function.name,
+                                                         "arguments": call.function.arguments}}]},
+        {"role": "tool", "tool_call_id": call.id, "content": '{"forecast": "sunny, 21 C"}'}]
+    second = client.chat.completions.create(messages=messages, tools=[WEATHER], **REAL)
+    assert second.choices[0].finish_reason in ("stop", "tool_calls", "length")
+    never = client.chat.completions.create(messages=ASK, tools=[WEATHER], tool_choice="none", **REAL)
+    assert never.choices[0].message.tool_calls is None
