@@ -15,8 +15,9 @@ from typing import Any, Literal
 
 from smolrun.constraints.grammar import CODE_FENCE
 from smolrun.engine import Engine, Prepared
+from smolrun.prompt.tools import parse_calls
 from smolrun.sandbox.container import Execution
-from smolrun.turn import Done, Message, ResponseFormat, SamplingParams, TextDelta, Turn
+from smolrun.turn import NO_TOOLS, Done, Message, ResponseFormat, SamplingParams, TextDelta, ToolUse, Turn
 
 CODE_INSTRUCTIONS = (
     "You can run Python code: reply with a single ```python code block and nothing else, and you will get "
@@ -33,6 +34,7 @@ class RunSpec:
     params: SamplingParams  # max_tokens: the whole response's output budget
     code: bool  # the code interpreter is enabled
     max_tool_calls: int = 4
+    tools: ToolUse = NO_TOOLS  # function tools: a turn of calls ends the response, for the client to run
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,7 @@ class ItemAdded:
 @dataclass(frozen=True)
 class Delta:
     index: int
-    kind: Literal["code", "text"]
+    kind: Literal["code", "text", "arguments"]
     text: str
 
 
@@ -77,7 +79,8 @@ class _Split:
     """Sorts a model turn's text into a code call or an answer as it streams, without the code fence."""
 
     code_allowed: bool
-    kind: Literal["code", "text"] | None = None
+    calls_allowed: bool
+    kind: Literal["code", "text", "calls"] | None = None
     raw: str = ""
     sent: int = 0  # characters of the body already emitted
     pending: list[str] = field(default_factory=list)
@@ -87,7 +90,14 @@ class _Split:
         if self.kind is None:
             if not self.raw:
                 return ""
-            self.kind = "code" if self.code_allowed and self.raw.startswith("`") else "text"
+            if self.code_allowed and self.raw.startswith("`"):
+                self.kind = "code"
+            elif self.calls_allowed and self.raw.startswith("<"):
+                self.kind = "calls"
+            else:
+                self.kind = "text"
+        if self.kind == "calls":
+            return ""  # sent whole, once the JSON of every call is complete
         body = self.body(final=False)
         out, self.sent = body[self.sent :], len(body)
         return out
@@ -102,6 +112,8 @@ class _Split:
         return code.removesuffix("\n")
 
     def rest(self) -> str:
+        if self.kind == "calls":
+            return ""
         body = self.body(final=True)
         return body[self.sent :] if len(body) >= self.sent else ""
 
@@ -118,9 +130,9 @@ async def run(spec: RunSpec, engine: Engine, generate: Generate, execute: Execut
         if remaining is not None and remaining <= 0:
             yield Finished("incomplete", used_in, used_out, "max_output_tokens")
             return
-        turn = Turn(tuple(conversation), spec.format, replace(spec.params, max_tokens=remaining))
+        turn = Turn(tuple(conversation), spec.format, replace(spec.params, max_tokens=remaining), spec.tools)
         prepared = engine.prepare(turn, allow_code=allow_code)
-        split = _Split(allow_code)
+        split = _Split(allow_code, bool(spec.tools.active))
         item: dict[str, Any] | None = None
         done: Done | None = None
         async for event in generate(prepared):
@@ -128,22 +140,35 @@ async def run(spec: RunSpec, engine: Engine, generate: Generate, execute: Execut
                 done = event
                 continue
             piece = split.push(event.text)
-            if item is None and split.kind is not None:
+            if item is None and split.kind in ("code", "text"):
                 item = _code_item() if split.kind == "code" else _message_item()
                 yield ItemAdded(index, item)
             if piece:
-                yield Delta(index, split.kind or "text", piece)
+                yield Delta(index, "code" if split.kind == "code" else "text", piece)
         assert done is not None
         used_in += done.stats.prompt_tokens
         used_out += done.stats.completion_tokens
+        cut = done.finish_reason == "length"
+        if split.kind == "calls":
+            if cut:
+                yield Finished("incomplete", used_in, used_out, "max_output_tokens")
+                return
+            for call in parse_calls(split.raw):
+                item = {"id": f"fc_{uuid.uuid4().hex}", "type": "function_call", "call_id": call.id,
+                        "name": call.name, "arguments": "", "status": "in_progress"}
+                yield ItemAdded(index, item)
+                yield Delta(index, "arguments", call.arguments)
+                yield ItemDone(index, {**item, "arguments": call.arguments, "status": "completed"})
+                index += 1
+            yield Finished("completed", used_in, used_out)
+            return
         if item is None:  # the model ended at once: an empty answer
             split.kind = "text"
             item = _message_item()
             yield ItemAdded(index, item)
         tail = split.rest()
         if tail:
-            yield Delta(index, split.kind or "text", tail)
-        cut = done.finish_reason == "length"
+            yield Delta(index, "code" if split.kind == "code" else "text", tail)
         if split.kind == "text":
             text = split.body(final=True)
             yield ItemDone(index, {**item, "status": "incomplete" if cut else "completed",

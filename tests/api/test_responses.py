@@ -125,7 +125,7 @@ def test_stored_responses_chain_and_can_be_read_and_deleted(make_server) -> None
 @pytest.mark.parametrize(
     ("extra", "param"),
     [
-        ({"tools": [{"type": "function", "name": "f", "parameters": {}, "strict": True}]}, "tools[0]"),
+        ({"tools": [{"type": "web_search"}]}, "tools[0]"),
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "data:,"}]}]},
          "input[0].content[0]"),
         ({"text": {"format": {"type": "json_schema", "name": "x", "strict": True,
@@ -179,3 +179,46 @@ def test_real_model_code_interpreter_with_strict_format_validates(server: Server
                                                  "strict": True}})
     assert r.status == "completed"
     jsonschema.validate(json.loads(r.output_text), schema)
+
+
+WEATHER_FN = {"type": "function", "name": "get_weather", "description": "Weather for a city",
+              "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+                             "additionalProperties": False}, "strict": True}
+CALL = b'<tool_call>{"name":"get_weather","arguments":{"city":"Paris"}}</tool_call>'
+
+
+def test_function_tool_round_trip_with_previous_response_id(make_server) -> None:  # type: ignore[no-untyped-def]
+    server, model = scripted(make_server, CALL, b"Sunny in Paris.")
+    client = server.client()
+    first = client.responses.create(model="byte-model", input="Weather in Paris?", tools=[WEATHER_FN])
+    assert first.status == "completed" and [o.type for o in first.output] == ["function_call"]
+    call = first.output[0]
+    assert call.type == "function_call" and call.name == "get_weather"
+    assert json.loads(call.arguments) == {"city": "Paris"}
+    second = client.responses.create(model="byte-model", previous_response_id=first.id, tools=[WEATHER_FN],
+                                     input=[{"type": "function_call_output", "call_id": call.call_id,
+                                             "output": '{"sky": "sunny"}'}])
+    assert second.output_text == "Sunny in Paris."
+    assert "<tool_response>\n{\"sky\": \"sunny\"}\n</tool_response>" in model.prompts[1]
+    assert '"arguments": {"city": "Paris"}' in model.prompts[1]
+
+
+def test_function_calls_stream_and_mix_with_the_code_interpreter(make_server) -> None:  # type: ignore[no-untyped-def]
+    server, _ = scripted(make_server, CALL)
+    with server.client().responses.stream(model="byte-model", input="x", tools=[WEATHER_FN, CODE]) as stream:
+        events = [e.type for e in stream]
+        final = stream.get_final_response()
+    assert "response.function_call_arguments.delta" in events and "response.function_call_arguments.done" in events
+    assert [o.type for o in final.output] == ["function_call"]
+
+
+def test_function_tool_choice_none_and_bad_schemas(make_server) -> None:  # type: ignore[no-untyped-def]
+    server, _ = scripted(make_server, CALL)
+    client = server.client()
+    r = client.responses.create(model="byte-model", input="x", tools=[WEATHER_FN], tool_choice="none",
+                                max_output_tokens=80)
+    assert all(o.type != "function_call" for o in r.output)
+    loose = {**WEATHER_FN, "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+    with pytest.raises(openai.BadRequestError) as err:  # strict by default in the Responses API
+        client.responses.create(model="byte-model", input="x", tools=[loose])
+    assert isinstance(err.value.body, dict) and err.value.body["param"] == "tools[0].parameters"

@@ -29,7 +29,7 @@ from smolrun.engine import Prepared
 from smolrun.errors import InvalidRequest, NotFound, SmolrunError
 from smolrun.runner import Delta, Finished, Interpreting, ItemAdded, ItemDone, RunEvent, RunSpec, run
 from smolrun.sandbox.container import Execution
-from smolrun.turn import Done, Message, SamplingParams, TextDelta
+from smolrun.turn import Done, Message, SamplingParams, TextDelta, ToolCall
 
 router = APIRouter()
 DEFAULT_MAX_TOOL_CALLS = 4
@@ -93,12 +93,12 @@ async def create_response(body: ResponsesRequest, request: Request) -> JSONRespo
 async def _prepare(call: _Call) -> RunSpec:
     body, state = call.request, call.state
     fmt = parse_format(body.text)
-    call.code = parse_tools(body.tools)
+    call.code, tools = parse_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
     parsed = parse_input(body.input)
     history: list[Message] = []
     if body.previous_response_id:
         previous = _stored(state, body.previous_response_id)
-        history = [Message(m[0], m[1]) for m in json.loads(previous["context"])]
+        history = [_message_from_json(m) for m in json.loads(previous["context"])]
         if call.code is not None and call.code.container is None and previous["container_id"]:
             try:  # auto mode reuses the container of the conversation while it is alive
                 state.containers.live(previous["container_id"])
@@ -128,7 +128,7 @@ async def _prepare(call: _Call) -> RunSpec:
         top_p=1.0 if body.top_p is None else body.top_p,
     )
     max_calls = DEFAULT_MAX_TOOL_CALLS if body.max_tool_calls is None else body.max_tool_calls
-    return RunSpec(tuple(system + history + messages), fmt, params, call.code is not None, max_calls)
+    return RunSpec(tuple(system + history + messages), fmt, params, call.code is not None, max_calls, tools)
 
 
 def _inline_files(state: AppState, file_ids: tuple[str, ...]) -> str:
@@ -207,12 +207,15 @@ async def _run(call: _Call, spec: RunSpec) -> AsyncIterator[dict[str, Any]]:
             if item["type"] == "code_interpreter_call":
                 yield {"type": "response.code_interpreter_call.in_progress", "output_index": event.index,
                        "item_id": item["id"]}
-            else:
+            elif item["type"] == "message":
                 yield {"type": "response.content_part.added", "output_index": event.index, "item_id": item["id"],
                        "content_index": 0, "part": {"type": "output_text", "text": "", "annotations": []}}
         elif isinstance(event, Delta):
             item_id = ids[event.index]
-            if event.kind == "code":
+            if event.kind == "arguments":
+                yield {"type": "response.function_call_arguments.delta", "output_index": event.index,
+                       "item_id": item_id, "delta": event.text}
+            elif event.kind == "code":
                 code_so_far[event.index] = code_so_far.get(event.index, "") + event.text
                 yield {"type": "response.code_interpreter_call_code.delta", "output_index": event.index,
                        "item_id": item_id, "delta": event.text}
@@ -227,7 +230,12 @@ async def _run(call: _Call, spec: RunSpec) -> AsyncIterator[dict[str, Any]]:
                    "item_id": item_id}
         elif isinstance(event, ItemDone):
             item = event.item
-            if item["type"] == "code_interpreter_call":
+            if item["type"] == "function_call":
+                yield {"type": "response.function_call_arguments.done", "output_index": event.index,
+                       "item_id": item["id"], "name": item["name"], "arguments": item["arguments"]}
+                output.append(item)
+                yield {"type": "response.output_item.done", "output_index": event.index, "item": item}
+            elif item["type"] == "code_interpreter_call":
                 if item["status"] == "incomplete":
                     yield {"type": "response.code_interpreter_call_code.done", "output_index": event.index,
                            "item_id": item["id"], "code": item["code"]}
@@ -266,7 +274,17 @@ def _save(call: _Call, spec: RunSpec, output: list[dict[str, Any]], final: dict[
     internal = {**final, "output": output, "_include_outputs": include_outputs}  # outputs kept for follow-ups
     call.state.files.store.execute(
         "INSERT INTO responses VALUES (?, ?, ?, ?, ?, ?)", call.id, call.created_at, json.dumps(internal),
-        json.dumps(call.request.input), json.dumps([[m.role, m.content] for m in context]), call.container_id)
+        json.dumps(call.request.input), json.dumps([_message_to_json(m) for m in context]), call.container_id)
+
+
+def _message_to_json(m: Message) -> dict[str, Any]:
+    return {"role": m.role, "content": m.content, "tool_call_id": m.tool_call_id,
+            "tool_calls": [[c.id, c.name, c.arguments] for c in m.tool_calls]}
+
+
+def _message_from_json(data: dict[str, Any]) -> Message:
+    calls = tuple(ToolCall(*c) for c in data.get("tool_calls") or ())
+    return Message(data["role"], data["content"], calls, data.get("tool_call_id"))
 
 
 def _data(event: dict[str, Any]) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -10,9 +12,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from smolrun.constraints import check_schema
 from smolrun.errors import InvalidRequest, SchemaError
-from smolrun.turn import TEXT, Message, ResponseFormat, Role
+from smolrun.turn import TEXT, Message, ResponseFormat, Role, Tool, ToolCall, ToolUse
 
 INCLUDE_OUTPUTS = "code_interpreter_call.outputs"
+NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 ROLES: dict[str, Role] = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
 
 
@@ -69,12 +72,17 @@ def parse_format(text: dict[str, Any] | None) -> ResponseFormat:
     raise InvalidRequest(f"unsupported text.format type {kind!r}", param="text.format.type")
 
 
-def parse_tools(tools: list[dict[str, Any]]) -> CodeTool | None:
+def parse_tools(tools: list[dict[str, Any]], choice: Any,
+                parallel: bool | None) -> tuple[CodeTool | None, ToolUse]:
     code: CodeTool | None = None
+    functions: list[Tool] = []
     for i, tool in enumerate(tools):
+        if tool.get("type") == "function":
+            functions.append(_function(tool, i, {f.name for f in functions}))
+            continue
         if tool.get("type") != "code_interpreter":
-            raise InvalidRequest(f"tools of type {tool.get('type')!r} are not supported yet; "
-                                 "this server offers 'code_interpreter'", param=f"tools[{i}]")
+            raise InvalidRequest(f"tools of type {tool.get('type')!r} are not supported; this server offers "
+                                 "'function' and 'code_interpreter'", param=f"tools[{i}]")
         container = tool.get("container", {"type": "auto"})
         if isinstance(container, str):
             code = CodeTool(container)
@@ -83,7 +91,39 @@ def parse_tools(tools: list[dict[str, Any]]) -> CodeTool | None:
         else:
             raise InvalidRequest("'container' must be a container id or {\"type\": \"auto\"}",
                                  param=f"tools[{i}].container")
-    return code
+    return code, ToolUse(tuple(functions), _choice(choice, functions), parallel is not False)
+
+
+def _function(tool: dict[str, Any], i: int, taken: set[str]) -> Tool:
+    name = tool.get("name")
+    if not isinstance(name, str) or not NAME.match(name) or name in taken:
+        raise InvalidRequest("function names are unique, 1-64 characters of a-z, A-Z, 0-9, _ and -",
+                             param=f"tools[{i}].name")
+    raw = tool.get("parameters")
+    strict = tool.get("strict") is not False  # the Responses API makes function tools strict by default
+    try:
+        parameters = check_schema(raw if raw is not None else {"type": "object", "properties": {},
+                                                               "additionalProperties": False},
+                                  strict=strict, what=f"function '{name}'")
+    except SchemaError as exc:
+        raise SchemaError(exc.message, param=f"tools[{i}].parameters", code="invalid_function_parameters") from exc
+    return Tool(name, parameters, str(tool.get("description") or ""), strict)
+
+
+def _choice(choice: Any, functions: list[Tool]) -> str:
+    if choice is None or choice == "auto":
+        return "auto" if functions else "none"
+    if choice in ("none", "required"):
+        if choice == "required" and not functions:
+            raise InvalidRequest("tool_choice 'required' needs function tools", param="tool_choice")
+        return str(choice)
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        if choice.get("name") not in {f.name for f in functions}:
+            raise InvalidRequest(f"tool_choice names no function of 'tools': {choice.get('name')!r}",
+                                 param="tool_choice")
+        return str(choice["name"])
+    raise InvalidRequest("tool_choice must be 'none', 'auto', 'required' or {\"type\": \"function\", "
+                         "\"name\": ...}", param="tool_choice")
 
 
 def parse_input(raw: str | list[dict[str, Any]]) -> ParsedInput:
@@ -105,6 +145,14 @@ def parse_input(raw: str | list[dict[str, Any]]) -> ParsedInput:
             messages.append(Message(role, text))
         elif kind == "code_interpreter_call":
             messages += replay_code_call(item)
+        elif kind == "function_call":
+            messages.append(replay_function_call(item, i))
+        elif kind == "function_call_output":
+            output, call_id = item.get("output"), item.get("call_id")
+            if not isinstance(call_id, str) or not isinstance(output, str):
+                raise InvalidRequest("function_call_output needs 'call_id' and a string 'output'",
+                                     param=f"input[{i}]")
+            messages.append(Message("tool", output, tool_call_id=call_id))
         else:
             raise InvalidRequest(f"input items of type {kind!r} are not supported yet", param=f"input[{i}]")
         items.append({"id": item.get("id") or f"msg_{uuid.uuid4().hex}", **item, "type": kind})
@@ -137,12 +185,24 @@ def replay_code_call(item: dict[str, Any]) -> list[Message]:
             Message("user", f"Output of the code:\n{logs or '(no output)'}")]
 
 
+def replay_function_call(item: dict[str, Any], i: int = 0) -> Message:
+    try:
+        json.loads(item["arguments"])
+        call = ToolCall(item["call_id"], item["name"], item["arguments"])
+    except (KeyError, TypeError, ValueError):
+        raise InvalidRequest("function_call needs 'call_id', 'name' and JSON 'arguments'",
+                             param=f"input[{i}]") from None
+    return Message("assistant", "", (call,))
+
+
 def output_messages(output: list[dict[str, Any]]) -> list[Message]:
     """A stored response's output as conversation turns, for previous_response_id."""
     messages: list[Message] = []
     for item in output:
         if item["type"] == "code_interpreter_call":
             messages += replay_code_call(item)
+        elif item["type"] == "function_call":
+            messages.append(replay_function_call(item))
         elif item["type"] == "message":
             messages.append(Message("assistant", "".join(p.get("text", "") for p in item["content"])))
     return messages
