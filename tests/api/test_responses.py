@@ -222,3 +222,20 @@ def test_function_tool_choice_none_and_bad_schemas(make_server) -> None:  # type
     with pytest.raises(openai.BadRequestError) as err:  # strict by default in the Responses API
         client.responses.create(model="byte-model", input="x", tools=[loose])
     assert isinstance(err.value.body, dict) and err.value.body["param"] == "tools[0].parameters"
+
+
+@pytest.mark.model
+def test_real_model_function_round_trip(server: Server) -> None:
+    client = server.client()
+    first = client.responses.create(model="smollm2-135m", input="What is the weather in Paris?",
+                                    tools=[WEATHER_FN], tool_choice="required", temperature=0,
+                                    max_output_tokens=150, extra_body={"frequency_penalty": 0.5})
+    calls = [o for o in first.output if o.type == "function_call"]
+    assert first.status == "completed" and calls  # required: always a call
+    args = json.loads(calls[0].arguments)
+    jsonschema.validate(args, WEATHER_FN["parameters"])
+    second = client.responses.create(model="smollm2-135m", previous_response_id=first.id, tools=[WEATHER_FN],
+                                     input=[{"type": "function_call_output", "call_id": calls[0].call_id,
+                                             "output": '{"sky": "sunny", "celsius": 21}'}],
+                                     temperature=0, max_output_tokens=150, extra_body={"frequency_penalty": 0.5})
+    assert second.status in ("completed", "incomplete") and second.output

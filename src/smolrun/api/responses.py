@@ -126,6 +126,8 @@ async def _prepare(call: _Call) -> RunSpec:
         max_tokens=body.max_output_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        presence_penalty=body.presence_penalty or 0.0,
     )
     max_calls = DEFAULT_MAX_TOOL_CALLS if body.max_tool_calls is None else body.max_tool_calls
     return RunSpec(tuple(system + history + messages), fmt, params, call.code is not None, max_calls, tools)

@@ -38,6 +38,9 @@ class ResponsesRequest(BaseModel):
     metadata: dict[str, str] | None = None
     parallel_tool_calls: bool | None = None
     reasoning: dict[str, Any] | None = None  # accepted; SmolLM2 has no thinking mode
+    # Extensions (send with the SDK's extra_body): Chat Completions' penalties, which help tiny models end.
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
 
 
 @dataclass(frozen=True)
