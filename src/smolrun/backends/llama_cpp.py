@@ -87,6 +87,9 @@ class LlamaCppModel:
         while common < limit and cached[common] == tokens[common]:
             common += 1
         common = min(common, len(tokens) - 1)  # re-evaluate at least one token to get fresh logits
+        # Sliding-window caches (Gemma 3) cannot always drop a suffix: then start over from an empty cache.
+        if common > 0 and not self.llama._ctx.kv_cache_seq_rm(-1, common, -1):
+            common = 0
         self.llama.n_tokens = common  # eval() drops the KV cache past n_tokens before decoding
         return self.extend(tokens[common:])
 

