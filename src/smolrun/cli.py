@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -256,8 +257,7 @@ def exec_(source: Any, files: tuple[Path, ...], timeout: float, save_images: Pat
         reply = {
             "logs": result.logs, "result": result.result, "files": [{"path": p} for p in result.files],
             "images": [base64.b64encode(png).decode() for png in result.images],
-            "error": result.error and {"name": result.error.name, "value": result.error.value,
-                                       "traceback": result.error.traceback},
+            "error": asdict(result.error) if result.error is not None else None,
         }
     _print_execution(reply, save_images)
 

@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,15 +70,10 @@ def usage(stats: DecodeStats) -> dict[str, Any]:
     }
 
 
-async def _events(state: AppState, prepared: Prepared) -> AsyncGenerator[TextDelta | Done, None]:
-    async for event in state.scheduler.stream(lambda cancelled: state.engine.generate(prepared, cancelled)):
-        yield event
-
-
 async def _complete(state: AppState, prepared: Prepared, meta: _Meta, request: Request) -> dict[str, Any]:
     parts: list[str] = []
     done: Done | None = None
-    events = _events(state, prepared)
+    events = state.generate(prepared)
     watcher = asyncio.create_task(cancel_on_disconnect(request, asyncio.current_task()))
     try:
         async for event in events:
@@ -127,7 +122,7 @@ def _wire_call(call: ToolCall, index: int | None = None) -> dict[str, Any]:
 
 async def _sse(state: AppState, prepared: Prepared, meta: _Meta, include_usage: bool) -> AsyncIterator[str]:
     yield _data(_chunk(meta, {"role": "assistant", "content": "", "refusal": None}, None))
-    events = _events(state, prepared)
+    events = state.generate(prepared)
     calls: list[str] | None = None  # the text of a turn of function calls, sent once it is complete
     first = True
     try:

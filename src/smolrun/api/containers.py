@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from dataclasses import asdict
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
@@ -116,20 +117,15 @@ async def delete_container_file(container_id: str, file_id: str, request: Reques
 async def exec_code(container_id: str, body: ExecRequest, request: Request) -> dict[str, Any]:
     """Run code in the container directly (smolrun's extension): the same sandbox as model-written code."""
     manager = get_state(request).containers
-    result = await asyncio.to_thread(manager.execute, container_id, body.code, body.timeout)
-    await asyncio.to_thread(manager.sync_files, container_id)
-    paths = {f["path"]: f["id"] for f in manager.list_files(container_id, "asc")}
-    error = None
-    if result.error is not None:
-        error = {"name": result.error.name, "value": result.error.value, "traceback": result.error.traceback}
+    result, written = await asyncio.to_thread(manager.execute, container_id, body.code, body.timeout)
     return {
         "object": "container.execution",
         "container_id": container_id,
         "logs": result.logs,
         "result": result.result,
-        "error": error,
+        "error": asdict(result.error) if result.error is not None else None,
         "images": [f"data:image/png;base64,{base64.b64encode(png).decode()}" for png in result.images],
-        "files": [{"path": f"/mnt/data/{p}", "id": paths.get(f"/mnt/data/{p}")} for p in result.files],
+        "files": [{"path": path, "id": meta["id"]} for path, meta in written.items()],
         "duration_ms": round(result.duration_s * 1000, 1),
         "timed_out": result.timed_out,
         "state_lost": result.state_lost,

@@ -25,11 +25,10 @@ from smolrun.api.responses_wire import (
     parse_tools,
 )
 from smolrun.api.state import AppState, get_state
-from smolrun.engine import Prepared
 from smolrun.errors import InvalidRequest, NotFound, SmolrunError
 from smolrun.runner import Delta, Finished, Interpreting, ItemAdded, ItemDone, RunEvent, RunSpec, run
 from smolrun.sandbox.container import Execution
-from smolrun.turn import Done, Message, SamplingParams, TextDelta, ToolCall
+from smolrun.turn import Message, SamplingParams, ToolCall
 
 router = APIRouter()
 DEFAULT_MAX_TOOL_CALLS = 4
@@ -48,11 +47,6 @@ class _Call:
     file_ids: tuple[str, ...] = ()
     new_files: dict[str, dict[str, Any]] = field(default_factory=dict)  # path -> container file
 
-    async def generate(self, prepared: Prepared) -> AsyncIterator[TextDelta | Done]:
-        engine = self.state.engine
-        async for event in self.state.scheduler.stream(lambda cancelled: engine.generate(prepared, cancelled)):
-            yield event
-
     async def execute(self, code: str) -> tuple[str, Execution]:
         manager = self.state.containers
         if self.container_id is None:  # auto mode: created at the first code call, never before
@@ -61,12 +55,8 @@ class _Call:
                                            self.code.file_ids + self.file_ids)
             self.container_id = meta["id"]
         container_id = self.container_id
-        result = await asyncio.to_thread(manager.execute, container_id, code, None)
-        files = {f["path"]: f for f in await asyncio.to_thread(manager.list_files, container_id, "asc")}
-        for rel in result.files:
-            path = f"/mnt/data/{rel}"
-            if path in files:
-                self.new_files[path] = files[path]
+        result, written = await asyncio.to_thread(manager.execute, container_id, code, None)
+        self.new_files.update(written)
         return container_id, result
 
 
@@ -153,12 +143,17 @@ def _stored(state: AppState, response_id: str) -> dict[str, Any]:
     return row
 
 
+def _shown(call: _Call, item: dict[str, Any]) -> dict[str, Any]:
+    """An output item as the client sees it: code outputs only when `include` asks for them, as at OpenAI."""
+    if item["type"] == "code_interpreter_call" and INCLUDE_OUTPUTS not in (call.request.include or []):
+        return {**item, "outputs": None}
+    return item
+
+
 def _response(call: _Call, status: str, output: list[dict[str, Any]], usage: dict[str, Any] | None,
               incomplete: str | None = None) -> dict[str, Any]:
     body = call.request
-    include_outputs = INCLUDE_OUTPUTS in (body.include or [])
-    shown = [{**item, "outputs": item.get("outputs") if include_outputs else None}
-             if item["type"] == "code_interpreter_call" else item for item in output]
+    shown = [_shown(call, item) for item in output]
     return {
         "id": call.id, "object": "response", "created_at": call.created_at, "status": status,
         "completed_at": int(time.time()) if status == "completed" else None,
@@ -201,7 +196,7 @@ async def _run(call: _Call, spec: RunSpec) -> AsyncIterator[dict[str, Any]]:
     code_so_far: dict[int, str] = {}
     ids: dict[int, str] = {}  # output index -> item id
     event: RunEvent
-    async for event in run(spec, call.state.engine, call.generate, call.execute):
+    async for event in run(spec, call.state.engine, call.state.generate, call.execute):
         if isinstance(event, ItemAdded):
             item = event.item
             ids[event.index] = item["id"]
@@ -244,9 +239,8 @@ async def _run(call: _Call, spec: RunSpec) -> AsyncIterator[dict[str, Any]]:
                 else:
                     yield {"type": "response.code_interpreter_call.completed", "output_index": event.index,
                            "item_id": item["id"]}
-                shown = item if INCLUDE_OUTPUTS in (call.request.include or []) else {**item, "outputs": None}
                 output.append(item)
-                yield {"type": "response.output_item.done", "output_index": event.index, "item": shown}
+                yield {"type": "response.output_item.done", "output_index": event.index, "item": _shown(call, item)}
             else:
                 part = item["content"][0]
                 part["annotations"] = _citations(call, part["text"])
@@ -271,11 +265,10 @@ def _save(call: _Call, spec: RunSpec, output: list[dict[str, Any]], final: dict[
     if call.request.store is False:
         return
     # The conversation a follow-up continues: history and input (not the instructions), then this output.
+    # The code outputs the model saw live in the context, so the stored body is the response as returned.
     context = [m for m in spec.messages if m.role != "system"] + output_messages(output)
-    include_outputs = INCLUDE_OUTPUTS in (call.request.include or [])
-    internal = {**final, "output": output, "_include_outputs": include_outputs}  # outputs kept for follow-ups
     call.state.files.store.execute(
-        "INSERT INTO responses VALUES (?, ?, ?, ?, ?, ?)", call.id, call.created_at, json.dumps(internal),
+        "INSERT INTO responses VALUES (?, ?, ?, ?, ?, ?)", call.id, call.created_at, json.dumps(final),
         json.dumps(call.request.input), json.dumps([_message_to_json(m) for m in context]), call.container_id)
 
 
@@ -307,12 +300,7 @@ async def _sse(call: _Call, spec: RunSpec) -> AsyncIterator[str]:
 
 @router.get("/v1/responses/{response_id}")
 async def retrieve_response(response_id: str, request: Request) -> dict[str, Any]:
-    row = _stored(get_state(request), response_id)
-    body: dict[str, Any] = json.loads(row["body"])
-    # Code outputs are kept for follow-ups but shown only when the creating request included them.
-    if not body.pop("_include_outputs", False):
-        body["output"] = [{**i, "outputs": None} if i["type"] == "code_interpreter_call" else i
-                          for i in body["output"]]
+    body: dict[str, Any] = json.loads(_stored(get_state(request), response_id)["body"])
     return body
 
 

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from fastapi import Request
 
 from smolrun.config import Settings
-from smolrun.engine import Engine
+from smolrun.engine import Engine, Prepared
 from smolrun.errors import ModelNotFound
 from smolrun.files import FileStore
 from smolrun.models import REGISTRY
 from smolrun.sandbox.manager import ContainerManager
 from smolrun.scheduler import Scheduler
+from smolrun.turn import Done, TextDelta
 
 
 @dataclass
@@ -22,6 +24,12 @@ class AppState:
     scheduler: Scheduler
     files: FileStore
     containers: ContainerManager
+
+    async def generate(self, prepared: Prepared) -> AsyncGenerator[TextDelta | Done, None]:
+        """One model turn through the shared queue; leaving early cancels it."""
+        engine = self.engine
+        async for event in self.scheduler.stream(lambda cancelled: engine.generate(prepared, cancelled)):
+            yield event
 
     def check_model(self, requested: str) -> None:
         """Accept the served model's name, or the registry name/path it was started from."""

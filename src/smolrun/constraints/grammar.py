@@ -37,8 +37,11 @@ def grammar_source(fmt: ResponseFormat) -> str | None:
     """The llguidance grammar for a response format (None for free text)."""
     if fmt.type == "text":
         return None
-    schema: dict[str, Any] = {"type": "object"} if fmt.type == "json_object" else (fmt.schema or {})
-    return LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+    return LLMatcher.grammar_from_json_schema(_schema(fmt), defaults=JSON_OPTIONS)
+
+
+def _schema(fmt: ResponseFormat) -> dict[str, Any]:
+    return {"type": "object"} if fmt.type == "json_object" else (fmt.schema or {})
 
 
 # A code call in the model's own format: one fenced python block, closed by the fence (one lexeme, because
@@ -77,8 +80,7 @@ def turn_source(fmt: ResponseFormat, allow_code: bool = False, tools: ToolUse = 
         if fmt.type == "text":
             rules += ["answer: TEXT", f"TEXT: /[^{first_chars}](.|\\n)*/"]
         else:
-            schema = {"type": "object"} if fmt.type == "json_object" else (fmt.schema or {})
-            rules.append("answer: %json " + json.dumps({**schema, "x-guidance": JSON_OPTIONS}))
+            rules.append("answer: %json " + json.dumps({**_schema(fmt), "x-guidance": JSON_OPTIONS}))
     return LLMatcher.grammar_from_lark(f"start: {' | '.join(branches)}\n" + "\n".join(rules) + "\n")
 
 

@@ -151,7 +151,7 @@ class Container:
         elif reply.get("error"):
             e = reply["error"]
             error = ExecError(e["name"], e["value"], e["traceback"])
-        if timed_out and reply is not None and error is not None and error.name == "KeyboardInterrupt":
+        if timed_out and error is not None and error.name == "KeyboardInterrupt":
             error = ExecError("TimeoutError", f"the call exceeded its {limits.timeout_s:g} s timeout and was "
                               "interrupted; variables are kept", error.traceback)
         n_bytes = sum(size for size, _ in after.values())

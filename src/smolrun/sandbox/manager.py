@@ -97,11 +97,20 @@ class ContainerManager:
         self.store.execute("UPDATE containers SET status = 'deleted' WHERE id = ?", container_id)
         return {"id": container_id, "object": "container.deleted", "deleted": True}
 
-    def execute(self, container_id: str, code: str, timeout: float | None) -> Execution:
+    def execute(self, container_id: str, code: str,
+                timeout: float | None) -> tuple[Execution, dict[str, dict[str, Any]]]:
+        """Run a cell; also the container files it created or changed, registered (path -> file object)."""
         container = self.live(container_id)
         result = container.run(code, timeout)
         self.store.execute("UPDATE containers SET last_active_at = ? WHERE id = ?", int(time.time()), container_id)
-        return result
+        self.sync_files(container_id)
+        written: dict[str, dict[str, Any]] = {}
+        for rel in result.files:
+            row = self.store.one("SELECT id FROM container_files WHERE container_id = ? AND path = ?", container_id,
+                                 f"/mnt/data/{rel}")
+            if row is not None:  # None: deleted again before the walk (a file the code removed at once)
+                written[f"/mnt/data/{rel}"] = self.file(container_id, row["id"])
+        return result, written
 
     def _stop(self, container_id: str) -> None:
         with self._lock:

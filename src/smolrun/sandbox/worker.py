@@ -33,13 +33,18 @@ def _write(stream, message):
     stream.flush()
 
 
+def _joined(head, tail, total):
+    """Text of at most head + tail bytes out of `total`, saying how much was left out between them."""
+    if total <= len(head) + len(tail):
+        return (head + tail).decode("utf-8", errors="replace")
+    return (f"{head.decode('utf-8', errors='replace')}\n[... {total - len(head) - len(tail)} bytes of output "
+            f"truncated ...]\n{tail.decode('utf-8', errors='replace')}")
+
+
 def _clip(data, limit):
-    text = data.decode("utf-8", errors="replace")
     if len(data) <= limit:
-        return text
-    head = data[: limit // 2].decode("utf-8", errors="replace")
-    tail = data[-limit // 2 :].decode("utf-8", errors="replace")
-    return f"{head}\n[... {len(data) - limit} bytes of output truncated ...]\n{tail}"
+        return _joined(data, b"", len(data))
+    return _joined(data[: limit // 2], data[-(limit // 2) :], len(data))
 
 
 class _Capture:
@@ -82,12 +87,7 @@ class _Capture:
         os.close(self.write_end)
         self.closing.set()
         self.done.wait()
-        head, tail = bytes(self.head), bytes(self.tail)
-        if self.total <= self.limit:
-            return (head + tail).decode("utf-8", errors="replace")
-        skipped = self.total - len(head) - len(tail)
-        return (f"{head.decode('utf-8', errors='replace')}\n[... {skipped} bytes of output truncated ...]\n"
-                f"{tail.decode('utf-8', errors='replace')}")
+        return _joined(bytes(self.head), bytes(self.tail), self.total)
 
 
 def _drainer(captures):
