@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -86,3 +87,51 @@ class TurnsModel(ByteModel):
         self.script = self.turns[min(self.turn, len(self.turns) - 1)]
         self.prompts.append(bytes(t for t in tokens if t < 256).decode(errors="replace"))
         return super().prefill(tokens, reuse)
+
+
+TEMPLATES = Path(__file__).parent / "templates"
+
+
+THINK, UNTHINK = 257, 258
+
+
+class _ThinkingTokenizer(_ByteTokenizer):
+    """The byte tokenizer plus `<think>` and `</think>` as special tokens, as in SmolLM3's vocabulary."""
+
+    special_token_ids = [EOS, THINK, UNTHINK]
+    tokens = [*_ByteTokenizer.tokens, b"\xff<think>", b"\xff</think>"]
+
+    def __call__(self, data: bytes | str) -> list[int]:
+        text = data.decode(errors="replace") if isinstance(data, bytes) else data
+        special = {"<think>": THINK, "</think>": UNTHINK}
+        return [special[text]] if text in special else list(text.encode())
+
+
+class ThinkingModel(ByteModel):
+    """A byte model with a SmolLM3-style template and think tokens: it thinks, and lists tools itself. With
+    `script` (where "<think>" and "</think>" stand for their tokens) its outputs are exact; without, its
+    random thoughts never close by themselves (only the budget ends them)."""
+
+    name = "thinking-byte-model"
+    n_vocab = 259
+    chat_template = (TEMPLATES / "smollm3.jinja").read_text()
+
+    def __init__(self, seed: int = 0, script: bytes | None = None, favour: bytes = b"ab ") -> None:
+        super().__init__(seed=seed, favour=favour)
+        self.lltokenizer = LLTokenizer(TokenizerWrapper(_ThinkingTokenizer()))
+        if script is not None:
+            tokens: list[int] = []
+            for i, part in enumerate(script.split(b"<think>")):
+                tokens += [THINK] if i else []
+                for j, piece in enumerate(part.split(b"</think>")):
+                    tokens += ([UNTHINK] if j else []) + list(piece)
+            self.script = tokens + [EOS]
+
+    def token_bytes(self, token: int) -> bytes:
+        return {THINK: b"<think>", UNTHINK: b"</think>"}.get(token) or super().token_bytes(token)
+
+    def _logits(self) -> npt.NDArray[np.float32]:
+        logits = super()._logits()
+        if self.script is None:
+            logits[UNTHINK] = -10.0
+        return logits

@@ -11,7 +11,9 @@ from smolrun.config import Settings
 from smolrun.constraints.grammar import Grammar, GrammarCache
 from smolrun.models import resolve
 from smolrun.prompt import render
+from smolrun.prompt.profiles import Profile, detect
 from smolrun.prompt.tools import render_history
+from smolrun.thinking import ThinkBlock, split_thoughts
 from smolrun.turn import Event, SamplingParams, Turn
 
 
@@ -22,12 +24,18 @@ class Prepared:
     prompt: list[int]
     grammar: Grammar | None
     params: SamplingParams
+    think: ThinkBlock | None = None  # the turn starts with a think block
 
 
 class Engine:
     def __init__(self, model: Model) -> None:
         self.model = model
         self.grammars = GrammarCache(model.lltokenizer)
+        self.profile: Profile = detect(model.chat_template)
+        self._think_tokens: tuple[int, int] | None = None
+        if self.profile.thinking is not None:  # budgets need the tags as single special tokens (ThinkBlock)
+            ids = [self._special_token(t) for t in (self.profile.thinking.open, self.profile.thinking.close)]
+            self._think_tokens = (ids[0], ids[1]) if ids[0] is not None and ids[1] is not None else None
 
     @classmethod
     def load(cls, settings: Settings) -> Engine:
@@ -40,17 +48,35 @@ class Engine:
     def name(self) -> str:
         return self.model.name
 
-    def render(self, turn: Turn) -> str:
-        m = self.model
-        messages = render_history(turn.messages, turn.tools)
-        return render(m.chat_template, messages, bos_token=m.bos_token, eos_token=m.eos_token)
+    def think_block(self, turn: Turn) -> ThinkBlock | None:
+        """The think block this turn starts with, or None when the model does not think in it."""
+        thinking, tokens = self.profile.thinking, self._think_tokens
+        budget = self.profile.think_budget(turn.messages, turn.reasoning)
+        if thinking is None or tokens is None or budget is None:
+            return None
+        return ThinkBlock(thinking.open, thinking.close, *tokens, budget, max(1, budget - 2))
+
+    def _special_token(self, text: str) -> int | None:
+        tokenizer = self.model.lltokenizer
+        ids = tokenizer.tokenize_str(text, parse_special=True)
+        return ids[0] if len(ids) == 1 and tokenizer.is_special_token(ids[0]) else None
+
+    def render(self, turn: Turn, thinks: bool = False) -> str:
+        m, profile = self.model, self.profile
+        messages = profile.arrange(render_history(turn.messages, turn.tools, describe_tools=not profile.native_tools))
+        return render(m.chat_template, messages, bos_token=m.bos_token, eos_token=m.eos_token,
+                      **profile.template_kwargs(thinks, turn.tools))
 
     def prepare(self, turn: Turn, allow_code: bool = False) -> Prepared:
-        grammar = self.grammars.get(turn.format, allow_code=allow_code, tools=turn.tools)
-        prompt = self.model.tokenize(self.render(turn))
+        think = self.think_block(turn)
+        grammar = self.grammars.get(turn.format, allow_code=allow_code, tools=turn.tools, think=think)
+        prompt = self.model.tokenize(self.render(turn, thinks=think is not None))
         token_budget(self.model.n_ctx, len(prompt), turn.params.max_tokens)  # 400 before queueing, not mid-stream
-        return Prepared(prompt, grammar, turn.params)
+        return Prepared(prompt, grammar, turn.params, think)
 
     def generate(self, prepared: Prepared, cancelled: Callable[[], bool] = never) -> Iterator[Event]:
         matcher = prepared.grammar.matcher() if prepared.grammar is not None else None
-        return decode(self.model, prepared.prompt, prepared.params, matcher, cancelled)
+        events = decode(self.model, prepared.prompt, prepared.params, matcher, cancelled)
+        if prepared.think is None:
+            return events
+        return split_thoughts(events, prepared.think, self.model.token_bytes)

@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 Role = Literal["system", "user", "assistant", "tool"]
 FinishReason = Literal["stop", "length", "cancelled"]
+Effort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
+EFFORTS: tuple[str, ...] = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,18 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class Reasoning:
+    """How much a thinking model may think: `effort` None is the model's default; `budget` overrides the
+    effort's token budget (vLLM's `thinking_token_budget`)."""
+
+    effort: Effort | None = None
+    budget: int | None = None
+
+
+DEFAULT_REASONING = Reasoning()
+
+
+@dataclass(frozen=True)
 class Turn:
     """One generation request: a conversation, the shape of the answer, and how to sample it."""
 
@@ -91,10 +105,19 @@ class Turn:
     format: ResponseFormat = TEXT
     params: SamplingParams = field(default_factory=SamplingParams)
     tools: ToolUse = NO_TOOLS
+    reasoning: Reasoning = DEFAULT_REASONING
 
 
 @dataclass(frozen=True)
 class TextDelta:
+    text: str
+    tokens: tuple[int, ...] = ()  # the tokens generated since the previous delta
+
+
+@dataclass(frozen=True)
+class ReasoningDelta:
+    """Text of a thinking model's think block (without its tags)."""
+
     text: str
 
 
@@ -109,6 +132,7 @@ class DecodeStats:
     prefill_s: float
     decode_s: float
     mask_us: tuple[float, ...] = ()  # per sampled token, time to compute the grammar mask
+    reasoning_tokens: int = 0  # of completion_tokens, those of the think block (its tags included)
 
 
 @dataclass(frozen=True)
@@ -117,4 +141,4 @@ class Done:
     stats: DecodeStats
 
 
-Event = TextDelta | Done
+Event = TextDelta | ReasoningDelta | Done

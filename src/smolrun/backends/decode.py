@@ -42,6 +42,7 @@ def decode(
     generated = forced = passes = 0
     penalties = _Penalties(params.frequency_penalty, params.presence_penalty)
     reason: FinishReason = "length"
+    unsent: list[int] = []  # tokens whose text is not yet out (held back for stop sequences or UTF-8)
 
     t0 = time.perf_counter()
     logits = model.prefill(prompt, reuse=params.seed is None)  # seeded runs must repeat exactly
@@ -73,9 +74,11 @@ def decode(
                 forced += len(ff)
         generated += len(batch)
         penalties.add(batch)
+        unsent += batch
         delta, stopped = text.push(b"".join(model.token_bytes(t) for t in batch))
         if delta:
-            yield TextDelta(delta)
+            yield TextDelta(delta, tuple(unsent))
+            unsent = []
         if stopped:
             reason = "stop"
             break
@@ -88,7 +91,7 @@ def decode(
         passes += 1
     tail = text.flush()
     if tail:
-        yield TextDelta(tail)
+        yield TextDelta(tail, tuple(unsent))
     stats = DecodeStats(
         prompt_tokens=len(prompt),
         completion_tokens=generated,
@@ -171,7 +174,7 @@ class _TextStream:
             out, self._pending = self._pending[:cut], ""
             self.hit_stop = True
             return out, True
-        hold = max((_overlap(self._pending, s) for s in self._stop), default=0)
+        hold = max((overlap(self._pending, s) for s in self._stop), default=0)
         out = self._pending[: len(self._pending) - hold]
         self._pending = self._pending[len(out) :]
         return out, False
@@ -182,7 +185,7 @@ class _TextStream:
         return "" if self.hit_stop else rest
 
 
-def _overlap(text: str, stop: str) -> int:
+def overlap(text: str, stop: str) -> int:
     """Length of the longest suffix of `text` that is a proper prefix of `stop`."""
     for n in range(min(len(text), len(stop) - 1), 0, -1):
         if text.endswith(stop[:n]):

@@ -14,6 +14,7 @@ from llguidance import LLMatcher, LLParserLimits, LLTokenizer
 from smolrun.errors import SchemaError
 from smolrun.prompt.tools import CLOSE as TOOL_CLOSE
 from smolrun.prompt.tools import OPEN as TOOL_OPEN
+from smolrun.thinking import ThinkBlock
 from smolrun.turn import NO_TOOLS, ResponseFormat, ToolUse
 
 # Compact JSON: no whitespace between tokens. Flexible whitespace lets a small model emit blanks until
@@ -50,14 +51,16 @@ CODE_FENCE = "```python\n"
 _CODE = r"/```python\n([^`]|`[^`]|``[^`])*```/"
 
 
-def turn_source(fmt: ResponseFormat, allow_code: bool = False, tools: ToolUse = NO_TOOLS) -> str | None:
-    """The grammar of one model turn: a code block, function calls, or the answer, as allowed.
+def turn_source(fmt: ResponseFormat, allow_code: bool = False, tools: ToolUse = NO_TOOLS,
+                think: ThinkBlock | None = None) -> str | None:
+    """The grammar of one model turn: a think block when the model thinks, then a code block, function
+    calls, or the answer, as allowed.
 
-    Without code or tools this is the answer format alone (None for free text). Free text may not start
-    with the first character of another branch, so the choice is made by the first token.
+    Without thinking, code or tools this is the answer format alone (None for free text). Free text may not
+    start with the first character of another branch, so the choice is made by the first token.
     """
     active = tools.active
-    if not allow_code and not active:
+    if not allow_code and not active and think is None:
         return grammar_source(fmt)
     branches: list[str] = []
     rules: list[str] = []
@@ -71,17 +74,27 @@ def turn_source(fmt: ResponseFormat, allow_code: bool = False, tools: ToolUse = 
         branches.append("calls")
         rules.append('calls: call ("\\n" call)*' if several else "calls: call")
         names = [f"fn_{i}" for i in range(len(active))]
-        rules.append(f'call: "{TOOL_OPEN}" ({" | ".join(names)}) "{TOOL_CLOSE}"')
+        # SmolLM3's template shows the call's JSON on a line of its own: newlines allowed, never forced.
+        rules.append(f'call: "{TOOL_OPEN}" NL? ({" | ".join(names)}) NL? "{TOOL_CLOSE}"')
+        rules.append("NL: /\\n/")
         rules += [f"{n}: %json {json.dumps(_call_schema(t.name, t.parameters))}" for n, t in zip(names, active,
                                                                                                strict=True)]
         first_chars += "<"
     if tools.answer_allowed:
         branches.append("answer")
         if fmt.type == "text":
-            rules += ["answer: TEXT", f"TEXT: /[^{first_chars}](.|\\n)*/"]
+            rules += ["answer: TEXT", f"TEXT: /[^{first_chars}](.|\\n)*/" if first_chars else "TEXT: /(.|\\n)*/"]
         else:
             rules.append("answer: %json " + json.dumps({**_schema(fmt), "x-guidance": JSON_OPTIONS}))
-    return LLMatcher.grammar_from_lark(f"start: {' | '.join(branches)}\n" + "\n".join(rules) + "\n")
+    start = f"start: {' | '.join(branches)}"
+    if think is not None:
+        # The thought ends at the closing tag or after its budget, when the grammar forces the tag; blank
+        # lines may follow before the answer.
+        start = f"start: think BLANK? ({' | '.join(branches)})"
+        rules += [f"think: <[{think.open_token}]> thought <[{think.close_token}]>",
+                  f"thought[max_tokens={think.thought_tokens}]: /(.|\\n)*/",
+                  "BLANK: /[ \\t\\n]+/"]
+    return LLMatcher.grammar_from_lark(start + "\n" + "\n".join(rules) + "\n")
 
 
 def _call_schema(name: str, parameters: dict[str, Any]) -> dict[str, Any]:
@@ -117,9 +130,10 @@ class GrammarCache:
         self._lock = Lock()
         self._limits = LLParserLimits(verbose_errors=False)  # errors must not echo schemas into logs
 
-    def get(self, fmt: ResponseFormat, allow_code: bool = False, tools: ToolUse = NO_TOOLS) -> Grammar | None:
+    def get(self, fmt: ResponseFormat, allow_code: bool = False, tools: ToolUse = NO_TOOLS,
+            think: ThinkBlock | None = None) -> Grammar | None:
         """The grammar for one model turn (see turn_source); None when the turn is free text."""
-        source = turn_source(fmt, allow_code, tools)
+        source = turn_source(fmt, allow_code, tools, think)
         if source is None:
             return None
         key = hashlib.sha256(source.encode()).hexdigest()

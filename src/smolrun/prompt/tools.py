@@ -28,8 +28,9 @@ def describe(tools: ToolUse) -> str:
     return "\n".join(lines)
 
 
-def render_history(messages: tuple[Message, ...], tools: ToolUse) -> tuple[Message, ...]:
-    """Messages as a template without tool support can render them."""
+def render_history(messages: tuple[Message, ...], tools: ToolUse, describe_tools: bool = True) -> tuple[Message, ...]:
+    """Messages as any template can render them: calls and results as text (templates that list tools still
+    drop `tool_calls`); the tools described in a system note unless the template lists them itself."""
     out: list[Message] = []
     for m in messages:
         if m.tool_calls:
@@ -40,7 +41,7 @@ def render_history(messages: tuple[Message, ...], tools: ToolUse) -> tuple[Messa
             out.append(Message("user", f"<tool_response>\n{m.content}\n</tool_response>"))
         else:
             out.append(Message(m.role, m.content))
-    if tools.active:
+    if tools.active and describe_tools:
         note = describe(tools)
         if out and out[0].role == "system":
             out[0] = Message("system", f"{out[0].content}\n\n{note}")

@@ -1,0 +1,72 @@
+"""A thinking turn's output: the think block split from the answer as it streams, its tokens counted."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+
+from smolrun.backends.decode import overlap
+from smolrun.turn import Done, Event, ReasoningDelta, TextDelta
+
+
+@dataclass(frozen=True)
+class ThinkBlock:
+    """The think block a turn starts with; the grammar closes it after `thought_tokens` tokens of thought.
+
+    The tags must be single special tokens (`open_token`, `close_token`): the thought is one free-text lexeme,
+    which only a token outside its text can end, and which the grammar can then force at the budget."""
+
+    open: str
+    close: str
+    open_token: int
+    close_token: int
+    budget: int  # tokens of the whole block, tags included
+    thought_tokens: int  # the budget less the tags' tokens
+
+
+def split_thoughts(events: Iterator[Event], block: ThinkBlock, token_bytes: Callable[[int], bytes]) -> Iterator[Event]:
+    """ReasoningDelta for the thoughts, then TextDelta for the answer (leading blank lines dropped); Done
+    carries the number of tokens the think block used."""
+    raw = ""  # text of the think block so far, tags included
+    sent = 0  # characters of thought already sent
+    sizes: list[int] = []  # bytes of each token generated while thinking
+    reasoning_tokens: int | None = None  # known once the block is closed
+    answer_started = False
+    for event in events:
+        if isinstance(event, Done):
+            if reasoning_tokens is None:  # cut inside the block: all of it was thinking
+                thought = raw[len(block.open) :][sent:] if raw.startswith(block.open) else raw[sent:]
+                if thought:
+                    yield ReasoningDelta(thought)
+                reasoning_tokens = event.stats.completion_tokens
+            yield Done(event.finish_reason, replace(event.stats, reasoning_tokens=reasoning_tokens))
+            return
+        if not isinstance(event, TextDelta):
+            yield event
+            continue
+        if reasoning_tokens is not None:
+            text = event.text if answer_started else event.text.lstrip()
+            if text:
+                answer_started = True
+                yield TextDelta(text, event.tokens)
+            continue
+        raw += event.text
+        sizes += [len(token_bytes(t)) for t in event.tokens]
+        start = len(block.open) if raw.startswith(block.open) else 0
+        end = raw.find(block.close, start)
+        if end < 0:
+            visible = len(raw) - overlap(raw, block.close)
+            if visible - start > sent:
+                yield ReasoningDelta(raw[start + sent : visible])
+                sent = visible - start
+            continue
+        if end - start > sent:
+            yield ReasoningDelta(raw[start + sent : end])
+        closed_at = len(raw[: end + len(block.close)].encode())
+        reasoning_tokens = next((i + 1 for i, n in enumerate(itertools.accumulate(sizes)) if n >= closed_at),
+                                len(sizes))
+        answer = raw[end + len(block.close) :].lstrip()
+        if answer:
+            answer_started = True
+            yield TextDelta(answer, ())
