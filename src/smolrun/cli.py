@@ -14,7 +14,18 @@ import click
 from smolrun.config import Settings
 from smolrun.errors import InvalidRequest, SmolrunError
 from smolrun.models import DEFAULT_MODEL, list_models
-from smolrun.turn import Done, Message, ResponseFormat, SamplingParams, TextDelta, Turn
+from smolrun.turn import (
+    EFFORTS,
+    Done,
+    Effort,
+    Message,
+    Reasoning,
+    ReasoningDelta,
+    ResponseFormat,
+    SamplingParams,
+    TextDelta,
+    Turn,
+)
 
 MODEL_HELP = "registry name, path to a .gguf file, or owner/repo:file.gguf"
 
@@ -105,9 +116,14 @@ smolrun is serving {model} at {base}
               help="give the model this file in /mnt/data and let it run Python (repeatable)")
 @click.option("--code", is_flag=True, help="let the model run Python in a sandbox before answering")
 @click.option("--max-tool-calls", type=click.IntRange(min=0), default=4, show_default=True)
+@click.option("--reasoning-effort", type=click.Choice(EFFORTS), default=None,
+              help="how long a thinking model (SmolLM3) may think; 'none' switches thinking off")
+@click.option("--thinking-budget", type=click.IntRange(min=1), default=None,
+              help="the most tokens a thinking model may think (overrides the effort's budget)")
 def ask(prompt: str, model: str | None, schema_file: Path | None, json_mode: bool, strict: bool,
         system: str | None, stream: bool, max_tokens: int | None, temperature: float, seed: int | None,
-        frequency_penalty: float, files: tuple[Path, ...], code: bool, max_tool_calls: int) -> None:
+        frequency_penalty: float, files: tuple[Path, ...], code: bool, max_tool_calls: int,
+        reasoning_effort: Effort | None, thinking_budget: int | None) -> None:
     """Answer PROMPT once with a local model (no server needed).
 
     With --file or --code the model may write Python, which runs in a sandboxed container; each cell and
@@ -121,7 +137,7 @@ def ask(prompt: str, model: str | None, schema_file: Path | None, json_mode: boo
     messages = ((Message("system", system),) if system else ()) + (Message("user", prompt),)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed,
                             frequency_penalty=frequency_penalty)
-    turn = Turn(messages, fmt or ResponseFormat(), params)
+    turn = Turn(messages, fmt or ResponseFormat(), params, reasoning=Reasoning(reasoning_effort, thinking_budget))
     engine = Engine.load(Settings.from_env(model=model))
     if files or code:
         import asyncio
@@ -135,6 +151,8 @@ def ask(prompt: str, model: str | None, schema_file: Path | None, json_mode: boo
             parts.append(event.text)
             if stream:
                 click.echo(event.text, nl=False)
+        elif isinstance(event, ReasoningDelta):  # thoughts on stderr: stdout stays the answer alone
+            click.secho(event.text, nl=False, err=True, dim=True)
         else:
             done = event
     text = "".join(parts)
@@ -174,7 +192,8 @@ async def _ask_with_code(engine: Any, turn: Turn, files: tuple[Path, ...], max_t
         result = await asyncio.to_thread(container.run, code)
         return container.id, result
 
-    spec = RunSpec(messages, turn.format, turn.params, code=True, max_tool_calls=max_tool_calls)
+    spec = RunSpec(messages, turn.format, turn.params, code=True, max_tool_calls=max_tool_calls,
+                   reasoning=turn.reasoning)
     answer: list[str] = []
     finished: Finished | None = None
     try:
@@ -183,6 +202,8 @@ async def _ask_with_code(engine: Any, turn: Turn, files: tuple[Path, ...], max_t
                 click.secho("── python ──", fg="cyan", err=True)
             elif isinstance(event, Delta) and event.kind == "code":
                 click.echo(event.text, nl=False, err=True)
+            elif isinstance(event, Delta) and event.kind == "reasoning":
+                click.secho(event.text, nl=False, err=True, dim=True)
             elif isinstance(event, Interpreting):
                 click.secho("\n── output ──", fg="cyan", err=True)
             elif isinstance(event, ItemDone) and event.item["type"] == "code_interpreter_call":

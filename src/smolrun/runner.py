@@ -17,7 +17,19 @@ from smolrun.constraints.grammar import CODE_FENCE
 from smolrun.engine import Engine, Prepared
 from smolrun.prompt.tools import parse_calls
 from smolrun.sandbox.container import Execution
-from smolrun.turn import NO_TOOLS, Done, Message, ResponseFormat, SamplingParams, TextDelta, ToolUse, Turn
+from smolrun.turn import (
+    DEFAULT_REASONING,
+    NO_TOOLS,
+    Done,
+    Event,
+    Message,
+    Reasoning,
+    ReasoningDelta,
+    ResponseFormat,
+    SamplingParams,
+    ToolUse,
+    Turn,
+)
 
 CODE_INSTRUCTIONS = (
     "You can run Python code: reply with a single ```python code block and nothing else, and you will get "
@@ -35,6 +47,7 @@ class RunSpec:
     code: bool  # the code interpreter is enabled
     max_tool_calls: int = 4
     tools: ToolUse = NO_TOOLS  # function tools: a turn of calls ends the response, for the client to run
+    reasoning: Reasoning = DEFAULT_REASONING
 
 
 @dataclass(frozen=True)
@@ -46,7 +59,7 @@ class ItemAdded:
 @dataclass(frozen=True)
 class Delta:
     index: int
-    kind: Literal["code", "text", "arguments"]
+    kind: Literal["code", "text", "arguments", "reasoning"]
     text: str
 
 
@@ -67,10 +80,11 @@ class Finished:
     input_tokens: int
     output_tokens: int
     incomplete_reason: str | None = None
+    reasoning_tokens: int = 0
 
 
 RunEvent = ItemAdded | Delta | Interpreting | ItemDone | Finished
-Generate = Callable[[Prepared], AsyncIterator[TextDelta | Done]]
+Generate = Callable[[Prepared], AsyncIterator[Event]]
 Execute = Callable[[str], Awaitable[tuple[str, Execution]]]  # code -> (container id, result)
 
 
@@ -123,22 +137,39 @@ async def run(spec: RunSpec, engine: Engine, generate: Generate, execute: Execut
     if spec.code:
         conversation = _with_instructions(conversation)
     budget = spec.params.max_tokens
-    used_in = used_out = calls = index = 0
+    used_in = used_out = used_thinking = calls = index = 0
+
+    def finished(status: Literal["completed", "incomplete"], reason: str | None = None) -> Finished:
+        return Finished(status, used_in, used_out, reason, used_thinking)
+
     while True:
         allow_code = spec.code and calls < spec.max_tool_calls
         remaining = None if budget is None else budget - used_out
         if remaining is not None and remaining <= 0:
-            yield Finished("incomplete", used_in, used_out, "max_output_tokens")
+            yield finished("incomplete", "max_output_tokens")
             return
-        turn = Turn(tuple(conversation), spec.format, replace(spec.params, max_tokens=remaining), spec.tools)
+        turn = Turn(tuple(conversation), spec.format, replace(spec.params, max_tokens=remaining), spec.tools,
+                    spec.reasoning)
         prepared = engine.prepare(turn, allow_code=allow_code)
         split = _Split(allow_code, bool(spec.tools.active))
         item: dict[str, Any] | None = None
+        thought: dict[str, Any] | None = None  # the turn's reasoning item, while it streams
+        thought_text = ""
         done: Done | None = None
         async for event in generate(prepared):
             if isinstance(event, Done):
                 done = event
                 continue
+            if isinstance(event, ReasoningDelta):
+                if thought is None:
+                    thought = _reasoning_item()
+                    yield ItemAdded(index, thought)
+                thought_text += event.text
+                yield Delta(index, "reasoning", event.text)
+                continue
+            if thought is not None:  # the answer begins: the thoughts are complete
+                yield ItemDone(index, _reasoning_done(thought, thought_text, "completed"))
+                thought, index = None, index + 1
             piece = split.push(event.text)
             if item is None and split.kind in ("code", "text"):
                 item = _code_item() if split.kind == "code" else _message_item()
@@ -148,10 +179,15 @@ async def run(spec: RunSpec, engine: Engine, generate: Generate, execute: Execut
         assert done is not None
         used_in += done.stats.prompt_tokens
         used_out += done.stats.completion_tokens
+        used_thinking += done.stats.reasoning_tokens
+        if thought is not None:  # the turn ended while thinking: cut by the token budget
+            yield ItemDone(index, _reasoning_done(thought, thought_text, "incomplete"))
+            yield finished("incomplete", "max_output_tokens")
+            return
         cut = done.finish_reason == "length"
         if split.kind == "calls":
             if cut:
-                yield Finished("incomplete", used_in, used_out, "max_output_tokens")
+                yield finished("incomplete", "max_output_tokens")
                 return
             for call in parse_calls(split.raw):
                 item = {"id": f"fc_{uuid.uuid4().hex}", "type": "function_call", "call_id": call.id,
@@ -160,7 +196,7 @@ async def run(spec: RunSpec, engine: Engine, generate: Generate, execute: Execut
                 yield Delta(index, "arguments", call.arguments)
                 yield ItemDone(index, {**item, "arguments": call.arguments, "status": "completed"})
                 index += 1
-            yield Finished("completed", used_in, used_out)
+            yield finished("completed")
             return
         if item is None:  # the model ended at once: an empty answer
             split.kind = "text"
@@ -175,12 +211,12 @@ async def run(spec: RunSpec, engine: Engine, generate: Generate, execute: Execut
                                    "content": [{"type": "output_text", "text": text, "annotations": [],
                                                 "logprobs": []}]})
             status: Literal["completed", "incomplete"] = "incomplete" if cut else "completed"
-            yield Finished(status, used_in, used_out, "max_output_tokens" if cut else None)
+            yield finished(status, "max_output_tokens" if cut else None)
             return
         code = split.body(final=True)
         if cut:
             yield ItemDone(index, {**item, "code": code, "status": "incomplete"})
-            yield Finished("incomplete", used_in, used_out, "max_output_tokens")
+            yield finished("incomplete", "max_output_tokens")
             return
         yield Interpreting(index)
         container_id, result = await execute(code)
@@ -195,6 +231,15 @@ def _with_instructions(messages: list[Message]) -> list[Message]:
     if messages and messages[0].role == "system":
         return [Message("system", f"{messages[0].content}\n\n{CODE_INSTRUCTIONS}"), *messages[1:]]
     return [Message("system", CODE_INSTRUCTIONS), *messages]
+
+
+def _reasoning_item() -> dict[str, Any]:
+    return {"id": f"rs_{uuid.uuid4().hex}", "type": "reasoning", "summary": [],
+            "content": [{"type": "reasoning_text", "text": ""}], "status": "in_progress"}
+
+
+def _reasoning_done(item: dict[str, Any], text: str, status: str) -> dict[str, Any]:
+    return {**item, "content": [{"type": "reasoning_text", "text": text}], "status": status}
 
 
 def _code_item() -> dict[str, Any]:

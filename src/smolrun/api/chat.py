@@ -20,7 +20,7 @@ from smolrun.engine import Prepared
 from smolrun.errors import GenerationFailed, SchemaError, SmolrunError
 from smolrun.prompt.tools import OPEN as TOOL_OPEN
 from smolrun.prompt.tools import parse_calls
-from smolrun.turn import DecodeStats, Done, TextDelta, ToolCall
+from smolrun.turn import DecodeStats, Done, ReasoningDelta, TextDelta, ToolCall
 
 router = APIRouter()
 FINGERPRINT = f"smolrun-{__version__}"
@@ -37,7 +37,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
         if exc.param is not None:
             raise
         raise SchemaError(exc.message, param="response_format") from exc
-    meta = _Meta(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), state.engine.name, bool(turn.tools.active))
+    meta = _Meta(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), state.engine.name, bool(turn.tools.active),
+                 prepared.think is not None)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(_sse(state, prepared, meta, include_usage), media_type="text/event-stream")
@@ -52,6 +53,7 @@ class _Meta:
     created: int
     model: str
     tools: bool = False  # functions may be called: output starting with "<tool_call>" is calls
+    thinks: bool = False  # the model thinks first: its thoughts go in `reasoning_content`, as in vLLM
     def envelope(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "system_fingerprint": FINGERPRINT}
@@ -64,7 +66,7 @@ def usage(stats: DecodeStats) -> dict[str, Any]:
         "total_tokens": stats.prompt_tokens + stats.completion_tokens,
         "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
         "completion_tokens_details": {
-            "reasoning_tokens": 0, "audio_tokens": 0,
+            "reasoning_tokens": stats.reasoning_tokens, "audio_tokens": 0,
             "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0,
         },
     }
@@ -72,6 +74,7 @@ def usage(stats: DecodeStats) -> dict[str, Any]:
 
 async def _complete(state: AppState, prepared: Prepared, meta: _Meta, request: Request) -> dict[str, Any]:
     parts: list[str] = []
+    thoughts: list[str] = []
     done: Done | None = None
     events = state.generate(prepared)
     watcher = asyncio.create_task(cancel_on_disconnect(request, asyncio.current_task()))
@@ -79,6 +82,8 @@ async def _complete(state: AppState, prepared: Prepared, meta: _Meta, request: R
         async for event in events:
             if isinstance(event, TextDelta):
                 parts.append(event.text)
+            elif isinstance(event, ReasoningDelta):
+                thoughts.append(event.text)
             else:
                 done = event
     finally:
@@ -88,6 +93,8 @@ async def _complete(state: AppState, prepared: Prepared, meta: _Meta, request: R
         raise GenerationFailed("generation ended without a result")
     text = "".join(parts)
     message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None, "annotations": []}
+    if meta.thinks:
+        message["reasoning_content"] = "".join(thoughts)
     finish: str = done.finish_reason
     if meta.tools and text.startswith(TOOL_OPEN) and finish == "stop":
         message["content"] = None
@@ -127,6 +134,9 @@ async def _sse(state: AppState, prepared: Prepared, meta: _Meta, include_usage: 
     first = True
     try:
         async for event in events:
+            if isinstance(event, ReasoningDelta):
+                yield _data(_chunk(meta, {"reasoning_content": event.text}, None))
+                continue
             if isinstance(event, TextDelta):
                 if first and meta.tools and event.text.startswith("<"):  # the grammar's choice of branch
                     calls = []

@@ -46,6 +46,7 @@ class _Call:
     container_id: str | None = None
     file_ids: tuple[str, ...] = ()
     new_files: dict[str, dict[str, Any]] = field(default_factory=dict)  # path -> container file
+    summary: str | None = None  # reasoning.summary: reasoning items then carry their text as the summary
 
     async def execute(self, code: str) -> tuple[str, Execution]:
         manager = self.state.containers
@@ -83,6 +84,7 @@ async def create_response(body: ResponsesRequest, request: Request) -> JSONRespo
 async def _prepare(call: _Call) -> RunSpec:
     body, state = call.request, call.state
     fmt = parse_format(body.text)
+    reasoning, call.summary = body.parsed_reasoning()
     call.code, tools = parse_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
     parsed = parse_input(body.input)
     history: list[Message] = []
@@ -120,7 +122,8 @@ async def _prepare(call: _Call) -> RunSpec:
         presence_penalty=body.presence_penalty or 0.0,
     )
     max_calls = DEFAULT_MAX_TOOL_CALLS if body.max_tool_calls is None else body.max_tool_calls
-    return RunSpec(tuple(system + history + messages), fmt, params, call.code is not None, max_calls, tools)
+    return RunSpec(tuple(system + history + messages), fmt, params, call.code is not None, max_calls, tools,
+                   reasoning)
 
 
 def _inline_files(state: AppState, file_ids: tuple[str, ...]) -> str:
@@ -161,7 +164,8 @@ def _response(call: _Call, status: str, output: list[dict[str, Any]], usage: dic
         "incomplete_details": {"reason": incomplete} if incomplete else None,
         "instructions": body.instructions, "tools": body.tools, "tool_choice": body.tool_choice or "auto",
         "parallel_tool_calls": True if body.parallel_tool_calls is None else body.parallel_tool_calls,
-        "text": body.text or {"format": {"type": "text"}}, "reasoning": {"effort": None, "summary": None},
+        "text": body.text or {"format": {"type": "text"}},
+        "reasoning": {"effort": (body.reasoning or {}).get("effort"), "summary": call.summary},
         "usage": usage, "previous_response_id": body.previous_response_id,
         "max_output_tokens": body.max_output_tokens, "max_tool_calls": body.max_tool_calls,
         "temperature": body.temperature if body.temperature is not None else 1.0,
@@ -173,7 +177,8 @@ def _response(call: _Call, status: str, output: list[dict[str, Any]], usage: dic
 def _usage(finished: Finished) -> dict[str, Any]:
     return {"input_tokens": finished.input_tokens,
             "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
-            "output_tokens": finished.output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "output_tokens": finished.output_tokens,
+            "output_tokens_details": {"reasoning_tokens": finished.reasoning_tokens},
             "total_tokens": finished.input_tokens + finished.output_tokens}
 
 
@@ -207,9 +212,15 @@ async def _run(call: _Call, spec: RunSpec) -> AsyncIterator[dict[str, Any]]:
             elif item["type"] == "message":
                 yield {"type": "response.content_part.added", "output_index": event.index, "item_id": item["id"],
                        "content_index": 0, "part": {"type": "output_text", "text": "", "annotations": []}}
+            elif item["type"] == "reasoning":
+                yield {"type": "response.content_part.added", "output_index": event.index, "item_id": item["id"],
+                       "content_index": 0, "part": {"type": "reasoning_text", "text": ""}}
         elif isinstance(event, Delta):
             item_id = ids[event.index]
-            if event.kind == "arguments":
+            if event.kind == "reasoning":
+                yield {"type": "response.reasoning_text.delta", "output_index": event.index, "item_id": item_id,
+                       "content_index": 0, "delta": event.text}
+            elif event.kind == "arguments":
                 yield {"type": "response.function_call_arguments.delta", "output_index": event.index,
                        "item_id": item_id, "delta": event.text}
             elif event.kind == "code":
@@ -227,7 +238,11 @@ async def _run(call: _Call, spec: RunSpec) -> AsyncIterator[dict[str, Any]]:
                    "item_id": item_id}
         elif isinstance(event, ItemDone):
             item = event.item
-            if item["type"] == "function_call":
+            if item["type"] == "reasoning":
+                for e in _reasoning_done_events(call, event.index, item):
+                    yield e
+                output.append(item)
+            elif item["type"] == "function_call":
                 yield {"type": "response.function_call_arguments.done", "output_index": event.index,
                        "item_id": item["id"], "name": item["name"], "arguments": item["arguments"]}
                 output.append(item)
@@ -259,6 +274,26 @@ async def _run(call: _Call, spec: RunSpec) -> AsyncIterator[dict[str, Any]]:
             await asyncio.to_thread(_save, call, spec, output, final)
             yield {"type": f"response.{status}", "response": final}
 
+
+
+def _reasoning_done_events(call: _Call, index: int, item: dict[str, Any]) -> list[dict[str, Any]]:
+    """A reasoning item's closing events; with `reasoning.summary` its text is also given as the summary
+    (smolrun does not summarise thoughts with a second generation)."""
+    part = item["content"][0]
+    ids = {"output_index": index, "item_id": item["id"]}
+    events = [{"type": "response.reasoning_text.done", **ids, "content_index": 0, "text": part["text"]},
+              {"type": "response.content_part.done", **ids, "content_index": 0, "part": part}]
+    if call.summary is not None:
+        summary = {"type": "summary_text", "text": part["text"]}
+        item["summary"] = [summary]
+        events += [
+            {"type": "response.reasoning_summary_part.added", **ids, "summary_index": 0,
+             "part": {"type": "summary_text", "text": ""}},
+            {"type": "response.reasoning_summary_text.delta", **ids, "summary_index": 0, "delta": part["text"]},
+            {"type": "response.reasoning_summary_text.done", **ids, "summary_index": 0, "text": part["text"]},
+            {"type": "response.reasoning_summary_part.done", **ids, "summary_index": 0, "part": summary},
+        ]
+    return [*events, {"type": "response.output_item.done", "output_index": index, "item": item}]
 
 
 def _save(call: _Call, spec: RunSpec, output: list[dict[str, Any]], final: dict[str, Any]) -> None:

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from smolrun.constraints import check_schema
 from smolrun.errors import InvalidRequest, SchemaError
-from smolrun.turn import TEXT, Message, ResponseFormat, Role, Tool, ToolCall, ToolUse
+from smolrun.turn import EFFORTS, TEXT, Message, Reasoning, ResponseFormat, Role, Tool, ToolCall, ToolUse
 
 INCLUDE_OUTPUTS = "code_interpreter_call.outputs"
 NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
@@ -37,10 +37,24 @@ class ResponsesRequest(BaseModel):
     stream: bool | None = False
     metadata: dict[str, str] | None = None
     parallel_tool_calls: bool | None = None
-    reasoning: dict[str, Any] | None = None  # accepted; SmolLM2 has no thinking mode
-    # Extensions (send with the SDK's extra_body): Chat Completions' penalties, which help tiny models end.
+    reasoning: dict[str, Any] | None = None  # {"effort", "summary"}; no effect on models that do not think
+    # Extensions (send with the SDK's extra_body): Chat Completions' penalties, which help tiny models end,
+    # and vLLM's thinking budget.
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    thinking_token_budget: int | None = Field(default=None, ge=1)
+
+    def parsed_reasoning(self) -> tuple[Reasoning, str | None]:
+        """The thinking effort and budget, and the summary asked for (None: no summary)."""
+        raw = self.reasoning or {}
+        effort, summary = raw.get("effort"), raw.get("summary") or raw.get("generate_summary")
+        if effort is not None and effort not in EFFORTS:
+            raise InvalidRequest(f"Invalid value for 'reasoning.effort': {effort!r}; supported values are "
+                                 + ", ".join(repr(e) for e in EFFORTS), param="reasoning.effort")
+        if summary not in (None, "auto", "concise", "detailed"):
+            raise InvalidRequest(f"Invalid value for 'reasoning.summary': {summary!r}; supported values are "
+                                 "'auto', 'concise' and 'detailed'", param="reasoning.summary")
+        return Reasoning(effort, self.thinking_token_budget), summary
 
 
 @dataclass(frozen=True)
@@ -150,6 +164,8 @@ def parse_input(raw: str | list[dict[str, Any]]) -> ParsedInput:
             messages += replay_code_call(item)
         elif kind == "function_call":
             messages.append(replay_function_call(item, i))
+        elif kind == "reasoning":
+            pass  # past thoughts are not shown to the model again, as chat templates drop them
         elif kind == "function_call_output":
             output, call_id = item.get("output"), item.get("call_id")
             if not isinstance(call_id, str) or not isinstance(output, str):

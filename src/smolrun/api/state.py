@@ -14,7 +14,7 @@ from smolrun.files import FileStore
 from smolrun.models import REGISTRY
 from smolrun.sandbox.manager import ContainerManager
 from smolrun.scheduler import Scheduler
-from smolrun.turn import Done, TextDelta
+from smolrun.turn import Event
 
 
 @dataclass
@@ -25,7 +25,7 @@ class AppState:
     files: FileStore
     containers: ContainerManager
 
-    async def generate(self, prepared: Prepared) -> AsyncGenerator[TextDelta | Done, None]:
+    async def generate(self, prepared: Prepared) -> AsyncGenerator[Event, None]:
         """One model turn through the shared queue; leaving early cancels it."""
         engine = self.engine
         async for event in self.scheduler.stream(lambda cancelled: engine.generate(prepared, cancelled)):

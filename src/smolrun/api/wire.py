@@ -10,7 +10,18 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from smolrun.constraints import check_schema
 from smolrun.errors import InvalidRequest, SchemaError
-from smolrun.turn import TEXT, Message, ResponseFormat, SamplingParams, Tool, ToolCall, ToolUse, Turn
+from smolrun.turn import (
+    TEXT,
+    Effort,
+    Message,
+    Reasoning,
+    ResponseFormat,
+    SamplingParams,
+    Tool,
+    ToolCall,
+    ToolUse,
+    Turn,
+)
 
 _NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 
@@ -110,7 +121,8 @@ class ChatCompletionRequest(_Wire):
     tools: list[FunctionTool] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
-    reasoning_effort: str | None = None  # accepted; SmolLM2 has no thinking mode, so it has no effect
+    reasoning_effort: Effort | None = None  # no effect on models without a thinking mode
+    thinking_token_budget: int | None = Field(default=None, ge=1)  # extension, as in vLLM
 
     def to_turn(self) -> Turn:
         self._refuse_unsupported()
@@ -130,7 +142,8 @@ class ChatCompletionRequest(_Wire):
         messages = tuple(_message(m, i) for i, m in enumerate(self.messages))
         tools = ToolUse(_tools(self.tools or []), _tool_choice(self.tool_choice, self.tools or []),
                         self.parallel_tool_calls is not False)
-        return Turn(messages, _format(self.response_format), params, tools)
+        reasoning = Reasoning(self.reasoning_effort, self.thinking_token_budget)
+        return Turn(messages, _format(self.response_format), params, tools, reasoning)
 
     def _refuse_unsupported(self) -> None:
         if self.n not in (None, 1):
