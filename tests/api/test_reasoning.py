@@ -66,7 +66,7 @@ def test_effort_none_answers_without_thinking(make_server) -> None:  # type: ign
 @pytest.mark.parametrize("seed", range(3))
 def test_the_thinking_budget_bounds_reasoning_tokens(make_server, seed: int) -> None:  # type: ignore[no-untyped-def]
     r = start(make_server, script=None, seed=seed).client().chat.completions.create(
-        model="thinking-byte-model", messages=ASK, response_format=FORMAT, max_tokens=200, temperature=0,  # type: ignore[arg-type]
+        model="thinking-byte-model", messages=ASK, response_format=FORMAT, max_tokens=200, seed=seed,  # type: ignore[arg-type]
         extra_body={"thinking_token_budget": 30})
     assert r.usage is not None and r.usage.completion_tokens_details.reasoning_tokens == 30  # type: ignore[union-attr]
     assert r.choices[0].finish_reason == "stop"
