@@ -39,8 +39,9 @@ def run(engine: Engine, turn: Turn) -> tuple[str, str, Done]:
 @pytest.mark.parametrize("budget", [20, 60])
 def test_the_grammar_closes_the_think_block_at_the_budget(seed: int, budget: int) -> None:
     engine = Engine(ThinkingModel(seed=seed))  # random thoughts: they never close by themselves
-    thought, answer, done = run(engine, Turn(ASK, ResponseFormat("json_schema", SCHEMA),
-                                             SamplingParams(max_tokens=200, seed=seed), reasoning=Reasoning(budget=budget)))
+    turn = Turn(ASK, ResponseFormat("json_schema", SCHEMA), SamplingParams(max_tokens=200, seed=seed),
+                reasoning=Reasoning(budget=budget))
+    thought, answer, done = run(engine, turn)
     assert done.finish_reason == "stop"
     assert done.stats.reasoning_tokens == budget  # random thoughts used all of it, and not a token more
     assert thought

@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-from smolrun.models import DEFAULT_MODEL
+from smolrun.models import DEFAULT_MODEL, DEFAULT_TRANSFORMERS_MODEL
+
+Backend = Literal["llama", "transformers"]
 
 
 def default_data_dir() -> Path:
@@ -20,6 +23,8 @@ def default_data_dir() -> Path:
 @dataclass(frozen=True)
 class Settings:
     model: str = DEFAULT_MODEL
+    backend: Backend = "llama"  # llama.cpp for GGUF files; transformers for Hugging Face models (and GPUs)
+    device: str | None = None  # transformers only: None picks CUDA when present, else the CPU
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
@@ -46,5 +51,9 @@ class Settings:
             values["threads"] = int(env["SMOLRUN_THREADS"])
         if "SMOLRUN_MAX_QUEUE" in env:
             values["max_queue"] = int(env["SMOLRUN_MAX_QUEUE"])
+        if "SMOLRUN_BACKEND" in env:
+            values["backend"] = env["SMOLRUN_BACKEND"]
         values.update({k: v for k, v in overrides.items() if v is not None})
+        if "model" not in values and values.get("backend") == "transformers":
+            values["model"] = DEFAULT_TRANSFORMERS_MODEL
         return cls(**values)  # type: ignore[arg-type]

@@ -9,7 +9,7 @@ from smolrun.backends.base import Model
 from smolrun.backends.decode import decode, never, token_budget
 from smolrun.config import Settings
 from smolrun.constraints.grammar import Grammar, GrammarCache
-from smolrun.models import resolve
+from smolrun.models import hub_offline, resolve
 from smolrun.prompt import render
 from smolrun.prompt.profiles import Profile, detect
 from smolrun.prompt.tools import render_history
@@ -39,6 +39,12 @@ class Engine:
 
     @classmethod
     def load(cls, settings: Settings) -> Engine:
+        if settings.backend == "transformers":
+            from smolrun.backends.transformers import TransformersModel, hf_source
+
+            source = hf_source(settings.model, offline=settings.offline)
+            return cls(TransformersModel(source, n_ctx=settings.n_ctx, device=settings.device,
+                                         threads=settings.threads, offline=hub_offline(settings.offline)))
         from smolrun.backends.llama_cpp import LlamaCppModel
 
         resolved = resolve(settings.model, offline=settings.offline)
@@ -57,9 +63,8 @@ class Engine:
         return ThinkBlock(thinking.open, thinking.close, *tokens, budget, max(1, budget - 2))
 
     def _special_token(self, text: str) -> int | None:
-        tokenizer = self.model.lltokenizer
-        ids = tokenizer.tokenize_str(text, parse_special=True)
-        return ids[0] if len(ids) == 1 and tokenizer.is_special_token(ids[0]) else None
+        term = self.grammars.term(text)  # "<[id]>" for one special token
+        return int(term[2:-2]) if term.startswith("<[") else None
 
     def render(self, turn: Turn, thinks: bool = False) -> str:
         m, profile = self.model, self.profile

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from threading import Lock
 from typing import Any
@@ -52,12 +53,13 @@ _CODE = r"/```python\n([^`]|`[^`]|``[^`])*```/"
 
 
 def turn_source(fmt: ResponseFormat, allow_code: bool = False, tools: ToolUse = NO_TOOLS,
-                think: ThinkBlock | None = None) -> str | None:
+                think: ThinkBlock | None = None, term: Callable[[str], str] = json.dumps) -> str | None:
     """The grammar of one model turn: a think block when the model thinks, then a code block, function
     calls, or the answer, as allowed.
 
     Without thinking, code or tools this is the answer format alone (None for free text). Free text may not
-    start with the first character of another branch, so the choice is made by the first token.
+    start with the first character of another branch, so the choice is made by the first token. `term`
+    writes a tag in the grammar: quoted text, or a token where the tag is one special token.
     """
     active = tools.active
     if not allow_code and not active and think is None:
@@ -75,7 +77,7 @@ def turn_source(fmt: ResponseFormat, allow_code: bool = False, tools: ToolUse = 
         rules.append('calls: call ("\\n" call)*' if several else "calls: call")
         names = [f"fn_{i}" for i in range(len(active))]
         # SmolLM3's template shows the call's JSON on a line of its own: newlines allowed, never forced.
-        rules.append(f'call: "{TOOL_OPEN}" NL? ({" | ".join(names)}) NL? "{TOOL_CLOSE}"')
+        rules.append(f'call: {term(TOOL_OPEN)} NL? ({" | ".join(names)}) NL? {term(TOOL_CLOSE)}')
         rules.append("NL: /\\n/")
         rules += [f"{n}: %json {json.dumps(_call_schema(t.name, t.parameters))}" for n, t in zip(names, active,
                                                                                                strict=True)]
@@ -93,7 +95,7 @@ def turn_source(fmt: ResponseFormat, allow_code: bool = False, tools: ToolUse = 
         start = f"start: think BLANK? ({' | '.join(branches)})"
         rules += [f"think: <[{think.open_token}]> thought <[{think.close_token}]>",
                   f"thought[max_tokens={think.thought_tokens}]: /(.|\\n)*/",
-                  "BLANK: /[ \\t\\n]+/"]
+                  "BLANK: /[ \\n]{1,3}/"]  # bounded: a small model can emit blanks until max_tokens
     return LLMatcher.grammar_from_lark(start + "\n" + "\n".join(rules) + "\n")
 
 
@@ -133,7 +135,7 @@ class GrammarCache:
     def get(self, fmt: ResponseFormat, allow_code: bool = False, tools: ToolUse = NO_TOOLS,
             think: ThinkBlock | None = None) -> Grammar | None:
         """The grammar for one model turn (see turn_source); None when the turn is free text."""
-        source = turn_source(fmt, allow_code, tools, think)
+        source = turn_source(fmt, allow_code, tools, think, self.term)
         if source is None:
             return None
         key = hashlib.sha256(source.encode()).hexdigest()
@@ -147,6 +149,13 @@ class GrammarCache:
             while len(self._items) > self.maxsize:
                 self._items.popitem(last=False)
         return grammar
+
+    def term(self, tag: str) -> str:
+        """A tag in a grammar: its token where it is one special token (which text cannot spell), else text."""
+        ids = self.tokenizer.tokenize_str(tag, parse_special=True)
+        if len(ids) == 1 and self.tokenizer.is_special_token(ids[0]):
+            return f"<[{ids[0]}]>"
+        return json.dumps(tag)
 
     def _compile(self, key: str, source: str, fmt: ResponseFormat) -> Grammar:
         is_error, messages = LLMatcher.validate_grammar_with_warnings(source, self.tokenizer, limits=self._limits)

