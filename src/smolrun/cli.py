@@ -13,7 +13,7 @@ import click
 
 from smolrun.config import Settings
 from smolrun.errors import InvalidRequest, SmolrunError
-from smolrun.models import DEFAULT_MODEL, list_models
+from smolrun.models import DEFAULT_MODEL, DEFAULT_TRANSFORMERS_MODEL, list_models
 from smolrun.turn import (
     EFFORTS,
     Done,
@@ -27,7 +27,9 @@ from smolrun.turn import (
     Turn,
 )
 
-MODEL_HELP = "registry name, path to a .gguf file, or owner/repo:file.gguf"
+MODEL_HELP = ("registry name, path to a .gguf file, or owner/repo:file.gguf (on transformers also a Hub id or a "
+              "directory)")
+BACKEND_HELP = "llama (llama.cpp, GGUF, the default) or transformers (Hugging Face models, GPUs)"
 
 
 class _Group(click.Group):
@@ -48,7 +50,11 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--model", default=None, help=f"model to serve ({MODEL_HELP}); default {DEFAULT_MODEL}")
+@click.option("--model", default=None, help=f"model to serve ({MODEL_HELP}); default {DEFAULT_MODEL}, "
+              f"or {DEFAULT_TRANSFORMERS_MODEL} on transformers")
+@click.option("--backend", type=click.Choice(["llama", "transformers"]), default=None,
+              help=BACKEND_HELP)
+@click.option("--device", default=None, help="transformers only: cuda, cuda:1, cpu ... (default: CUDA when present)")
 @click.option("--host", default=None, help="address to bind (default 127.0.0.1)")
 @click.option("--port", type=int, default=None, help="port (default 8000)")
 @click.option("--api-key", default=None, help="require this key as a Bearer token (or SMOLRUN_API_KEY)")
@@ -69,7 +75,7 @@ def serve(**options: Any) -> None:
     from smolrun.engine import Engine
 
     settings = Settings.from_env(**options)
-    click.echo(f"smolrun: loading {settings.model} ...", err=True)
+    click.echo(f"smolrun: loading {settings.model} on {settings.backend} ...", err=True)
     engine = Engine.load(settings)
     app = create_app(engine, settings)
     click.echo(_banner(settings, engine.name), err=True)
@@ -101,6 +107,7 @@ smolrun is serving {model} at {base}
 @main.command()
 @click.argument("prompt")
 @click.option("--model", default=None, help=f"{MODEL_HELP}; default {DEFAULT_MODEL}")
+@click.option("--backend", type=click.Choice(["llama", "transformers"]), default=None, help=BACKEND_HELP)
 @click.option("--schema", "schema_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSON Schema file the answer must match")
 @click.option("--json", "json_mode", is_flag=True, help="answer with any JSON object")
@@ -120,7 +127,7 @@ smolrun is serving {model} at {base}
               help="how long a thinking model (SmolLM3) may think; 'none' switches thinking off")
 @click.option("--thinking-budget", type=click.IntRange(min=1), default=None,
               help="the most tokens a thinking model may think (overrides the effort's budget)")
-def ask(prompt: str, model: str | None, schema_file: Path | None, json_mode: bool, strict: bool,
+def ask(prompt: str, model: str | None, backend: str | None, schema_file: Path | None, json_mode: bool, strict: bool,
         system: str | None, stream: bool, max_tokens: int | None, temperature: float, seed: int | None,
         frequency_penalty: float, files: tuple[Path, ...], code: bool, max_tool_calls: int,
         reasoning_effort: Effort | None, thinking_budget: int | None) -> None:
@@ -138,7 +145,7 @@ def ask(prompt: str, model: str | None, schema_file: Path | None, json_mode: boo
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed,
                             frequency_penalty=frequency_penalty)
     turn = Turn(messages, fmt or ResponseFormat(), params, reasoning=Reasoning(reasoning_effort, thinking_budget))
-    engine = Engine.load(Settings.from_env(model=model))
+    engine = Engine.load(Settings.from_env(model=model, backend=backend))
     if files or code:
         import asyncio
 

@@ -58,9 +58,10 @@ class TransformersModel:
             self.hf = transformers.AutoModelForCausalLM.from_pretrained(
                 source.location, dtype=dtype, local_files_only=offline, **extra).to(self.device).eval()
         except OSError as exc:  # missing files, or the Hub unreachable: transformers raises OSError for both
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelUnavailable(
-                f"could not load {source.location!r} with transformers ({exc}); where the Hub is reachable, "
-                f"download it first: hf download {source.location}") from exc
+                f"could not load {source.location!r} with transformers ({reason.rstrip('.')}); where the Hub "
+                f"is reachable, download it first: hf download {source.location}") from exc
         self.name = source.name
         config = self.hf.config
         self.n_vocab = int(self.hf.get_output_embeddings().weight.shape[0])
