@@ -107,25 +107,39 @@ class _ThinkingTokenizer(_ByteTokenizer):
         return [special[text]] if text in special else list(text.encode())
 
 
+def _with_think_tokens(script: bytes) -> list[int]:
+    """A script's bytes as tokens, "<think>" and "</think>" as their special tokens, then EOS."""
+    tokens: list[int] = []
+    for i, part in enumerate(script.split(b"<think>")):
+        tokens += [THINK] if i else []
+        for j, piece in enumerate(part.split(b"</think>")):
+            tokens += ([UNTHINK] if j else []) + list(piece)
+    return tokens + [EOS]
+
+
 class ThinkingModel(ByteModel):
-    """A byte model with a SmolLM3-style template and think tokens: it thinks, and lists tools itself. With
-    `script` (where "<think>" and "</think>" stand for their tokens) its outputs are exact; without, its
-    random thoughts never close by themselves (only the budget ends them)."""
+    """A byte model with a SmolLM3-style template and think tokens: it thinks, lists tools itself and writes
+    code in <code> tags. With `script` or `turns` (one script per model turn; "<think>" and "</think>" stand
+    for their tokens) its outputs are exact; without, its random thoughts never close by themselves (only the
+    budget ends them)."""
 
     name = "thinking-byte-model"
     n_vocab = 259
     chat_template = (TEMPLATES / "smollm3.jinja").read_text()
 
-    def __init__(self, seed: int = 0, script: bytes | None = None, favour: bytes = b"ab ") -> None:
+    def __init__(self, seed: int = 0, script: bytes | None = None, favour: bytes = b"ab ",
+                 turns: tuple[bytes, ...] = ()) -> None:
         super().__init__(seed=seed, favour=favour)
         self.lltokenizer = LLTokenizer(TokenizerWrapper(_ThinkingTokenizer()))
-        if script is not None:
-            tokens: list[int] = []
-            for i, part in enumerate(script.split(b"<think>")):
-                tokens += [THINK] if i else []
-                for j, piece in enumerate(part.split(b"</think>")):
-                    tokens += ([UNTHINK] if j else []) + list(piece)
-            self.script = tokens + [EOS]
+        self.turns = [_with_think_tokens(t) for t in turns or ((script,) if script is not None else ())]
+        self.script = self.turns[0] if self.turns else None
+        self.prompts: list[str] = []
+
+    def prefill(self, tokens: Sequence[int], reuse: bool = True) -> npt.NDArray[np.float32]:
+        if self.turns:  # each model turn answers with the next script; the last one repeats
+            self.script = self.turns[min(len(self.prompts), len(self.turns) - 1)]
+        self.prompts.append(bytes(t for t in tokens if t < 256).decode(errors="replace"))
+        return super().prefill(tokens, reuse)
 
     def token_bytes(self, token: int) -> bytes:
         return {THINK: b"<think>", UNTHINK: b"</think>"}.get(token) or super().token_bytes(token)

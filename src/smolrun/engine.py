@@ -74,7 +74,8 @@ class Engine:
 
     def prepare(self, turn: Turn, allow_code: bool = False) -> Prepared:
         think = self.think_block(turn)
-        grammar = self.grammars.get(turn.format, allow_code=allow_code, tools=turn.tools, think=think)
+        grammar = self.grammars.get(turn.format, allow_code=allow_code, tools=turn.tools, think=think,
+                                    code=self.profile.code)
         prompt = self.model.tokenize(self.render(turn, thinks=think is not None))
         token_budget(self.model.n_ctx, len(prompt), turn.params.max_tokens)  # 400 before queueing, not mid-stream
         return Prepared(prompt, grammar, turn.params, think)

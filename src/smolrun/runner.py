@@ -1,8 +1,9 @@
 """The reason -> execute -> answer loop of one Responses request, bounded, emitting typed events.
 
-Each model turn is generated under a turn grammar that allows one fenced python block (a code call) or
-the final answer (under the requested format). Code runs in the request's container; its output goes
-back to the model as the next user turn. After `max_tool_calls` only the answer is allowed.
+Each model turn is generated under a turn grammar that allows one code call (in the model's format: a
+fenced python block, or SmolLM3's <code> tags) or the final answer (under the requested format). Code runs
+in the request's container; its output goes back to the model as the next user turn. After `max_tool_calls`
+only the answer is allowed.
 """
 
 from __future__ import annotations
@@ -10,11 +11,12 @@ from __future__ import annotations
 import base64
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from smolrun.constraints.grammar import CODE_FENCE
 from smolrun.engine import Engine, Prepared
+from smolrun.prompt.profiles import CodeFormat
+from smolrun.prompt.tools import OPEN as TOOL_OPEN
 from smolrun.prompt.tools import parse_calls
 from smolrun.sandbox.container import Execution
 from smolrun.turn import (
@@ -31,11 +33,11 @@ from smolrun.turn import (
     Turn,
 )
 
-CODE_INSTRUCTIONS = (
-    "You can run Python code: reply with a single ```python code block and nothing else, and you will get "
-    "its output. Variables persist between runs; files are in /mnt/data. When you have what you need, reply "
-    "with the final answer (no code block)."
-)
+
+def code_instructions(code: CodeFormat) -> str:
+    return (f"You can run Python code: reply with {code.described} and nothing else, and you will get its "
+            "output. Variables persist between runs; files are in /mnt/data. When you have what you need, reply "
+            "with the final answer (no code).")
 OBSERVATION_CHARS = 2000  # code output shown to a small model: more would crowd out the question
 
 
@@ -94,36 +96,45 @@ class _Split:
 
     code_allowed: bool
     calls_allowed: bool
+    code_format: CodeFormat
     kind: Literal["code", "text", "calls"] | None = None
     raw: str = ""
     sent: int = 0  # characters of the body already emitted
-    pending: list[str] = field(default_factory=list)
 
     def push(self, text: str) -> str:
         self.raw += text
         if self.kind is None:
-            if not self.raw:
+            self.kind = self._kind()
+            if self.kind is None:
                 return ""
-            if self.code_allowed and self.raw.startswith("`"):
-                self.kind = "code"
-            elif self.calls_allowed and self.raw.startswith("<"):
-                self.kind = "calls"
-            else:
-                self.kind = "text"
         if self.kind == "calls":
             return ""  # sent whole, once the JSON of every call is complete
         body = self.body(final=False)
         out, self.sent = body[self.sent :], len(body)
         return out
 
+    def _kind(self) -> Literal["code", "text", "calls"] | None:
+        """The branch the grammar took, once the text shows it (None: not yet)."""
+        tags: list[tuple[Literal["code", "calls"], str]] = []
+        if self.code_allowed:
+            tags.append(("code", self.code_format.open))
+        if self.calls_allowed:
+            tags.append(("calls", TOOL_OPEN))
+        for kind, tag in tags:
+            if self.raw.startswith(tag):
+                return kind
+        if not self.raw or any(tag.startswith(self.raw) for _, tag in tags):
+            return None
+        return "text"
+
     def body(self, final: bool) -> str:
         if self.kind != "code":
             return self.raw
-        code = self.raw[len(CODE_FENCE) :] if self.raw.startswith(CODE_FENCE) else ""
+        fmt = self.code_format
+        code = self.raw[len(fmt.open) :] if self.raw.startswith(fmt.open) else ""
         if not final:
-            return code[: max(0, len(code) - 4)]  # hold back a possible "\n```"
-        code = code.removesuffix("```")
-        return code.removesuffix("\n")
+            return code[: max(0, len(code) - len(fmt.close))]  # hold back a possible closing tag
+        return code.removesuffix(fmt.close.lstrip("\n")).removesuffix("\n")
 
     def rest(self) -> str:
         if self.kind == "calls":
@@ -135,7 +146,7 @@ class _Split:
 async def run(spec: RunSpec, engine: Engine, generate: Generate, execute: Execute) -> AsyncIterator[RunEvent]:
     conversation = list(spec.messages)
     if spec.code:
-        conversation = _with_instructions(conversation)
+        conversation = _with_instructions(conversation, code_instructions(engine.profile.code))
     budget = spec.params.max_tokens
     used_in = used_out = used_thinking = calls = index = 0
 
@@ -151,7 +162,7 @@ async def run(spec: RunSpec, engine: Engine, generate: Generate, execute: Execut
         turn = Turn(tuple(conversation), spec.format, replace(spec.params, max_tokens=remaining), spec.tools,
                     spec.reasoning)
         prepared = engine.prepare(turn, allow_code=allow_code)
-        split = _Split(allow_code, bool(spec.tools.active))
+        split = _Split(allow_code, bool(spec.tools.active), engine.profile.code)
         item: dict[str, Any] | None = None
         thought: dict[str, Any] | None = None  # the turn's reasoning item, while it streams
         thought_text = ""
@@ -227,10 +238,10 @@ async def run(spec: RunSpec, engine: Engine, generate: Generate, execute: Execut
         index += 1
 
 
-def _with_instructions(messages: list[Message]) -> list[Message]:
+def _with_instructions(messages: list[Message], instructions: str) -> list[Message]:
     if messages and messages[0].role == "system":
-        return [Message("system", f"{messages[0].content}\n\n{CODE_INSTRUCTIONS}"), *messages[1:]]
-    return [Message("system", CODE_INSTRUCTIONS), *messages]
+        return [Message("system", f"{messages[0].content}\n\n{instructions}"), *messages[1:]]
+    return [Message("system", instructions), *messages]
 
 
 def _reasoning_item() -> dict[str, Any]:

@@ -124,3 +124,20 @@ def test_reasoning_items_in_input_are_accepted(make_server) -> None:  # type: ig
                                 input=[{"role": "user", "content": "How many days?"}, *replay,  # type: ignore[list-item]
                                        {"role": "user", "content": "Again."}])
     assert r.output_text == '{"days":2}'
+
+
+def test_smollm3_writes_code_in_code_tags_and_thinks_each_turn(make_server) -> None:  # type: ignore[no-untyped-def]
+    model = ThinkingModel(turns=(b"<think>compute it</think>\n<code>print(6 * 7)</code>",
+                                 b"<think>it printed 42</think>\nThe answer is 42."))
+    server: Server = make_server(Engine(model))
+    r = server.client().responses.create(model="thinking-byte-model", input="What is 6 times 7?",
+                                         tools=[{"type": "code_interpreter", "container": {"type": "auto"}}],
+                                         include=["code_interpreter_call.outputs"])
+    assert [item.type for item in r.output] == ["reasoning", "code_interpreter_call", "reasoning", "message"]
+    call = r.output[1]
+    assert call.code == "print(6 * 7)"  # type: ignore[union-attr]
+    assert call.outputs[0].logs.strip() == "42"  # type: ignore[union-attr,index]
+    assert r.output_text == "The answer is 42."
+    assert "Python code between <code> and </code>" in model.prompts[0]
+    assert "<code>print(6 * 7)</code><|im_end|>" in model.prompts[1]  # the call, replayed in its own format
+    assert "Output of the code:\n42" in model.prompts[1]

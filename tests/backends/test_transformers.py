@@ -36,7 +36,7 @@ from tests.fakes import TEMPLATES  # noqa: E402
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
                                            "days": {"type": "integer", "minimum": 1, "maximum": 9}},
           "required": ["city", "days"], "additionalProperties": False}
-TAGS = ["<think>", "</think>", "<tool_call>", "</tool_call>"]
+TAGS = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<code>", "</code>"]
 
 
 def bundled_gguf() -> Path:
@@ -91,6 +91,13 @@ def test_the_tiny_smollm3_gets_the_smollm3_profile(tiny: Engine) -> None:
     assert tiny.think_block(Turn(ASK)) is not None  # <think> and </think> are single tokens
     assert "Reasoning Mode: /think" in tiny.render(Turn(ASK), thinks=True)
     assert tiny.render(Turn(ASK, reasoning=Reasoning("none"))).endswith("<think>\n\n</think>\n")
+
+
+def test_smollm3_code_calls_are_written_between_its_code_tokens(tiny: Engine) -> None:
+    prepared = tiny.prepare(Turn(ASK, reasoning=Reasoning("none")), allow_code=True)
+    assert prepared.grammar is not None
+    open_, close = (tiny.grammars.term(t) for t in ("<code>", "</code>"))
+    assert f"code: {open_} CODE_BODY {close}" in prepared.grammar.source and open_.startswith("<[")
 
 
 @pytest.mark.parametrize("budget", [8, 30])

@@ -4,11 +4,13 @@ import json
 
 import jsonschema
 import pytest
+from llguidance import LLMatcher
 
 from smolrun.backends.decode import decode
 from smolrun.constraints import check_schema
-from smolrun.constraints.grammar import GrammarCache
+from smolrun.constraints.grammar import GrammarCache, turn_source
 from smolrun.errors import GenerationFailed, SchemaError
+from smolrun.prompt.profiles import CODE_TAGS
 from smolrun.turn import Done, ResponseFormat, SamplingParams, TextDelta
 from tests.fakes import ByteModel, byte_tokenizer
 from tests.schemas import CORPUS, obj
@@ -103,3 +105,17 @@ def test_llguidance_refusals_become_schema_errors() -> None:
     overlapping = obj({"v": {"oneOf": [{"type": "string"}, {"type": "string", "minLength": 2}]}})
     with pytest.raises(SchemaError, match="oneOf"):
         cache.get(ResponseFormat("json_schema", overlapping, "v"))
+
+
+def test_code_in_tags_is_one_lazy_lexeme() -> None:
+    source = turn_source(ResponseFormat(), allow_code=True, code=CODE_TAGS)
+    assert source is not None
+
+    def accepts(text: str) -> bool:
+        matcher = LLMatcher(byte_tokenizer(), source, log_level=0)
+        return matcher.consume_tokens(list(text.encode())) and matcher.is_accepting()
+
+    assert accepts("<code>x = '<b>'\nprint(x)</code>")
+    assert accepts("The answer is 42.")
+    assert not accepts("<code>print(1)</code> and more")  # the code call is the whole turn
+    assert not accepts("<b>bold</b>")  # free text may not start like a code call

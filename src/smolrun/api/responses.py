@@ -86,7 +86,7 @@ async def _prepare(call: _Call) -> RunSpec:
     fmt = parse_format(body.text)
     reasoning, call.summary = body.parsed_reasoning()
     call.code, tools = parse_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
-    parsed = parse_input(body.input)
+    parsed = parse_input(body.input, state.engine.profile.code)
     history: list[Message] = []
     if body.previous_response_id:
         previous = _stored(state, body.previous_response_id)
@@ -301,7 +301,7 @@ def _save(call: _Call, spec: RunSpec, output: list[dict[str, Any]], final: dict[
         return
     # The conversation a follow-up continues: history and input (not the instructions), then this output.
     # The code outputs the model saw live in the context, so the stored body is the response as returned.
-    context = [m for m in spec.messages if m.role != "system"] + output_messages(output)
+    context = [m for m in spec.messages if m.role != "system"] + output_messages(output, call.state.engine.profile.code)
     call.state.files.store.execute(
         "INSERT INTO responses VALUES (?, ?, ?, ?, ?, ?)", call.id, call.created_at, json.dumps(final),
         json.dumps(call.request.input), json.dumps([_message_to_json(m) for m in context]), call.container_id)

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from smolrun.constraints import check_schema
 from smolrun.errors import InvalidRequest, SchemaError
+from smolrun.prompt.profiles import FENCE, CodeFormat
 from smolrun.turn import EFFORTS, TEXT, Message, Reasoning, ResponseFormat, Role, Tool, ToolCall, ToolUse
 
 INCLUDE_OUTPUTS = "code_interpreter_call.outputs"
@@ -143,7 +144,8 @@ def _choice(choice: Any, functions: list[Tool]) -> str:
                          "\"name\": ...}", param="tool_choice")
 
 
-def parse_input(raw: str | list[dict[str, Any]]) -> ParsedInput:
+def parse_input(raw: str | list[dict[str, Any]], code: CodeFormat = FENCE) -> ParsedInput:
+    """Input items as messages; replayed code calls are written in the model's code format."""
     if isinstance(raw, str):
         item = {"id": f"msg_{uuid.uuid4().hex}", "type": "message", "role": "user",
                 "content": [{"type": "input_text", "text": raw}]}
@@ -161,7 +163,7 @@ def parse_input(raw: str | list[dict[str, Any]]) -> ParsedInput:
             file_ids += files
             messages.append(Message(role, text))
         elif kind == "code_interpreter_call":
-            messages += replay_code_call(item)
+            messages += replay_code_call(item, code)
         elif kind == "function_call":
             messages.append(replay_function_call(item, i))
         elif kind == "reasoning":
@@ -197,10 +199,10 @@ def _content(content: Any, i: int) -> tuple[str, list[str]]:
     return "\n".join(texts), files
 
 
-def replay_code_call(item: dict[str, Any]) -> list[Message]:
-    """A past code call, as the model saw it: its fenced code, then the output it got back."""
+def replay_code_call(item: dict[str, Any], code: CodeFormat = FENCE) -> list[Message]:
+    """A past code call, as the model saw it: its code, then the output it got back."""
     logs = "\n".join(o.get("logs", "") for o in item.get("outputs") or [] if o.get("type") == "logs")
-    return [Message("assistant", f"```python\n{item.get('code') or ''}\n```"),
+    return [Message("assistant", code.wrap(item.get("code") or "")),
             Message("user", f"Output of the code:\n{logs or '(no output)'}")]
 
 
@@ -214,12 +216,12 @@ def replay_function_call(item: dict[str, Any], i: int = 0) -> Message:
     return Message("assistant", "", (call,))
 
 
-def output_messages(output: list[dict[str, Any]]) -> list[Message]:
+def output_messages(output: list[dict[str, Any]], code: CodeFormat = FENCE) -> list[Message]:
     """A stored response's output as conversation turns, for previous_response_id."""
     messages: list[Message] = []
     for item in output:
         if item["type"] == "code_interpreter_call":
-            messages += replay_code_call(item)
+            messages += replay_code_call(item, code)
         elif item["type"] == "function_call":
             messages.append(replay_function_call(item))
         elif item["type"] == "message":

@@ -13,6 +13,7 @@ from typing import Any
 from llguidance import LLMatcher, LLParserLimits, LLTokenizer
 
 from smolrun.errors import SchemaError
+from smolrun.prompt.profiles import FENCE, CodeFormat
 from smolrun.prompt.tools import CLOSE as TOOL_CLOSE
 from smolrun.prompt.tools import OPEN as TOOL_OPEN
 from smolrun.thinking import ThinkBlock
@@ -46,20 +47,36 @@ def _schema(fmt: ResponseFormat) -> dict[str, Any]:
     return {"type": "object"} if fmt.type == "json_object" else (fmt.schema or {})
 
 
-# A code call in the model's own format: one fenced python block, closed by the fence (one lexeme, because
-# llguidance's lexer does not backtrack out of the code when it meets the closing backticks).
-CODE_FENCE = "```python\n"
-_CODE = r"/```python\n([^`]|`[^`]|``[^`])*```/"
+# A fenced python block is one lexeme closed by the fence, because llguidance's lexer does not backtrack out
+# of the code when it meets the closing backticks.
+_FENCED_CODE = r"/```python\n([^`]|`[^`]|``[^`])*```/"
+
+
+def _code_rules(code: CodeFormat, term: Callable[[str], str]) -> list[str]:
+    if code == FENCE:
+        return [f"code: {_FENCED_CODE}"]
+    open_, close = term(code.open), term(code.close)
+    if open_.startswith("<[") and close.startswith("<["):  # special tokens: free text between them
+        return [f"code: {open_} CODE_BODY {close}", "CODE_BODY: /(.|\\n)*/"]
+    # Tags spelled in text: one lazy lexeme, which ends at the first closing tag.
+    return [f"code[lazy]: /{_escape(code.open)}(.|\\n)*{_escape(code.close)}/"]
+
+
+def _escape(text: str) -> str:
+    """Literal text in a Lark regex (Rust syntax, where an escaped < or > would be a word boundary)."""
+    return "".join("\\" + c if c in "\\.^$|?*+()[]{}/-" else c for c in text)
 
 
 def turn_source(fmt: ResponseFormat, allow_code: bool = False, tools: ToolUse = NO_TOOLS,
-                think: ThinkBlock | None = None, term: Callable[[str], str] = json.dumps) -> str | None:
+                think: ThinkBlock | None = None, term: Callable[[str], str] = json.dumps,
+                code: CodeFormat = FENCE) -> str | None:
     """The grammar of one model turn: a think block when the model thinks, then a code block, function
     calls, or the answer, as allowed.
 
     Without thinking, code or tools this is the answer format alone (None for free text). Free text may not
     start with the first character of another branch, so the choice is made by the first token. `term`
-    writes a tag in the grammar: quoted text, or a token where the tag is one special token.
+    writes a tag in the grammar: quoted text, or a token where the tag is one special token. `code` is the
+    model's format for code calls.
     """
     active = tools.active
     if not allow_code and not active and think is None:
@@ -68,9 +85,9 @@ def turn_source(fmt: ResponseFormat, allow_code: bool = False, tools: ToolUse = 
     rules: list[str] = []
     first_chars = ""
     if allow_code:
-        branches.append("CODE")
-        rules.append(f"CODE: {_CODE}")
-        first_chars += "`"
+        branches.append("code")
+        rules += _code_rules(code, term)
+        first_chars += code.open[0]
     if active:
         several = tools.parallel and tools.choice in ("auto", "required")
         branches.append("calls")
@@ -85,7 +102,8 @@ def turn_source(fmt: ResponseFormat, allow_code: bool = False, tools: ToolUse = 
     if tools.answer_allowed:
         branches.append("answer")
         if fmt.type == "text":
-            rules += ["answer: TEXT", f"TEXT: /[^{first_chars}](.|\\n)*/" if first_chars else "TEXT: /(.|\\n)*/"]
+            firsts = "".join(sorted(set(first_chars)))
+            rules += ["answer: TEXT", f"TEXT: /[^{firsts}](.|\\n)*/" if firsts else "TEXT: /(.|\\n)*/"]
         else:
             rules.append("answer: %json " + json.dumps({**_schema(fmt), "x-guidance": JSON_OPTIONS}))
     start = f"start: {' | '.join(branches)}"
@@ -133,9 +151,9 @@ class GrammarCache:
         self._limits = LLParserLimits(verbose_errors=False)  # errors must not echo schemas into logs
 
     def get(self, fmt: ResponseFormat, allow_code: bool = False, tools: ToolUse = NO_TOOLS,
-            think: ThinkBlock | None = None) -> Grammar | None:
+            think: ThinkBlock | None = None, code: CodeFormat = FENCE) -> Grammar | None:
         """The grammar for one model turn (see turn_source); None when the turn is free text."""
-        source = turn_source(fmt, allow_code, tools, think, self.term)
+        source = turn_source(fmt, allow_code, tools, think, self.term, code)
         if source is None:
             return None
         key = hashlib.sha256(source.encode()).hexdigest()

@@ -29,9 +29,26 @@ class Thinking:
 
 
 @dataclass(frozen=True)
+class CodeFormat:
+    """How the model writes a code call for the code interpreter: the code between `open` and `close`."""
+
+    open: str
+    close: str
+    described: str  # for the instructions: "reply with <described> and nothing else"
+
+    def wrap(self, code: str) -> str:
+        return f"{self.open}{code}{self.close}"
+
+
+FENCE = CodeFormat("```python\n", "\n```", "a single ```python code block")
+CODE_TAGS = CodeFormat("<code>", "</code>", "Python code between <code> and </code>")  # SmolLM3's python tools
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     thinking: Thinking | None = None
+    code: CodeFormat = FENCE
     native_tools: bool = False  # the template describes `tools` itself
     alternating: bool = False  # the template refuses two turns of one role in a row (Gemma)
 
@@ -87,7 +104,7 @@ def detect(template: str | None) -> Profile:
         return GENERIC
     tools = "tools" in template
     if "/no_think" in template:  # SmolLM3: the keyword plus /think and /no_think system flags
-        return Profile("smollm3", Thinking(flags=("/think", "/no_think")), native_tools=tools)
+        return Profile("smollm3", Thinking(flags=("/think", "/no_think")), CODE_TAGS, native_tools=tools)
     if "enable_thinking" in template and "<think>" in template:  # Qwen3 and others with the same switch
         return Profile("thinking", Thinking(), native_tools=tools)
     if "<start_of_turn>" in template:
