@@ -85,4 +85,4 @@ class Engine:
         events = decode(self.model, prepared.prompt, prepared.params, matcher, cancelled)
         if prepared.think is None:
             return events
-        return split_thoughts(events, prepared.think, self.model.token_bytes)
+        return split_thoughts(events, prepared.think)

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 from smolrun.backends.decode import overlap
@@ -25,12 +24,12 @@ class ThinkBlock:
     thought_tokens: int  # the budget less the tags' tokens
 
 
-def split_thoughts(events: Iterator[Event], block: ThinkBlock, token_bytes: Callable[[int], bytes]) -> Iterator[Event]:
+def split_thoughts(events: Iterator[Event], block: ThinkBlock) -> Iterator[Event]:
     """ReasoningDelta for the thoughts, then TextDelta for the answer (leading blank lines dropped); Done
     carries the number of tokens the think block used."""
     raw = ""  # text of the think block so far, tags included
     sent = 0  # characters of thought already sent
-    sizes: list[int] = []  # bytes of each token generated while thinking
+    tokens: list[int] = []  # generated while thinking (a delta's tokens never come after its text)
     reasoning_tokens: int | None = None  # known once the block is closed
     answer_started = False
     for event in events:
@@ -52,7 +51,7 @@ def split_thoughts(events: Iterator[Event], block: ThinkBlock, token_bytes: Call
                 yield TextDelta(text, event.tokens)
             continue
         raw += event.text
-        sizes += [len(token_bytes(t)) for t in event.tokens]
+        tokens += event.tokens
         start = len(block.open) if raw.startswith(block.open) else 0
         end = raw.find(block.close, start)
         if end < 0:
@@ -63,9 +62,7 @@ def split_thoughts(events: Iterator[Event], block: ThinkBlock, token_bytes: Call
             continue
         if end - start > sent:
             yield ReasoningDelta(raw[start + sent : end])
-        closed_at = len(raw[: end + len(block.close)].encode())
-        reasoning_tokens = next((i + 1 for i, n in enumerate(itertools.accumulate(sizes)) if n >= closed_at),
-                                len(sizes))
+        reasoning_tokens = tokens.index(block.close_token) + 1 if block.close_token in tokens else len(tokens)
         answer = raw[end + len(block.close) :].lstrip()
         if answer:
             answer_started = True
