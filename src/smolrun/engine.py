@@ -34,7 +34,7 @@ class Engine:
         self.profile: Profile = detect(model.chat_template)
         self._think_tokens: tuple[int, int] | None = None
         if self.profile.thinking is not None:  # budgets need the tags as single special tokens (ThinkBlock)
-            ids = [self._special_token(t) for t in (self.profile.thinking.open, self.profile.thinking.close)]
+            ids = [self.grammars.special_token(t) for t in (self.profile.thinking.open, self.profile.thinking.close)]
             self._think_tokens = (ids[0], ids[1]) if ids[0] is not None and ids[1] is not None else None
 
     @classmethod
@@ -60,11 +60,7 @@ class Engine:
         budget = self.profile.think_budget(turn.messages, turn.reasoning)
         if thinking is None or tokens is None or budget is None:
             return None
-        return ThinkBlock(thinking.open, thinking.close, *tokens, budget, max(1, budget - 2))
-
-    def _special_token(self, text: str) -> int | None:
-        term = self.grammars.term(text)  # "<[id]>" for one special token
-        return int(term[2:-2]) if term.startswith("<[") else None
+        return ThinkBlock(thinking.open, thinking.close, *tokens, budget)
 
     def render(self, turn: Turn, thinks: bool = False) -> str:
         m, profile = self.model, self.profile

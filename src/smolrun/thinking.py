@@ -21,7 +21,11 @@ class ThinkBlock:
     open_token: int
     close_token: int
     budget: int  # tokens of the whole block, tags included
-    thought_tokens: int  # the budget less the tags' tokens
+
+    @property
+    def thought_tokens(self) -> int:
+        """The budget less the two tag tokens (at least one token of thought)."""
+        return max(1, self.budget - 2)
 
 
 def split_thoughts(events: Iterator[Event], block: ThinkBlock) -> Iterator[Event]:

@@ -10,6 +10,15 @@ import numpy.typing as npt
 from llguidance import LLTokenizer
 
 
+def reusable_prefix(cached: Sequence[int], tokens: Sequence[int]) -> int:
+    """How many leading `tokens` the KV cache already holds and may keep: the common prefix, less at least
+    one token, which is evaluated again to get fresh logits."""
+    common, limit = 0, min(len(cached), len(tokens))
+    while common < limit and cached[common] == tokens[common]:
+        common += 1
+    return min(common, len(tokens) - 1)
+
+
 class Model(Protocol):
     """A loaded model with one sequence of state (KV cache) that the decode loop drives."""
 

@@ -13,6 +13,7 @@ import numpy as np
 import numpy.typing as npt
 from llguidance import LLTokenizer
 
+from smolrun.backends.base import reusable_prefix
 from smolrun.errors import BackendMissing
 
 
@@ -81,12 +82,7 @@ class LlamaCppModel:
         return self._pieces[token] if 0 <= token < self.n_vocab else b""
 
     def prefill(self, tokens: Sequence[int], reuse: bool = True) -> npt.NDArray[np.float32]:
-        cached = self.llama.input_ids[: self.llama.n_tokens]
-        common = 0
-        limit = min(len(cached), len(tokens)) if reuse else 0
-        while common < limit and cached[common] == tokens[common]:
-            common += 1
-        common = min(common, len(tokens) - 1)  # re-evaluate at least one token to get fresh logits
+        common = reusable_prefix(self.llama.input_ids[: self.llama.n_tokens], tokens) if reuse else 0
         # Sliding-window caches (Gemma 3) cannot always drop a suffix: then start over from an empty cache.
         if common > 0 and not self.llama._ctx.kv_cache_seq_rm(-1, common, -1):
             common = 0

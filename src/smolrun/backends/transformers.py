@@ -13,6 +13,7 @@ import numpy as np
 import numpy.typing as npt
 from llguidance import LLTokenizer
 
+from smolrun.backends.base import reusable_prefix
 from smolrun.errors import BackendMissing, ModelUnavailable
 
 # End-of-turn tokens of common chat formats: generation stops on any of them that the vocabulary has.
@@ -106,11 +107,7 @@ class TransformersModel:
         return self._pieces[token] if 0 <= token < self.n_vocab else b""
 
     def prefill(self, tokens: Sequence[int], reuse: bool = True) -> npt.NDArray[np.float32]:
-        common = 0
-        limit = min(len(self._tokens), len(tokens)) if reuse and self._cache is not None else 0
-        while common < limit and self._tokens[common] == tokens[common]:
-            common += 1
-        common = min(common, len(tokens) - 1)  # re-evaluate at least one token to get fresh logits
+        common = reusable_prefix(self._tokens, tokens) if reuse and self._cache is not None else 0
         if common > 0:
             try:
                 self._cache.crop(common)

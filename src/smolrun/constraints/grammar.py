@@ -168,12 +168,15 @@ class GrammarCache:
                 self._items.popitem(last=False)
         return grammar
 
-    def term(self, tag: str) -> str:
-        """A tag in a grammar: its token where it is one special token (which text cannot spell), else text."""
+    def special_token(self, tag: str) -> int | None:
+        """The token of `tag` when it is one special token (which text cannot spell), else None."""
         ids = self.tokenizer.tokenize_str(tag, parse_special=True)
-        if len(ids) == 1 and self.tokenizer.is_special_token(ids[0]):
-            return f"<[{ids[0]}]>"
-        return json.dumps(tag)
+        return ids[0] if len(ids) == 1 and self.tokenizer.is_special_token(ids[0]) else None
+
+    def term(self, tag: str) -> str:
+        """A tag in a grammar: its token where it is one special token, else quoted text."""
+        token = self.special_token(tag)
+        return json.dumps(tag) if token is None else f"<[{token}]>"
 
     def _compile(self, key: str, source: str, fmt: ResponseFormat) -> Grammar:
         is_error, messages = LLMatcher.validate_grammar_with_warnings(source, self.tokenizer, limits=self._limits)
