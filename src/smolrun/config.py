@@ -25,6 +25,7 @@ class Settings:
     model: str = DEFAULT_MODEL
     backend: Backend = "llama"  # llama.cpp for GGUF files; transformers for Hugging Face models (and GPUs)
     device: str | None = None  # transformers only: None picks CUDA when present, else the CPU
+    vision_model: str | None = None  # a second model that sees, for requests with images (transformers engine)
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
@@ -53,6 +54,8 @@ class Settings:
             values["max_queue"] = int(env["SMOLRUN_MAX_QUEUE"])
         if "SMOLRUN_BACKEND" in env:
             values["backend"] = env["SMOLRUN_BACKEND"]
+        if env.get("SMOLRUN_VISION_MODEL"):
+            values["vision_model"] = env["SMOLRUN_VISION_MODEL"]
         values.update({k: v for k, v in overrides.items() if v is not None})
         if "model" not in values and values.get("backend") == "transformers":
             values["model"] = DEFAULT_TRANSFORMERS_MODEL

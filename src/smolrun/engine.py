@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from smolrun.backends.base import Model
+from smolrun.backends.base import Model, Pixels
 from smolrun.backends.decode import decode, never, token_budget
 from smolrun.config import Settings
 from smolrun.constraints.grammar import Grammar, GrammarCache
-from smolrun.models import hub_offline, resolve
+from smolrun.errors import InvalidRequest
+from smolrun.models import REGISTRY, hub_offline, resolve
 from smolrun.prompt import render
 from smolrun.prompt.profiles import Profile, detect
 from smolrun.prompt.tools import render_history
@@ -25,6 +26,7 @@ class Prepared:
     grammar: Grammar | None
     params: SamplingParams
     think: ThinkBlock | None = None  # the turn starts with a think block
+    pixels: tuple[Pixels, ...] = ()  # the pictures at the prompt's image tokens
 
 
 class Engine:
@@ -38,21 +40,28 @@ class Engine:
             self._think_tokens = (ids[0], ids[1]) if ids[0] is not None and ids[1] is not None else None
 
     @classmethod
-    def load(cls, settings: Settings) -> Engine:
-        if settings.backend == "transformers":
+    def load(cls, settings: Settings, model: str | None = None) -> Engine:
+        """The engine for `model` (default: settings.model). Vision models always use transformers."""
+        name = model or settings.model
+        spec = REGISTRY.get(name)
+        if settings.backend == "transformers" or (spec is not None and spec.source == "transformers"):
             from smolrun.backends.transformers import TransformersModel, hf_source
 
-            source = hf_source(settings.model, offline=settings.offline)
+            source = hf_source(name, offline=settings.offline)
             return cls(TransformersModel(source, n_ctx=settings.n_ctx, device=settings.device,
                                          threads=settings.threads, offline=hub_offline(settings.offline)))
         from smolrun.backends.llama_cpp import LlamaCppModel
 
-        resolved = resolve(settings.model, offline=settings.offline)
+        resolved = resolve(name, offline=settings.offline)
         return cls(LlamaCppModel(resolved.path, name=resolved.name, n_ctx=settings.n_ctx, n_threads=settings.threads))
 
     @property
     def name(self) -> str:
         return self.model.name
+
+    @property
+    def sees(self) -> bool:
+        return self.model.vision is not None
 
     def think_block(self, turn: Turn) -> ThinkBlock | None:
         """The think block this turn starts with, or None when the model does not think in it."""
@@ -66,19 +75,28 @@ class Engine:
         m, profile = self.model, self.profile
         messages = profile.arrange(render_history(turn.messages, turn.tools, describe_tools=not profile.native_tools))
         return render(m.chat_template, messages, bos_token=m.bos_token, eos_token=m.eos_token,
-                      **profile.template_kwargs(thinks, turn.tools))
+                      parts=profile.content_parts, **profile.template_kwargs(thinks, turn.tools))
 
     def prepare(self, turn: Turn, allow_code: bool = False) -> Prepared:
         think = self.think_block(turn)
         grammar = self.grammars.get(turn.format, allow_code=allow_code, tools=turn.tools, think=think,
                                     code=self.profile.code)
-        prompt = self.model.tokenize(self.render(turn, thinks=think is not None))
+        text = self.render(turn, thinks=think is not None)
+        media, vision = turn.media, self.model.vision
+        pixels: tuple[Pixels, ...] = ()
+        if not media:
+            prompt = self.model.tokenize(text)
+        elif vision is None or not self.profile.content_parts:
+            raise InvalidRequest(f"the model '{self.name}' cannot see images; send text only, or use a vision "
+                                 "model (smolrun serve --vision-model ...)", param="messages")
+        else:
+            prompt, pixels = vision.prompt(text, media)
         token_budget(self.model.n_ctx, len(prompt), turn.params.max_tokens)  # 400 before queueing, not mid-stream
-        return Prepared(prompt, grammar, turn.params, think)
+        return Prepared(prompt, grammar, turn.params, think, pixels)
 
     def generate(self, prepared: Prepared, cancelled: Callable[[], bool] = never) -> Iterator[Event]:
         matcher = prepared.grammar.matcher() if prepared.grammar is not None else None
-        events = decode(self.model, prepared.prompt, prepared.params, matcher, cancelled)
+        events = decode(self.model, prepared.prompt, prepared.params, matcher, cancelled, prepared.pixels)
         if prepared.think is None:
             return events
         return split_thoughts(events, prepared.think)

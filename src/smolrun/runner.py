@@ -24,7 +24,9 @@ from smolrun.turn import (
     NO_TOOLS,
     Done,
     Event,
+    Image,
     Message,
+    Part,
     Reasoning,
     ReasoningDelta,
     ResponseFormat,
@@ -234,7 +236,7 @@ async def run(spec: RunSpec, engine: Engine, generate: Generate, execute: Execut
         calls += 1
         yield ItemDone(index, {**item, "code": code, "container_id": container_id, "status": "completed",
                                "outputs": _outputs(result)})
-        conversation += [Message("assistant", split.raw), Message("user", _observation(result))]
+        conversation += [Message("assistant", split.raw), observation(result, engine.sees)]
         index += 1
 
 
@@ -281,9 +283,15 @@ def _outputs(result: Execution) -> list[dict[str, Any]]:
     return outputs
 
 
-def _observation(result: Execution) -> str:
-    text = logs_text(result) or "(no output)"
+def observation(result: Execution, sees: bool = False) -> Message:
+    """The code's output as the model's next user turn; a model that can see also gets the figures."""
+    text = logs_text(result) or ("(no output)" if not result.images else "")
     if len(text) > OBSERVATION_CHARS:
         half = OBSERVATION_CHARS // 2
         text = f"{text[:half]}\n[... output truncated ...]\n{text[-half:]}"
-    return f"Output of the code:\n{text}"
+    if result.images and not sees:
+        text += f"\n[{len(result.images)} figure(s) drawn; this model cannot see them]"
+    parts: list[Part] = [f"Output of the code:\n{text}".rstrip()]
+    if sees:
+        parts += [Image(png) for png in result.images]
+    return Message.of("user", parts)

@@ -18,12 +18,51 @@ class ToolCall:
     arguments: str  # JSON text, as on the wire
 
 
+Detail = Literal["low", "high", "auto"]
+
+
+@dataclass(frozen=True)
+class Image:
+    """A picture for a model that can see: its encoded bytes (PNG, JPEG, ...), already checked to decode.
+    `detail` "low" shows it as one tile; "high" and "auto" let the model's processor split it into tiles."""
+
+    data: bytes
+    detail: Detail = "auto"
+
+
+@dataclass(frozen=True)
+class Video:
+    """Frames sampled from a video (encoded images), with the second each was taken at."""
+
+    frames: tuple[bytes, ...]
+    seconds: tuple[float, ...]
+    duration: float
+
+
+Part = str | Image | Video
+
+
 @dataclass(frozen=True)
 class Message:
     role: Role
-    content: str
+    content: str  # the text (of every text part, for messages with pictures)
     tool_calls: tuple[ToolCall, ...] = ()  # an assistant turn that called functions
     tool_call_id: str | None = None  # a tool turn: which call it answers
+    parts: tuple[Part, ...] = ()  # set when the message has pictures: text and pictures in order
+
+    @classmethod
+    def of(cls, role: Role, parts: list[Part]) -> Message:
+        """A message from content parts; plain text when it has no pictures."""
+        text = "\n".join(p for p in parts if isinstance(p, str))
+        pictures = any(not isinstance(p, str) for p in parts)
+        return cls(role, text, parts=tuple(parts) if pictures else ())
+
+    @property
+    def media(self) -> tuple[Image | Video, ...]:
+        return tuple(p for p in self.parts if not isinstance(p, str))
+
+    def as_parts(self) -> tuple[Part, ...]:
+        return self.parts or ((self.content,) if self.content else ())
 
 
 @dataclass(frozen=True)
@@ -106,6 +145,10 @@ class Turn:
     params: SamplingParams = field(default_factory=SamplingParams)
     tools: ToolUse = NO_TOOLS
     reasoning: Reasoning = DEFAULT_REASONING
+
+    @property
+    def media(self) -> tuple[Image | Video, ...]:
+        return tuple(x for m in self.messages for x in m.media)
 
 
 @dataclass(frozen=True)

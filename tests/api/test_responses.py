@@ -127,7 +127,8 @@ def test_stored_responses_chain_and_can_be_read_and_deleted(make_server) -> None
     [
         ({"tools": [{"type": "web_search"}]}, "tools[0]"),
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "data:,"}]}]},
-         "input[0].content[0]"),
+         "model"),  # the text model cannot see: the 400 names the model
+        ({"input": [{"role": "user", "content": [{"type": "input_audio"}]}]}, "input[0].content[0]"),
         ({"text": {"format": {"type": "json_schema", "name": "x", "strict": True,
                               "schema": {"type": "object", "properties": {"a": {"not": {}}}, "required": ["a"],
                                          "additionalProperties": False}}}}, "text.format.schema"),

@@ -32,11 +32,12 @@ from smolrun.store import Store
 log = logging.getLogger("smolrun")
 
 
-def create_app(engine: Engine, settings: Settings) -> FastAPI:
+def create_app(engine: Engine, settings: Settings, vision: Engine | None = None) -> FastAPI:
+    """The server for a text model and, optionally, a vision model beside it (one queue for both)."""
     store = Store(settings.data_dir / "smolrun.db")
     file_store = FileStore(store, settings.data_dir / "files")
     containers = ContainerManager(store, default_config(), file_store, warm=settings.warm_containers)
-    state = AppState(settings, engine, Scheduler(settings.max_queue), file_store, containers)
+    state = AppState(settings, engine, Scheduler(settings.max_queue), file_store, containers, vision)
     created = int(time.time())
 
     @asynccontextmanager
@@ -93,19 +94,18 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": engine.name}
+        return {"status": "ok", "model": engine.name, **({"vision_model": vision.name} if vision else {})}
 
-    def model_card() -> dict[str, Any]:
-        return {"id": engine.name, "object": "model", "created": created, "owned_by": "smolrun"}
+    def model_card(served: Engine) -> dict[str, Any]:
+        return {"id": served.name, "object": "model", "created": created, "owned_by": "smolrun"}
 
     @app.get("/v1/models", dependencies=[Depends(check_api_key)])
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(e) for e in state.engines]}
 
     @app.get("/v1/models/{model_id:path}", dependencies=[Depends(check_api_key)])
     async def get_model(model_id: str, request: Request) -> dict[str, Any]:
-        get_state(request).check_model(model_id)
-        return model_card()
+        return model_card(get_state(request).engine_for(model_id, pictures=False))
 
     for router in (chat_router, responses_router, files_router, containers_router):
         app.include_router(router, dependencies=[Depends(check_api_key)])

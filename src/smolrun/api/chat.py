@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,13 +14,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from smolrun import __version__
-from smolrun.api.state import AppState, get_state
+from smolrun.api.state import get_state
 from smolrun.api.wire import ChatCompletionRequest
-from smolrun.engine import Prepared
 from smolrun.errors import GenerationFailed, SchemaError, SmolrunError
 from smolrun.prompt.tools import OPEN as TOOL_OPEN
 from smolrun.prompt.tools import parse_calls
-from smolrun.turn import DecodeStats, Done, ReasoningDelta, TextDelta, ToolCall
+from smolrun.turn import DecodeStats, Done, Event, ReasoningDelta, TextDelta, ToolCall
 
 router = APIRouter()
 FINGERPRINT = f"smolrun-{__version__}"
@@ -29,20 +28,21 @@ FINGERPRINT = f"smolrun-{__version__}"
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
     state = get_state(request)
-    state.check_model(body.model)
+    engine = state.engine_for(body.model, body.has_pictures())  # before reading pictures: 400s come cheap
     try:
-        turn = body.to_turn()
-        prepared = await asyncio.to_thread(state.engine.prepare, turn)
+        turn = await asyncio.to_thread(body.to_turn, state.file_bytes)
+        prepared = await asyncio.to_thread(engine.prepare, turn)
     except SchemaError as exc:
         if exc.param is not None:
             raise
         raise SchemaError(exc.message, param="response_format") from exc
-    meta = _Meta(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), state.engine.name, bool(turn.tools.active),
+    meta = _Meta(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), engine.name, bool(turn.tools.active),
                  prepared.think is not None)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_sse(state, prepared, meta, include_usage), media_type="text/event-stream")
-    return JSONResponse(await _complete(state, prepared, meta, request))
+        return StreamingResponse(_sse(state.generate(engine, prepared), meta, include_usage),
+                                 media_type="text/event-stream")
+    return JSONResponse(await _complete(state.generate(engine, prepared), meta, request))
 
 
 @dataclass(frozen=True)
@@ -72,11 +72,10 @@ def usage(stats: DecodeStats) -> dict[str, Any]:
     }
 
 
-async def _complete(state: AppState, prepared: Prepared, meta: _Meta, request: Request) -> dict[str, Any]:
+async def _complete(events: AsyncGenerator[Event, None], meta: _Meta, request: Request) -> dict[str, Any]:
     parts: list[str] = []
     thoughts: list[str] = []
     done: Done | None = None
-    events = state.generate(prepared)
     watcher = asyncio.create_task(cancel_on_disconnect(request, asyncio.current_task()))
     try:
         async for event in events:
@@ -127,9 +126,8 @@ def _wire_call(call: ToolCall, index: int | None = None) -> dict[str, Any]:
     return wire if index is None else {"index": index, **wire}
 
 
-async def _sse(state: AppState, prepared: Prepared, meta: _Meta, include_usage: bool) -> AsyncIterator[str]:
+async def _sse(events: AsyncGenerator[Event, None], meta: _Meta, include_usage: bool) -> AsyncIterator[str]:
     yield _data(_chunk(meta, {"role": "assistant", "content": "", "refusal": None}, None))
-    events = state.generate(prepared)
     calls: list[str] | None = None  # the text of a turn of function calls, sent once it is complete
     first = True
     try:

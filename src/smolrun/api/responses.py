@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 import uuid
@@ -24,11 +25,13 @@ from smolrun.api.responses_wire import (
     parse_input,
     parse_tools,
 )
-from smolrun.api.state import AppState, get_state
+from smolrun import media
+from smolrun.api.state import AUTO, AppState, get_state
+from smolrun.engine import Engine, Prepared
 from smolrun.errors import InvalidRequest, NotFound, SmolrunError
 from smolrun.runner import Delta, Finished, Interpreting, ItemAdded, ItemDone, RunEvent, RunSpec, run
 from smolrun.sandbox.container import Execution
-from smolrun.turn import Message, SamplingParams, ToolCall
+from smolrun.turn import Event, Image, Message, Part, SamplingParams, ToolCall, Video
 
 router = APIRouter()
 DEFAULT_MAX_TOOL_CALLS = 4
@@ -40,6 +43,7 @@ class _Call:
 
     state: AppState
     request: ResponsesRequest
+    engine: Engine
     id: str = field(default_factory=lambda: f"resp_{uuid.uuid4().hex}")
     created_at: int = field(default_factory=lambda: int(time.time()))
     code: CodeTool | None = None
@@ -64,8 +68,8 @@ class _Call:
 @router.post("/v1/responses", response_model=None)
 async def create_response(body: ResponsesRequest, request: Request) -> JSONResponse | StreamingResponse:
     state = get_state(request)
-    state.check_model(body.model)
-    call = _Call(state, body)
+    pictures = body.has_pictures() or await asyncio.to_thread(_files_show_pictures, state, body)
+    call = _Call(state, body, state.engine_for(body.model, pictures))
     spec = await _prepare(call)
     if body.stream:
         return StreamingResponse(_sse(call, spec), media_type="text/event-stream")
@@ -86,7 +90,8 @@ async def _prepare(call: _Call) -> RunSpec:
     fmt = parse_format(body.text)
     reasoning, call.summary = body.parsed_reasoning()
     call.code, tools = parse_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
-    parsed = parse_input(body.input, state.engine.profile.code)
+    engine = call.engine
+    parsed = await asyncio.to_thread(parse_input, body.input, engine.profile.code, state.file_bytes)
     history: list[Message] = []
     if body.previous_response_id:
         previous = _stored(state, body.previous_response_id)
@@ -101,9 +106,15 @@ async def _prepare(call: _Call) -> RunSpec:
         state.containers.live(call.code.container)  # 404 or "expired" now, not at the first code call
         call.container_id = call.code.container
     messages = list(parsed.messages)
-    if parsed.file_ids and call.code is None:
-        messages.append(Message("user", await asyncio.to_thread(_inline_files, state, parsed.file_ids)))
-    elif parsed.file_ids:
+    shown: tuple[str, ...] = ()  # files a model that sees looks at: pictures, PDF pages, video frames
+    if engine.sees and parsed.file_ids:
+        shown, message = await asyncio.to_thread(_show_files, state, parsed.file_ids)
+        if message is not None:
+            messages.append(message)
+    unseen = tuple(f for f in parsed.file_ids if f not in shown)
+    if unseen and call.code is None:
+        messages.append(Message("user", await asyncio.to_thread(_inline_files, state, unseen)))
+    elif parsed.file_ids and call.code is not None:
         call.file_ids = parsed.file_ids
         names = [state.files.get(f)["filename"] for f in parsed.file_ids]
         messages.append(Message("user", "Files available: " + ", ".join(f"/mnt/data/{n}" for n in names)))
@@ -124,6 +135,33 @@ async def _prepare(call: _Call) -> RunSpec:
     max_calls = DEFAULT_MAX_TOOL_CALLS if body.max_tool_calls is None else body.max_tool_calls
     return RunSpec(tuple(system + history + messages), fmt, params, call.code is not None, max_calls, tools,
                    reasoning)
+
+
+def _input_file_ids(body: ResponsesRequest) -> list[str]:
+    if isinstance(body.input, str):
+        return []
+    return [part["file_id"] for item in body.input if isinstance(item.get("content"), list)
+            for part in item["content"] if isinstance(part, dict) and part.get("type") == "input_file"
+            and isinstance(part.get("file_id"), str)]
+
+
+def _files_show_pictures(state: AppState, body: ResponsesRequest) -> bool:
+    """Whether `auto` should pick the vision model for the input files (pictures, PDFs, videos)."""
+    if body.model != AUTO or state.vision is None:
+        return False
+    return any(media.is_media(state.file_bytes(f)) for f in _input_file_ids(body))
+
+
+def _show_files(state: AppState, file_ids: tuple[str, ...]) -> tuple[tuple[str, ...], Message | None]:
+    """The input files that are pictures, PDFs or videos, as one user message with their pages and frames."""
+    shown: list[str] = []
+    parts: list[Part] = []
+    for file_id in file_ids:
+        meta, data = state.files.content(file_id)
+        if media.is_media(data):
+            shown.append(file_id)
+            parts += [f"File {meta['filename']}:", *media.load(data, f"input_file {file_id}")]
+    return tuple(shown), Message.of("user", parts) if parts else None
 
 
 def _inline_files(state: AppState, file_ids: tuple[str, ...]) -> str:
@@ -160,7 +198,7 @@ def _response(call: _Call, status: str, output: list[dict[str, Any]], usage: dic
     return {
         "id": call.id, "object": "response", "created_at": call.created_at, "status": status,
         "completed_at": int(time.time()) if status == "completed" else None,
-        "model": call.state.engine.name, "output": shown, "error": None,
+        "model": call.engine.name, "output": shown, "error": None,
         "incomplete_details": {"reason": incomplete} if incomplete else None,
         "instructions": body.instructions, "tools": body.tools, "tool_choice": body.tool_choice or "auto",
         "parallel_tool_calls": True if body.parallel_tool_calls is None else body.parallel_tool_calls,
@@ -201,7 +239,12 @@ async def _run(call: _Call, spec: RunSpec) -> AsyncIterator[dict[str, Any]]:
     code_so_far: dict[int, str] = {}
     ids: dict[int, str] = {}  # output index -> item id
     event: RunEvent
-    async for event in run(spec, call.state.engine, call.state.generate, call.execute):
+    engine = call.engine
+
+    def generate(prepared: Prepared) -> AsyncIterator[Event]:
+        return call.state.generate(engine, prepared)
+
+    async for event in run(spec, engine, generate, call.execute):
         if isinstance(event, ItemAdded):
             item = event.item
             ids[event.index] = item["id"]
@@ -301,7 +344,7 @@ def _save(call: _Call, spec: RunSpec, output: list[dict[str, Any]], final: dict[
         return
     # The conversation a follow-up continues: history and input (not the instructions), then this output.
     # The code outputs the model saw live in the context, so the stored body is the response as returned.
-    context = [m for m in spec.messages if m.role != "system"] + output_messages(output, call.state.engine.profile.code)
+    context = [m for m in spec.messages if m.role != "system"] + output_messages(output, call.engine.profile.code)
     call.state.files.store.execute(
         "INSERT INTO responses VALUES (?, ?, ?, ?, ?, ?)", call.id, call.created_at, json.dumps(final),
         json.dumps(call.request.input), json.dumps([_message_to_json(m) for m in context]), call.container_id)
@@ -309,12 +352,31 @@ def _save(call: _Call, spec: RunSpec, output: list[dict[str, Any]], final: dict[
 
 def _message_to_json(m: Message) -> dict[str, Any]:
     return {"role": m.role, "content": m.content, "tool_call_id": m.tool_call_id,
-            "tool_calls": [[c.id, c.name, c.arguments] for c in m.tool_calls]}
+            "tool_calls": [[c.id, c.name, c.arguments] for c in m.tool_calls],
+            "parts": [_part_to_json(p) for p in m.parts]}
+
+
+def _part_to_json(part: Part) -> dict[str, Any]:
+    if isinstance(part, str):
+        return {"text": part}
+    if isinstance(part, Image):
+        return {"image": base64.b64encode(part.data).decode(), "detail": part.detail}
+    return {"video": [base64.b64encode(f).decode() for f in part.frames], "seconds": list(part.seconds),
+            "duration": part.duration}
+
+
+def _part_from_json(data: dict[str, Any]) -> Part:
+    if "text" in data:
+        return str(data["text"])
+    if "image" in data:
+        return Image(base64.b64decode(data["image"]), data["detail"])
+    return Video(tuple(base64.b64decode(f) for f in data["video"]), tuple(data["seconds"]), data["duration"])
 
 
 def _message_from_json(data: dict[str, Any]) -> Message:
     calls = tuple(ToolCall(*c) for c in data.get("tool_calls") or ())
-    return Message(data["role"], data["content"], calls, data.get("tool_call_id"))
+    parts = tuple(_part_from_json(p) for p in data.get("parts") or ())
+    return Message(data["role"], data["content"], calls, data.get("tool_call_id"), parts)
 
 
 def _data(event: dict[str, Any]) -> str:

@@ -5,15 +5,19 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from smolrun import media
 from smolrun.constraints import check_schema
 from smolrun.errors import InvalidRequest, SchemaError
 from smolrun.prompt.profiles import FENCE, CodeFormat
-from smolrun.turn import EFFORTS, TEXT, Message, Reasoning, ResponseFormat, Role, Tool, ToolCall, ToolUse
+from smolrun.turn import EFFORTS, TEXT, Message, Part, Reasoning, ResponseFormat, Role, Tool, ToolCall, ToolUse
+
+Files = Callable[[str], bytes]  # file id -> its bytes (NotFound when there is none)
 
 INCLUDE_OUTPUTS = "code_interpreter_call.outputs"
 NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
@@ -44,6 +48,12 @@ class ResponsesRequest(BaseModel):
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     thinking_token_budget: int | None = Field(default=None, ge=1)
+
+    def has_pictures(self) -> bool:
+        """Whether the input has input_image parts (input_file parts may hold pictures too: see media_files)."""
+        return not isinstance(self.input, str) and any(
+            isinstance(part, dict) and part.get("type") == "input_image"
+            for item in self.input if isinstance(item.get("content"), list) for part in item["content"])
 
     def parsed_reasoning(self) -> tuple[Reasoning, str | None]:
         """The thinking effort and budget, and the summary asked for (None: no summary)."""
@@ -144,8 +154,9 @@ def _choice(choice: Any, functions: list[Tool]) -> str:
                          "\"name\": ...}", param="tool_choice")
 
 
-def parse_input(raw: str | list[dict[str, Any]], code: CodeFormat = FENCE) -> ParsedInput:
-    """Input items as messages; replayed code calls are written in the model's code format."""
+def parse_input(raw: str | list[dict[str, Any]], code: CodeFormat = FENCE, files: Files | None = None) -> ParsedInput:
+    """Input items as messages; replayed code calls are written in the model's code format; input_image parts
+    are read (data URLs, or uploaded files through `files`)."""
     if isinstance(raw, str):
         item = {"id": f"msg_{uuid.uuid4().hex}", "type": "message", "role": "user",
                 "content": [{"type": "input_text", "text": raw}]}
@@ -159,9 +170,11 @@ def parse_input(raw: str | list[dict[str, Any]], code: CodeFormat = FENCE) -> Pa
             role = ROLES.get(str(item.get("role")))
             if role is None:
                 raise InvalidRequest(f"unsupported role {item.get('role')!r}", param=f"input[{i}].role")
-            text, files = _content(item.get("content"), i)
-            file_ids += files
-            messages.append(Message(role, text))
+            parts, ids = _content(item.get("content"), i, files)
+            if role != "user" and any(not isinstance(p, str) for p in parts):
+                raise InvalidRequest("pictures go in user messages", param=f"input[{i}].content")
+            file_ids += ids
+            messages.append(Message.of(role, parts))
         elif kind == "code_interpreter_call":
             messages += replay_code_call(item, code)
         elif kind == "function_call":
@@ -180,23 +193,35 @@ def parse_input(raw: str | list[dict[str, Any]], code: CodeFormat = FENCE) -> Pa
     return ParsedInput(tuple(messages), tuple(file_ids), tuple(items))
 
 
-def _content(content: Any, i: int) -> tuple[str, list[str]]:
+def _content(content: Any, i: int, files: Files | None) -> tuple[list[Part], list[str]]:
     if isinstance(content, str):
-        return content, []
+        return [content], []
     if not isinstance(content, list):
         raise InvalidRequest("message content must be a string or a list of parts", param=f"input[{i}].content")
-    texts: list[str] = []
-    files: list[str] = []
+    parts: list[Part] = []
+    file_ids: list[str] = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
+        where = f"input[{i}].content[{j}]"
         if kind in ("input_text", "output_text"):
-            texts.append(str(part.get("text", "")))
+            parts.append(str(part.get("text", "")))
         elif kind == "input_file" and isinstance(part.get("file_id"), str):
-            files.append(part["file_id"])
+            file_ids.append(part["file_id"])
+        elif kind == "input_image":
+            detail = media.check_detail(part.get("detail"), f"{where}.detail")
+            parts += media.load(_image_bytes(part, files, where), where, detail)
         else:
-            raise InvalidRequest(f"content parts of type {kind!r} are not supported by this model "
-                                 "(input_text, and input_file by file_id)", param=f"input[{i}].content[{j}]")
-    return "\n".join(texts), files
+            raise InvalidRequest(f"content parts of type {kind!r} are not supported (input_text, input_image, "
+                                 "and input_file by file_id)", param=where)
+    return parts, file_ids
+
+
+def _image_bytes(part: dict[str, Any], files: Files | None, where: str) -> bytes:
+    if isinstance(part.get("image_url"), str):
+        return media.decode_url(part["image_url"], f"{where}.image_url")
+    if isinstance(part.get("file_id"), str) and files is not None:
+        return files(part["file_id"])
+    raise InvalidRequest("input_image needs 'image_url' (a data URL) or 'file_id'", param=where)
 
 
 def replay_code_call(item: dict[str, Any], code: CodeFormat = FENCE) -> list[Message]:

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from smolrun import media
 from smolrun.constraints import check_schema
 from smolrun.errors import InvalidRequest, SchemaError
 from smolrun.turn import (
     TEXT,
     Effort,
     Message,
+    Part,
     Reasoning,
     ResponseFormat,
     SamplingParams,
@@ -36,11 +39,33 @@ class TextPart(_Wire):
     text: str
 
 
+class ImageUrl(_Wire):
+    url: str
+    detail: str | None = None
+
+
+class ImagePart(_Wire):
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
+class FileRef(_Wire):
+    file_id: str | None = None
+    file_data: str | None = None  # a data URL, or bare base64
+    filename: str | None = None
+
+
+class FilePart(_Wire):
+    type: Literal["file"]
+    file: FileRef
+
+
 class OtherPart(_Wire):
-    type: Literal["image_url", "input_audio", "file", "refusal"]
+    type: Literal["input_audio", "refusal"]
 
 
-ContentPart = Annotated[TextPart | OtherPart, Field(discriminator="type")]
+ContentPart = Annotated[TextPart | ImagePart | FilePart | OtherPart, Field(discriminator="type")]
+Files = Callable[[str], bytes]  # file id -> its bytes (NotFound when there is none)
 
 
 class FunctionCall(_Wire):
@@ -124,7 +149,12 @@ class ChatCompletionRequest(_Wire):
     reasoning_effort: Effort | None = None  # no effect on models without a thinking mode
     thinking_token_budget: int | None = Field(default=None, ge=1)  # extension, as in vLLM
 
-    def to_turn(self) -> Turn:
+    def has_pictures(self) -> bool:
+        return any(isinstance(p, ImagePart | FilePart) for m in self.messages if isinstance(m.content, list)
+                   for p in m.content)
+
+    def to_turn(self, files: Files | None = None) -> Turn:
+        """The request as a Turn; pictures are read (from data URLs, or uploaded files through `files`)."""
         self._refuse_unsupported()
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         if len(stop) > 4:
@@ -139,7 +169,7 @@ class ChatCompletionRequest(_Wire):
             frequency_penalty=self.frequency_penalty or 0.0,
             presence_penalty=self.presence_penalty or 0.0,
         )
-        messages = tuple(_message(m, i) for i, m in enumerate(self.messages))
+        messages = tuple(_message(m, i, files) for i, m in enumerate(self.messages))
         tools = ToolUse(_tools(self.tools or []), _tool_choice(self.tool_choice, self.tools or []),
                         self.parallel_tool_calls is not False)
         reasoning = Reasoning(self.reasoning_effort, self.thinking_token_budget)
@@ -154,7 +184,7 @@ class ChatCompletionRequest(_Wire):
             raise InvalidRequest("'logprobs' is not supported", param="logprobs")
 
 
-def _message(m: ChatMessage, index: int) -> Message:
+def _message(m: ChatMessage, index: int, files: Files | None) -> Message:
     role = "system" if m.role == "developer" else m.role
     calls = tuple(_call(c, index) for c in m.tool_calls or ())
     if m.role == "tool" and not m.tool_call_id:
@@ -165,15 +195,32 @@ def _message(m: ChatMessage, index: int) -> Message:
         raise InvalidRequest("message content is required", param=f"messages[{index}].content")
     if isinstance(m.content, str):
         return Message(role, m.content, calls, m.tool_call_id)
-    texts: list[str] = []
+    parts: list[Part] = []
     for j, part in enumerate(m.content):
-        if not isinstance(part, TextPart):
-            raise InvalidRequest(
-                f"content parts of type '{part.type}' are not supported by this model; send text parts",
-                param=f"messages[{index}].content[{j}]",
-            )
-        texts.append(part.text)
-    return Message(role, "\n".join(texts), calls, m.tool_call_id)
+        where = f"messages[{index}].content[{j}]"
+        if isinstance(part, TextPart):
+            parts.append(part.text)
+        elif isinstance(part, ImagePart):
+            detail = media.check_detail(part.image_url.detail, f"{where}.image_url.detail")
+            parts += media.load(media.decode_url(part.image_url.url, f"{where}.image_url.url"), where, detail)
+        elif isinstance(part, FilePart):
+            parts += media.load(_file_data(part.file, files, where), where)
+        else:
+            raise InvalidRequest(f"content parts of type '{part.type}' are not supported; send text, image_url "
+                                 "or file parts", param=where)
+    if role != "user" and any(not isinstance(p, str) for p in parts):
+        raise InvalidRequest("pictures go in user messages", param=f"messages[{index}].content")
+    message = Message.of(role, parts)
+    return Message(message.role, message.content, calls, m.tool_call_id, message.parts)
+
+
+def _file_data(ref: FileRef, files: Files | None, where: str) -> bytes:
+    if ref.file_data is not None:
+        data = ref.file_data
+        return media.decode_url(data if data.startswith("data:") else f"data:;base64,{data}", f"{where}.file")
+    if ref.file_id is not None and files is not None:
+        return files(ref.file_id)
+    raise InvalidRequest("a file part needs 'file_id' or 'file_data'", param=f"{where}.file")
 
 
 def _call(call: ToolCallWire, index: int) -> ToolCall:

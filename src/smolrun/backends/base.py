@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 from llguidance import LLTokenizer
+
+from smolrun.turn import Image, Video
 
 
 def reusable_prefix(cached: Sequence[int], tokens: Sequence[int]) -> int:
@@ -17,6 +20,36 @@ def reusable_prefix(cached: Sequence[int], tokens: Sequence[int]) -> int:
     while common < limit and cached[common] == tokens[common]:
         common += 1
     return min(common, len(tokens) - 1)
+
+
+@dataclass(frozen=True)
+class Pixels:
+    """One picture's (or video's) preprocessed tiles and the span of its image tokens in the prompt."""
+
+    start: int
+    end: int
+    values: Any  # the engine's array of tiles, (tiles, channels, height, width)
+    digest: bytes  # identifies the picture and how it was cut (media.digest), for prefix reuse
+
+
+def reusable_with_pixels(common: int, held: Sequence[Pixels], pixels: Sequence[Pixels]) -> int:
+    """Shorten a reusable prefix so that it never splits a picture, and keeps only pictures the cache holds:
+    image tokens are one id for every picture, so equal tokens do not mean equal pictures."""
+    cached = {(p.start, p.end, p.digest) for p in held}
+    for p in sorted(pixels, key=lambda p: p.start):
+        if p.start < common and (p.end > common or (p.start, p.end, p.digest) not in cached):
+            common = p.start
+    return common
+
+
+class Vision(Protocol):
+    """A model's image side: pictures into prompt tokens and pixel tiles."""
+
+    tokens_per_tile: int
+
+    def prompt(self, text: str, media: Sequence[Image | Video]) -> tuple[list[int], tuple[Pixels, ...]]:
+        """Tokenize a rendered prompt whose image markers stand for `media`, in order."""
+        ...
 
 
 class Model(Protocol):
@@ -30,6 +63,7 @@ class Model(Protocol):
     chat_template: str | None
     bos_token: str
     eos_token: str
+    vision: Vision | None  # None: the model cannot see
 
     def tokenize(self, text: str) -> list[int]:
         """Tokenize a rendered prompt, parsing special tokens, adding BOS when the model wants it."""
@@ -39,8 +73,9 @@ class Model(Protocol):
         """The bytes a token adds to the output text (empty for control tokens)."""
         ...
 
-    def prefill(self, tokens: Sequence[int], reuse: bool = True) -> npt.NDArray[np.float32]:
-        """Make `tokens` the whole sequence; logits after its last token.
+    def prefill(self, tokens: Sequence[int], reuse: bool = True,
+                pixels: Sequence[Pixels] = ()) -> npt.NDArray[np.float32]:
+        """Make `tokens` the whole sequence, with `pixels` at their image tokens; logits after its last token.
 
         With `reuse`, a prefix already in the KV cache is kept. Logits then differ from a full prefill
         in the last float bits (other batch shapes), so seeded sampling asks for `reuse=False`."""

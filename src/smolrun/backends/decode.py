@@ -11,7 +11,7 @@ import numpy.typing as npt
 from llguidance import LLMatcher
 from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
 
-from smolrun.backends.base import Model
+from smolrun.backends.base import Model, Pixels
 from smolrun.backends.sampling import sample
 from smolrun.errors import ContextLengthExceeded, GenerationFailed
 from smolrun.turn import DecodeStats, Done, Event, FinishReason, SamplingParams, TextDelta
@@ -27,6 +27,7 @@ def decode(
     params: SamplingParams,
     matcher: LLMatcher | None = None,
     cancelled: Callable[[], bool] = never,
+    pixels: Sequence[Pixels] = (),
 ) -> Iterator[Event]:
     """Generate from `prompt`, yielding text deltas then one Done.
 
@@ -45,7 +46,7 @@ def decode(
     unsent: list[int] = []  # tokens whose text is not yet out (held back for stop sequences or UTF-8)
 
     t0 = time.perf_counter()
-    logits = model.prefill(prompt, reuse=params.seed is None)  # seeded runs must repeat exactly
+    logits = model.prefill(prompt, reuse=params.seed is None, pixels=pixels)  # seeded runs must repeat exactly
     t1 = time.perf_counter()
     passes += 1
     while generated < budget:

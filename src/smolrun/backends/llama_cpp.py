@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 from llguidance import LLTokenizer
 
-from smolrun.backends.base import reusable_prefix
+from smolrun.backends.base import Pixels, Vision, reusable_prefix
 from smolrun.errors import BackendMissing
 
 
@@ -63,6 +63,7 @@ class LlamaCppModel:
         self.chat_template: str | None = meta.get("tokenizer.chat_template")
         self.bos_token = self._piece_text(self.llama.token_bos())
         self.eos_token = self._piece_text(self.llama.token_eos())
+        self.vision: Vision | None = None  # llama.cpp's multimodal path (mtmd) is not used yet
         self._add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab)) and self.llama.token_bos() >= 0
 
     def _piece_text(self, token: int) -> str:
@@ -81,7 +82,10 @@ class LlamaCppModel:
     def token_bytes(self, token: int) -> bytes:
         return self._pieces[token] if 0 <= token < self.n_vocab else b""
 
-    def prefill(self, tokens: Sequence[int], reuse: bool = True) -> npt.NDArray[np.float32]:
+    def prefill(self, tokens: Sequence[int], reuse: bool = True,
+                pixels: Sequence[Pixels] = ()) -> npt.NDArray[np.float32]:
+        if pixels:
+            raise ValueError(f"{self.name} cannot see: it got pictures")
         common = reusable_prefix(self.llama.input_ids[: self.llama.n_tokens], tokens) if reuse else 0
         # Sliding-window caches (Gemma 3) cannot always drop a suffix: then start over from an empty cache.
         if common > 0 and not self.llama._ctx.kv_cache_seq_rm(-1, common, -1):

