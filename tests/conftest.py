@@ -50,8 +50,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def serve(engine: Engine, settings: Settings) -> Iterator[Server]:
-    app = create_app(engine, settings)
+def serve(engine: Engine, settings: Settings, vision: Engine | None = None) -> Iterator[Server]:
+    app = create_app(engine, settings, vision)
     config = uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -76,9 +76,9 @@ def make_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """Start extra servers (other settings, fake engines) that stop after the test."""
     stops: list[Iterator[Server]] = []
 
-    def start(engine: Engine, **settings: object) -> Server:
+    def start(engine: Engine, vision: Engine | None = None, **settings: object) -> Server:
         values = {"port": _free_port(), "data_dir": tmp_path_factory.mktemp("data"), "warm_containers": 0, **settings}
-        gen = serve(engine, Settings(**values))  # type: ignore[arg-type]
+        gen = serve(engine, Settings(**values), vision)  # type: ignore[arg-type]
         stops.append(gen)
         return next(gen)
 

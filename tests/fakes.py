@@ -67,7 +67,8 @@ class ByteModel:
         logits[EOS] += 3.0
         return logits
 
-    def prefill(self, tokens: Sequence[int], reuse: bool = True, pixels: Sequence[Pixels] = ()) -> npt.NDArray[np.float32]:
+    def prefill(self, tokens: Sequence[int], reuse: bool = True,
+                pixels: Sequence[Pixels] = ()) -> npt.NDArray[np.float32]:
         self.calls = [list(tokens)]
         return self._logits()
 
@@ -85,7 +86,8 @@ class TurnsModel(ByteModel):
         self.turn = -1
         self.prompts: list[str] = []
 
-    def prefill(self, tokens: Sequence[int], reuse: bool = True, pixels: Sequence[Pixels] = ()) -> npt.NDArray[np.float32]:
+    def prefill(self, tokens: Sequence[int], reuse: bool = True,
+                pixels: Sequence[Pixels] = ()) -> npt.NDArray[np.float32]:
         self.turn += 1
         self.script = self.turns[min(self.turn, len(self.turns) - 1)]
         self.prompts.append(bytes(t for t in tokens if t < 256).decode(errors="replace"))
@@ -138,7 +140,8 @@ class ThinkingModel(ByteModel):
         self.script = self.turns[0] if self.turns else None
         self.prompts: list[str] = []
 
-    def prefill(self, tokens: Sequence[int], reuse: bool = True, pixels: Sequence[Pixels] = ()) -> npt.NDArray[np.float32]:
+    def prefill(self, tokens: Sequence[int], reuse: bool = True,
+                pixels: Sequence[Pixels] = ()) -> npt.NDArray[np.float32]:
         if self.turns:  # each model turn answers with the next script; the last one repeats
             self.script = self.turns[min(len(self.prompts), len(self.turns) - 1)]
         self.prompts.append(bytes(t for t in tokens if t < 256).decode(errors="replace"))

@@ -11,6 +11,7 @@ import binascii
 import hashlib
 import io
 import math
+import re
 from typing import Any
 
 from smolrun.errors import BackendMissing, InvalidRequest
@@ -76,8 +77,10 @@ def image(data: bytes, where: str, detail: Detail = "auto") -> Image:
             return Image(png(picture), detail)
     except PILImage.DecompressionBombError:
         raise InvalidRequest(f"{where}: the image has too many pixels to decode safely", param=where) from None
-    except (OSError, ValueError, SyntaxError) as exc:  # PIL's UnidentifiedImageError is an OSError
-        raise InvalidRequest(f"{where}: not a readable image, PDF or video ({_reason(exc)})", param=where) from None
+    except PILImage.UnidentifiedImageError:
+        raise InvalidRequest(f"{where}: not a picture, PDF or video in a known format", param=where) from None
+    except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt data
+        raise InvalidRequest(f"{where}: a corrupt or truncated image ({_reason(exc)})", param=where) from None
 
 
 def png(picture: Any) -> bytes:
@@ -120,7 +123,7 @@ def video(data: bytes, where: str, max_frames: int = MAX_FRAMES) -> Video:
     except ImportError as exc:
         raise BackendMissing("reading videos needs PyAV: pip install 'smolrun[vision]'") from exc
     try:
-        with av.open(io.BytesIO(data)) as container:
+        with av.open(io.BytesIO(data), mode="r") as container:
             if not container.streams.video:
                 raise InvalidRequest(f"{where}: the file has no video stream", param=where)
             stream = container.streams.video[0]
@@ -134,7 +137,7 @@ def video(data: bytes, where: str, max_frames: int = MAX_FRAMES) -> Video:
                     break
                 at = float(frame.time or 0.0)
                 if at + 1e-6 >= targets[len(frames)]:
-                    picture = frame.to_image()
+                    picture = frame.to_image()  # type: ignore[no-untyped-call]
                     picture.thumbnail((FRAME_EDGE, FRAME_EDGE))
                     frames.append(_jpeg(picture))
                     seconds.append(at)
@@ -173,6 +176,7 @@ def digest(item: Image | Video) -> bytes:
 
 def _reason(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = re.sub(r"^\[Errno -?\d+\] |: '<none>'$", "", text)  # FFmpeg's errno prefix and missing file name
     return text[:200]
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from smolrun import media
 from smolrun.api.chat import cancel_on_disconnect
 from smolrun.api.pages import page
 from smolrun.api.responses_wire import (
@@ -25,7 +26,6 @@ from smolrun.api.responses_wire import (
     parse_input,
     parse_tools,
 )
-from smolrun import media
 from smolrun.api.state import AUTO, AppState, get_state
 from smolrun.engine import Engine, Prepared
 from smolrun.errors import InvalidRequest, NotFound, SmolrunError

@@ -16,7 +16,6 @@ from smolrun.sandbox.manager import ContainerManager
 from smolrun.scheduler import Scheduler
 from smolrun.turn import Event
 
-
 AUTO = "auto"  # the model alias that routes by content: the vision model for pictures, else the text model
 
 

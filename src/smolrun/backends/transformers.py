@@ -157,7 +157,7 @@ class TransformersModel:
 def _processor_template(location: str, offline: bool) -> str | None:
     """The chat template a vision model's processor carries (SmolVLM keeps it beside the processor config,
     and its tokenizer may have none)."""
-    from transformers.utils import cached_file
+    from transformers.utils.hub import cached_file
 
     for filename in ("chat_template.jinja", "chat_template.json", "processor_config.json"):
         path = cached_file(location, filename, local_files_only=offline, _raise_exceptions_for_missing_entries=False,

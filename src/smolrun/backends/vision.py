@@ -45,7 +45,7 @@ class SmolVLMVision:
         return out["pixel_values"][0], int(out["rows"][0][0]), int(out["cols"][0][0])
 
     def _block(self, rows: int, cols: int) -> str:
-        return str(self._smolvlm.get_image_prompt_string(
+        return str(self._smolvlm.get_image_prompt_string(  # type: ignore[no-untyped-call]
             rows, cols, self.tokens_per_tile, fake_token_around_image="<fake_token_around_image>",
             image_token=self.image_token, global_image_token="<global-img>"))
 

@@ -12,5 +12,5 @@ from smolrun.models.registry import (
     resolve,
 )
 
-__all__ = ["REGISTRY", "DEFAULT_MODEL", "DEFAULT_TRANSFORMERS_MODEL", "DEFAULT_VISION_MODEL", "ModelSpec", "ResolvedModel", "hub_offline",
-           "list_models", "resolve"]
+__all__ = ["REGISTRY", "DEFAULT_MODEL", "DEFAULT_TRANSFORMERS_MODEL", "DEFAULT_VISION_MODEL", "ModelSpec",
+           "ResolvedModel", "hub_offline", "list_models", "resolve"]

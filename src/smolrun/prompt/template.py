@@ -40,7 +40,8 @@ def _compile(source: str) -> Any:
 
 
 def _parts(message: Message) -> list[dict[str, str]]:
-    return [{"type": "text", "text": p} if isinstance(p, str) else {"type": "image"} for p in message.as_parts() or ("",)]
+    parts = message.as_parts() or ("",)  # an empty list would break templates that look at content[0]
+    return [{"type": "text", "text": p} if isinstance(p, str) else {"type": "image"} for p in parts]
 
 
 def render(
