@@ -54,6 +54,7 @@ test: setup
 bench: setup
 	$(BIN)/python bench/structured.py $(ARGS)
 	$(BIN)/python bench/sandbox.py
+	$(BIN)/python bench/vision.py
 
 lint: setup
 	$(BIN)/ruff check src tests bench

@@ -68,7 +68,7 @@ class _Call:
 @router.post("/v1/responses", response_model=None)
 async def create_response(body: ResponsesRequest, request: Request) -> JSONResponse | StreamingResponse:
     state = get_state(request)
-    pictures = body.has_pictures() or await asyncio.to_thread(_files_show_pictures, state, body)
+    pictures = body.has_pictures() or await asyncio.to_thread(_auto_needs_eyes, state, body)
     call = _Call(state, body, state.engine_for(body.model, pictures))
     spec = await _prepare(call)
     if body.stream:
@@ -145,10 +145,15 @@ def _input_file_ids(body: ResponsesRequest) -> list[str]:
             and isinstance(part.get("file_id"), str)]
 
 
-def _files_show_pictures(state: AppState, body: ResponsesRequest) -> bool:
-    """Whether `auto` should pick the vision model for the input files (pictures, PDFs, videos)."""
+def _auto_needs_eyes(state: AppState, body: ResponsesRequest) -> bool:
+    """Whether `auto` should pick the vision model: input files that are pictures, PDFs or videos, or a
+    conversation that already holds pictures."""
     if body.model != AUTO or state.vision is None:
         return False
+    if body.previous_response_id:
+        context = json.loads(_stored(state, body.previous_response_id)["context"])
+        if any(m.get("parts") and any("text" not in p for p in m["parts"]) for m in context):
+            return True
     return any(media.is_media(state.file_bytes(f)) for f in _input_file_ids(body))
 
 
