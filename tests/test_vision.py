@@ -282,7 +282,7 @@ def test_cli_ask_with_an_image_prints_typed_json(tiny_smolvlm: Path, tmp_path: P
     (tmp_path / "receipt.json").write_text(json.dumps(RECEIPT))
     result = CliRunner().invoke(main, ["ask", "Extract the receipt", "--image", str(tmp_path / "receipt.png"),
                                        "--schema", str(tmp_path / "receipt.json"), "--model", str(tiny_smolvlm),
-                                       "--backend", "transformers", "--frequency-penalty", "0.5",
+                                       "--frequency-penalty", "0.5",
                                        "--max-tokens", "80"])
     assert result.exit_code == 0, result.output
     jsonschema.validate(json.loads(result.stdout), RECEIPT)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +84,7 @@ def serve(**options: Any) -> None:
     vision = None
     if settings.vision_model:
         click.echo(f"smolrun: loading {settings.vision_model} (vision) on transformers ...", err=True)
-        vision = Engine.load(settings, settings.vision_model)
+        vision = Engine.load(replace(settings, backend="transformers"), settings.vision_model)
         if not vision.sees:
             raise InvalidRequest(f"--vision-model {settings.vision_model} cannot see images; use a SmolVLM model "
                                  f"such as {DEFAULT_VISION_MODEL}")

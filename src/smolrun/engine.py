@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from smolrun.backends.base import Model, Pixels
 from smolrun.backends.decode import decode, never, token_budget
@@ -41,10 +42,12 @@ class Engine:
 
     @classmethod
     def load(cls, settings: Settings, model: str | None = None) -> Engine:
-        """The engine for `model` (default: settings.model). Vision models always use transformers."""
+        """The engine for `model` (default: settings.model). Models only transformers reads (vision models,
+        Hugging Face directories) use it whatever the backend setting."""
         name = model or settings.model
         spec = REGISTRY.get(name)
-        if settings.backend == "transformers" or (spec is not None and spec.source == "transformers"):
+        only_transformers = spec.source == "transformers" if spec is not None else Path(name).expanduser().is_dir()
+        if settings.backend == "transformers" or only_transformers:
             from smolrun.backends.transformers import TransformersModel, hf_source
 
             source = hf_source(name, offline=settings.offline)
