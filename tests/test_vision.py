@@ -322,3 +322,13 @@ def test_the_real_invoices_go_through_the_whole_pipeline(vlm: Engine, invoices: 
         assert done.finish_reason in ("stop", "length"), png.name
         if done.finish_reason == "stop":
             jsonschema.validate(json.loads(text), schema)
+
+
+def test_streaming_a_picture_answer(both: Server, vlm: Engine) -> None:
+    chunks = list(both.client().chat.completions.create(
+        model="auto", messages=image_message(picture(), detail="low"),  # type: ignore[arg-type]
+        response_format=receipt_format(), max_tokens=60, frequency_penalty=0.5, stream=True))  # type: ignore[arg-type]
+    assert {c.model for c in chunks} == {vlm.name}
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(text), RECEIPT)
