@@ -132,15 +132,19 @@ def video(data: bytes, where: str, max_frames: int = MAX_FRAMES) -> Video:
             targets = [duration * i / count for i in range(count)]
             frames: list[bytes] = []
             seconds: list[float] = []
-            for frame in container.decode(stream):
-                if len(frames) == count:
+            for target in targets:  # seek to each time: a long video is not decoded whole
+                if stream.time_base is not None:
+                    container.seek(int(target / stream.time_base), stream=stream, backward=True)
+                for frame in container.decode(stream):
+                    at = float(frame.time or 0.0)
+                    if at + 1e-6 < target:
+                        continue
+                    if not seconds or at > seconds[-1]:  # a sparse video can give one frame for two times
+                        picture = frame.to_image()  # type: ignore[no-untyped-call]
+                        picture.thumbnail((FRAME_EDGE, FRAME_EDGE))
+                        frames.append(_jpeg(picture))
+                        seconds.append(at)
                     break
-                at = float(frame.time or 0.0)
-                if at + 1e-6 >= targets[len(frames)]:
-                    picture = frame.to_image()  # type: ignore[no-untyped-call]
-                    picture.thumbnail((FRAME_EDGE, FRAME_EDGE))
-                    frames.append(_jpeg(picture))
-                    seconds.append(at)
     except av.FFmpegError as exc:
         raise InvalidRequest(f"{where}: not a readable video ({_reason(exc)})", param=where) from None
     if not frames:
