@@ -12,10 +12,13 @@ import hashlib
 import io
 import math
 import re
+from collections.abc import Callable
 from typing import Any
 
 from smolrun.errors import BackendMissing, InvalidRequest
-from smolrun.turn import Detail, Image, Video
+from smolrun.turn import Detail, Image, Message, Part, Role, Video
+
+Files = Callable[[str], bytes]  # an uploaded file's id -> its bytes (NotFound when there is none)
 
 MAX_EDGE = 4096  # larger pictures are downscaled to this longest side (SmolVLM's processors use at most 2048)
 MAX_PDF_PAGES = 16  # more is refused rather than silently dropped
@@ -47,6 +50,13 @@ def decode_url(url: str, where: str) -> bytes:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         raise InvalidRequest(f"{where}: the data URL is not valid base64", param=where) from None
+
+
+def message(role: Role, parts: list[Part], where: str) -> Message:
+    """A message from request content parts; pictures belong in user messages only."""
+    if role != "user" and any(not isinstance(p, str) for p in parts):
+        raise InvalidRequest("pictures go in user messages", param=where)
+    return Message.of(role, parts)
 
 
 def check_detail(detail: Any, where: str) -> Detail:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,8 +15,6 @@ from smolrun.constraints import check_schema
 from smolrun.errors import InvalidRequest, SchemaError
 from smolrun.prompt.profiles import FENCE, CodeFormat
 from smolrun.turn import EFFORTS, TEXT, Message, Part, Reasoning, ResponseFormat, Role, Tool, ToolCall, ToolUse
-
-Files = Callable[[str], bytes]  # file id -> its bytes (NotFound when there is none)
 
 INCLUDE_OUTPUTS = "code_interpreter_call.outputs"
 NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
@@ -50,7 +47,7 @@ class ResponsesRequest(BaseModel):
     thinking_token_budget: int | None = Field(default=None, ge=1)
 
     def has_pictures(self) -> bool:
-        """Whether the input has input_image parts (input_file parts may hold pictures too: see media_files)."""
+        """Whether the input has input_image parts (input_file parts may hold pictures too: the route looks)."""
         return not isinstance(self.input, str) and any(
             isinstance(part, dict) and part.get("type") == "input_image"
             for item in self.input if isinstance(item.get("content"), list) for part in item["content"])
@@ -154,7 +151,8 @@ def _choice(choice: Any, functions: list[Tool]) -> str:
                          "\"name\": ...}", param="tool_choice")
 
 
-def parse_input(raw: str | list[dict[str, Any]], code: CodeFormat = FENCE, files: Files | None = None) -> ParsedInput:
+def parse_input(raw: str | list[dict[str, Any]], code: CodeFormat = FENCE,
+                files: media.Files | None = None) -> ParsedInput:
     """Input items as messages; replayed code calls are written in the model's code format; input_image parts
     are read (data URLs, or uploaded files through `files`)."""
     if isinstance(raw, str):
@@ -171,10 +169,8 @@ def parse_input(raw: str | list[dict[str, Any]], code: CodeFormat = FENCE, files
             if role is None:
                 raise InvalidRequest(f"unsupported role {item.get('role')!r}", param=f"input[{i}].role")
             parts, ids = _content(item.get("content"), i, files)
-            if role != "user" and any(not isinstance(p, str) for p in parts):
-                raise InvalidRequest("pictures go in user messages", param=f"input[{i}].content")
             file_ids += ids
-            messages.append(Message.of(role, parts))
+            messages.append(media.message(role, parts, f"input[{i}].content"))
         elif kind == "code_interpreter_call":
             messages += replay_code_call(item, code)
         elif kind == "function_call":
@@ -193,7 +189,7 @@ def parse_input(raw: str | list[dict[str, Any]], code: CodeFormat = FENCE, files
     return ParsedInput(tuple(messages), tuple(file_ids), tuple(items))
 
 
-def _content(content: Any, i: int, files: Files | None) -> tuple[list[Part], list[str]]:
+def _content(content: Any, i: int, files: media.Files | None) -> tuple[list[Part], list[str]]:
     if isinstance(content, str):
         return [content], []
     if not isinstance(content, list):
@@ -216,7 +212,7 @@ def _content(content: Any, i: int, files: Files | None) -> tuple[list[Part], lis
     return parts, file_ids
 
 
-def _image_bytes(part: dict[str, Any], files: Files | None, where: str) -> bytes:
+def _image_bytes(part: dict[str, Any], files: media.Files | None, where: str) -> bytes:
     if isinstance(part.get("image_url"), str):
         return media.decode_url(part["image_url"], f"{where}.image_url")
     if isinstance(part.get("file_id"), str) and files is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from dataclasses import replace
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -65,7 +65,6 @@ class OtherPart(_Wire):
 
 
 ContentPart = Annotated[TextPart | ImagePart | FilePart | OtherPart, Field(discriminator="type")]
-Files = Callable[[str], bytes]  # file id -> its bytes (NotFound when there is none)
 
 
 class FunctionCall(_Wire):
@@ -153,7 +152,7 @@ class ChatCompletionRequest(_Wire):
         return any(isinstance(p, ImagePart | FilePart) for m in self.messages if isinstance(m.content, list)
                    for p in m.content)
 
-    def to_turn(self, files: Files | None = None) -> Turn:
+    def to_turn(self, files: media.Files | None = None) -> Turn:
         """The request as a Turn; pictures are read (from data URLs, or uploaded files through `files`)."""
         self._refuse_unsupported()
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -184,7 +183,7 @@ class ChatCompletionRequest(_Wire):
             raise InvalidRequest("'logprobs' is not supported", param="logprobs")
 
 
-def _message(m: ChatMessage, index: int, files: Files | None) -> Message:
+def _message(m: ChatMessage, index: int, files: media.Files | None) -> Message:
     role = "system" if m.role == "developer" else m.role
     calls = tuple(_call(c, index) for c in m.tool_calls or ())
     if m.role == "tool" and not m.tool_call_id:
@@ -208,13 +207,11 @@ def _message(m: ChatMessage, index: int, files: Files | None) -> Message:
         else:
             raise InvalidRequest(f"content parts of type '{part.type}' are not supported; send text, image_url "
                                  "or file parts", param=where)
-    if role != "user" and any(not isinstance(p, str) for p in parts):
-        raise InvalidRequest("pictures go in user messages", param=f"messages[{index}].content")
-    message = Message.of(role, parts)
-    return Message(message.role, message.content, calls, m.tool_call_id, message.parts)
+    return replace(media.message(role, parts, f"messages[{index}].content"), tool_calls=calls,
+                   tool_call_id=m.tool_call_id)
 
 
-def _file_data(ref: FileRef, files: Files | None, where: str) -> bytes:
+def _file_data(ref: FileRef, files: media.Files | None, where: str) -> bytes:
     if ref.file_data is not None:
         data = ref.file_data
         return media.decode_url(data if data.startswith("data:") else f"data:;base64,{data}", f"{where}.file")

@@ -45,8 +45,6 @@ def reusable_with_pixels(common: int, held: Sequence[Pixels], pixels: Sequence[P
 class Vision(Protocol):
     """A model's image side: pictures into prompt tokens and pixel tiles."""
 
-    tokens_per_tile: int
-
     def prompt(self, text: str, media: Sequence[Image | Video]) -> tuple[list[int], tuple[Pixels, ...]]:
         """Tokenize a rendered prompt whose image markers stand for `media`, in order."""
         ...
