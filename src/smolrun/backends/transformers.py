@@ -147,8 +147,8 @@ class TransformersModel:
             tiles = torch.cat([p.values for p in pixels]).unsqueeze(0)
             images["pixel_values"] = tiles.to(device=self.device, dtype=self.dtype)
         with torch.inference_mode():
-            out = self.hf(input_ids=ids, past_key_values=self._cache, use_cache=True, logits_to_keep=1, **images)
-        self._cache = out.past_key_values
+            out = self.hf(input_ids=ids, cache=self._cache, use_cache=True, logits_to_keep=1, **images)
+        self._cache = out.cache
         self._tokens += list(tokens)
         logits: npt.NDArray[np.float32] = out.logits[0, -1].float().cpu().numpy()
         return logits
