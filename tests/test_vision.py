@@ -1,13 +1,18 @@
 """Vision end to end on a tiny random SmolVLM (real SmolLM2 tokenizer plus SmolVLM's image tokens, the
-library's SmolVLM chat template, the PIL image processor): pictures, PDF pages and video frames become image
-tokens and tiles, answers under a schema always validate, and the server routes by content."""
+library's SmolVLM chat template, the PIL image processor), on both engines: transformers, and llama.cpp with the
+same weights turned into a GGUF and an mmproj by llama.cpp's own converter. Pictures, PDF pages and video frames
+become image tokens and tiles, answers under a schema always validate, and the server routes by content."""
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 import numpy as np
@@ -20,6 +25,7 @@ pytest.importorskip("num2words", reason="SmolVLM's video prompt needs num2words:
 
 from click.testing import CliRunner  # noqa: E402
 
+from smolrun.backends.base import Pixels  # noqa: E402
 from smolrun.backends.transformers import TransformersModel  # noqa: E402
 from smolrun.backends.vision import SmolVLMVision  # noqa: E402
 from smolrun.cli import main  # noqa: E402
@@ -53,8 +59,9 @@ def tiny_smolvlm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tokenizer.add_tokens(["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>", *tiles])
     tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
     torch.manual_seed(0)
-    config = SmolVLMConfig(
-        text_config={"model_type": "llama", "vocab_size": len(tokenizer), "hidden_size": 64,
+    config = SmolVLMConfig(  # the text model's architecture name is SmolVLM2's, which llama.cpp's converter reads
+        text_config={"model_type": "llama", "architectures": ["VLlama3ForCausalLM"], "vocab_size": len(tokenizer),
+                     "hidden_size": 64,
                      "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
                      "num_key_value_heads": 2, "max_position_embeddings": 8192},
         vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -69,14 +76,49 @@ def tiny_smolvlm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+CONVERTER = Path(sys.prefix) / "share" / "llama.cpp" / "convert_hf_to_gguf.py"
+
+
 @pytest.fixture(scope="session")
-def vlm(tiny_smolvlm: Path) -> Engine:
+def tiny_smolvlm_gguf(tiny_smolvlm: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same weights as a GGUF and, beside it, its vision projector (mmproj), as llama.cpp's converter makes
+    them; the model finds its projector there by itself."""
+    pytest.importorskip("llama_cpp", reason="the llama.cpp engine needs llama-cpp-python: run `make test`")
+    if not CONVERTER.is_file():
+        pytest.skip(f"llama.cpp's GGUF converter is not at {CONVERTER}: `make setup` unpacks it from the "
+                    "llama-cpp-python sdist")
+    out = tmp_path_factory.mktemp("tiny-smolvlm-gguf")
+    for name, extra in (("tiny-smolvlm.gguf", []), ("mmproj-tiny-smolvlm.gguf", ["--mmproj"])):
+        subprocess.run([sys.executable, str(CONVERTER), str(tiny_smolvlm), "--outtype", "f32",
+                        "--outfile", str(out / name), *extra], check=True, capture_output=True)
+    return out / "tiny-smolvlm.gguf"
+
+
+@pytest.fixture(scope="session")
+def hf_vlm(tiny_smolvlm: Path) -> Engine:
     return Engine.load(Settings(backend="transformers", model=str(tiny_smolvlm), threads=2, n_ctx=4096))
+
+
+@pytest.fixture(scope="session")
+def gguf_vlm(tiny_smolvlm_gguf: Path) -> Engine:
+    return Engine.load(Settings(model=str(tiny_smolvlm_gguf), threads=2, n_ctx=4096))
+
+
+@pytest.fixture(scope="session", params=["transformers", "llama"])
+def vlm(request: pytest.FixtureRequest) -> Engine:
+    """The tiny SmolVLM on each engine: the tests that take it hold for both."""
+    engine: Engine = request.getfixturevalue("hf_vlm" if request.param == "transformers" else "gguf_vlm")
+    return engine
 
 
 def vision_of(engine: Engine) -> SmolVLMVision:
     assert isinstance(engine.model, TransformersModel) and isinstance(engine.model.vision, SmolVLMVision)
     return engine.model.vision
+
+
+def tile_count(pixels: Pixels) -> int:
+    values: Any = pixels.values  # transformers: a tensor of tiles; llama.cpp: mtmd chunks at their positions
+    return int(values.shape[0]) if hasattr(values, "shape") else len(values.at)
 
 
 def ask(*parts: object, fmt: ResponseFormat = TEXT, seed: int | None = None) -> Turn:
@@ -91,9 +133,9 @@ def answer(engine: Engine, turn: Turn) -> tuple[str, Done]:
     return "".join(e.text for e in events if isinstance(e, TextDelta)), done
 
 
-def test_the_tiny_smolvlm_sees_and_gets_the_smolvlm_profile(vlm: Engine) -> None:
+def test_the_tiny_smolvlm_sees_and_gets_the_smolvlm_profile(vlm: Engine, hf_vlm: Engine) -> None:
     assert vlm.sees and vlm.profile.name == "smolvlm" and vlm.profile.content_parts
-    assert vision_of(vlm).tokens_per_tile == (TILE // 16) ** 2 // 2**2 == 4
+    assert vision_of(hf_vlm).tokens_per_tile == (TILE // 16) ** 2 // 2**2 == 4
 
 
 def expected_tiles(engine: Engine, size: tuple[int, int], detail: str) -> int:
@@ -106,13 +148,15 @@ def expected_tiles(engine: Engine, size: tuple[int, int], detail: str) -> int:
 
 @pytest.mark.parametrize("size", [(150, 100), (300, 60), (40, 40), (64, 200)])
 @pytest.mark.parametrize("detail", ["low", "high", "auto"])
-def test_image_tokens_per_picture_follow_the_processor_rules(vlm: Engine, size: tuple[int, int],
+def test_image_tokens_per_picture_follow_the_processor_rules(vlm: Engine, hf_vlm: Engine, size: tuple[int, int],
                                                              detail: str) -> None:
     prepared = vlm.prepare(ask(Image(picture(size), detail), "Describe it."))  # type: ignore[arg-type]
-    vision = vision_of(vlm)
-    tiles = expected_tiles(vlm, size, detail)
+    vision = vision_of(hf_vlm)
+    tiles = expected_tiles(hf_vlm, size, detail)
     (pixels,) = prepared.pixels
-    assert pixels.values.shape == (tiles, 3, TILE, TILE)
+    assert tile_count(pixels) == tiles
+    if vlm is hf_vlm:
+        assert pixels.values.shape == (tiles, 3, TILE, TILE)
     assert prepared.prompt.count(vision.image_token_id) == tiles * vision.tokens_per_tile
     assert pixels.end - pixels.start >= tiles * vision.tokens_per_tile
 
@@ -131,7 +175,7 @@ def test_several_pictures_keep_their_order_and_spans(vlm: Engine) -> None:
     first, second = Image(picture((150, 100), color="red"), "low"), Image(picture((40, 40), color="blue"))
     prepared = vlm.prepare(ask("Compare", first, "with", second))
     a, b = prepared.pixels
-    assert a.end <= b.start and a.values.shape[0] == 1 and b.values.shape[0] == 5
+    assert a.end <= b.start and tile_count(a) == 1 and tile_count(b) == 5
     assert a.digest != b.digest
     text = vlm.model.lltokenizer.decode_str(prepared.prompt)
     assert text.index("Compare") < text.index("<global-img>") < text.index("with") < text.rindex("<global-img>")
@@ -146,13 +190,13 @@ def test_a_video_is_one_tile_per_frame_with_its_times(vlm: Engine) -> None:
     text = vlm.model.lltokenizer.decode_str(prepared.prompt)
     assert "series of five frames from a 0:00:05 [H:MM:SS] video" in text
     assert re.findall(r"Frame from (\d\d:\d\d):", text) == ["00:00", "00:01", "00:02", "00:03", "00:04"]
-    assert text.count("<global-img>") == 5 and prepared.pixels[0].values.shape[0] == 5
+    assert text.count("<global-img>") == 5 and tile_count(prepared.pixels[0]) == 5
 
 
-def test_a_long_video_is_thinned_to_the_models_frame_limit(vlm: Engine) -> None:
+def test_a_long_video_is_thinned_to_the_models_frame_limit(hf_vlm: Engine) -> None:
     frames = tuple(picture((32, 32)) for _ in range(20))
     clip = Video(frames, tuple(float(s) for s in range(20)), 20.0)
-    text = vlm.model.lltokenizer.decode_str(vlm.prepare(ask(clip, "Summarise")).prompt)
+    text = hf_vlm.model.lltokenizer.decode_str(hf_vlm.prepare(ask(clip, "Summarise")).prompt)
     times = re.findall(r"Frame from (\d\d:\d\d):", text)
     assert len(times) == 7 <= MAX_FRAMES and times[:3] == ["00:00", "00:03", "00:06"]
 
@@ -332,3 +376,82 @@ def test_streaming_a_picture_answer(both: Server, vlm: Engine) -> None:
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert chunks[-1].choices[0].finish_reason == "stop"
     jsonschema.validate(json.loads(text), RECEIPT)
+
+
+# llama.cpp beside transformers: the same weights must see the same prompt and give the same logits.
+
+
+@pytest.mark.parametrize(("size", "detail"), [((150, 100), "auto"), ((150, 100), "low"), ((300, 60), "high"),
+                                              ((40, 40), "auto"), ((64, 200), "high")])
+def test_llama_cpp_and_transformers_agree_on_a_picture(hf_vlm: Engine, gguf_vlm: Engine, size: tuple[int, int],
+                                                       detail: str) -> None:
+    # One colour: every resize algorithm gives the same pixels, so the two engines' tiles are equal too.
+    turn = ask(Image(picture(size, color="orange"), detail), "Describe it.")  # type: ignore[arg-type]
+    ours, theirs = gguf_vlm.prepare(turn), hf_vlm.prepare(turn)
+    assert ours.prompt == theirs.prompt
+    assert [(p.start, p.end) for p in ours.pixels] == [(p.start, p.end) for p in theirs.pixels]
+    logits = np.array(gguf_vlm.model.prefill(ours.prompt, reuse=False, pixels=ours.pixels))
+    expected = hf_vlm.model.prefill(theirs.prompt, reuse=False, pixels=theirs.pixels)
+    np.testing.assert_allclose(logits, expected, atol=2e-3)
+
+
+def test_llama_cpp_and_transformers_agree_on_a_video(hf_vlm: Engine, gguf_vlm: Engine) -> None:
+    clip = Video(tuple(picture((48, 32), color=c) for c in ("red", "green", "blue")), (0.0, 1.0, 2.0), 3.0)
+    turn = ask(clip, "What happens?")
+    ours, theirs = gguf_vlm.prepare(turn), hf_vlm.prepare(turn)
+    assert ours.prompt == theirs.prompt
+    np.testing.assert_allclose(np.array(gguf_vlm.model.prefill(ours.prompt, reuse=False, pixels=ours.pixels)),
+                               hf_vlm.model.prefill(theirs.prompt, reuse=False, pixels=theirs.pixels), atol=2e-3)
+
+
+def test_the_video_prompt_strings_are_smolvlms_own() -> None:
+    from transformers.models.smolvlm import processing_smolvlm
+
+    from smolrun.backends import smolvlm
+
+    assert smolvlm.VIDEO_INTRO == processing_smolvlm.DEFAULT_VIDEO_INTRO
+    assert smolvlm.FRAME_STAMP == processing_smolvlm.FRAME_TIMESTAMP_MESSAGE
+    assert smolvlm.MEDIA_OUTTRO == processing_smolvlm.DEFAULT_MEDIA_OUTTRO
+    assert smolvlm.single_block(3) == processing_smolvlm.get_image_prompt_string(  # type: ignore[no-untyped-call]
+        0, 0, 3, fake_token_around_image=smolvlm.AROUND, image_token=smolvlm.IMAGE,
+        global_image_token=smolvlm.GLOBAL)
+
+
+def test_llama_cpp_drops_a_pictures_tiles_once_its_embeddings_are_cached(gguf_vlm: Engine) -> None:
+    prepared = gguf_vlm.prepare(ask(Image(picture()), "What?"))
+    gguf_vlm.model.prefill(prepared.prompt, reuse=False, pixels=prepared.pixels)
+    held = gguf_vlm.model._pixels  # type: ignore[attr-defined]
+    assert [(p.start, p.end, p.digest, p.values) for p in held] == [
+        (p.start, p.end, p.digest, None) for p in prepared.pixels]
+
+
+def test_a_text_gguf_with_a_projector_that_is_not_smolvlms_is_refused(tiny_smolvlm_gguf: Path) -> None:
+    from smolrun.errors import ModelUnavailable
+
+    mmproj = str(tiny_smolvlm_gguf.parent / "mmproj-tiny-smolvlm.gguf")
+    with pytest.raises(ModelUnavailable, match="no <image> token"):  # the bundled SmolLM2 has no image tokens
+        Engine.load(Settings(threads=2), mmproj=mmproj)
+    with pytest.raises(ModelUnavailable, match="could not load the vision projector"):
+        Engine.load(Settings(model=str(tiny_smolvlm_gguf), threads=2), mmproj=str(tiny_smolvlm_gguf))
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_cli_ask_with_an_image_on_llama_cpp_prints_typed_json(tiny_smolvlm_gguf: Path, tmp_path: Path,
+                                                              explicit: bool) -> None:
+    (tmp_path / "receipt.png").write_bytes(picture((90, 200), color="white"))
+    (tmp_path / "receipt.json").write_text(json.dumps(RECEIPT))
+    model = tiny_smolvlm_gguf
+    mmproj: list[str] = []
+    if explicit:  # a projector found only through --mmproj, not beside the model
+        (tmp_path / "model").mkdir()
+        model = tmp_path / "model" / "tiny.gguf"
+        shutil.copy(tiny_smolvlm_gguf, model)
+        mmproj = ["--mmproj", str(tiny_smolvlm_gguf.parent / "mmproj-tiny-smolvlm.gguf")]
+    args = ["ask", "Extract the receipt", "--image", str(tmp_path / "receipt.png"), "--schema",
+            str(tmp_path / "receipt.json"), "--model", str(model), "--frequency-penalty", "0.5", "--max-tokens", "80"]
+    if explicit:
+        blind = CliRunner().invoke(main, args)
+        assert blind.exit_code == 2 and "cannot see images" in blind.output
+    result = CliRunner().invoke(main, [*args, *mmproj])
+    assert result.exit_code == 0, result.output
+    jsonschema.validate(json.loads(result.stdout), RECEIPT)

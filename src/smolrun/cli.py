@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,8 @@ from smolrun.turn import (
 MODEL_HELP = ("registry name, path to a .gguf file, or owner/repo:file.gguf (on transformers also a Hub id or a "
               "directory)")
 BACKEND_HELP = "llama (llama.cpp, GGUF, the default) or transformers (Hugging Face models, GPUs)"
+MMPROJ_HELP = ("llama.cpp: the vision projector GGUF (path or owner/repo:file.gguf) of the model that sees; "
+               "default: the registry's, or the one mmproj*.gguf beside the model")
 
 
 class _Group(click.Group):
@@ -57,8 +59,9 @@ def main() -> None:
               help=BACKEND_HELP)
 @click.option("--device", default=None, help="transformers only: cuda, cuda:1, cpu ... (default: CUDA when present)")
 @click.option("--vision-model", default=None,
-              help=f"also serve this model for requests with images (e.g. {DEFAULT_VISION_MODEL}; transformers "
-                   "engine); the model name 'auto' then routes by content")
+              help=f"also serve this model for requests with images (e.g. {DEFAULT_VISION_MODEL}); the model name "
+                   "'auto' then routes by content")
+@click.option("--mmproj", default=None, help=MMPROJ_HELP)
 @click.option("--host", default=None, help="address to bind (default 127.0.0.1)")
 @click.option("--port", type=int, default=None, help="port (default 8000)")
 @click.option("--api-key", default=None, help="require this key as a Bearer token (or SMOLRUN_API_KEY)")
@@ -80,11 +83,11 @@ def serve(**options: Any) -> None:
 
     settings = Settings.from_env(**options)
     click.echo(f"smolrun: loading {settings.model} on {settings.backend} ...", err=True)
-    engine = Engine.load(settings)
+    engine = Engine.load(settings, mmproj=None if settings.vision_model else settings.mmproj)
     vision = None
     if settings.vision_model:
-        click.echo(f"smolrun: loading {settings.vision_model} (vision) on transformers ...", err=True)
-        vision = Engine.load(replace(settings, backend="transformers"), settings.vision_model)
+        click.echo(f"smolrun: loading {settings.vision_model} (vision) on {settings.backend} ...", err=True)
+        vision = Engine.load(settings, settings.vision_model, settings.mmproj)
         if not vision.sees:
             raise InvalidRequest(f"--vision-model {settings.vision_model} cannot see images; use a SmolVLM model "
                                  f"such as {DEFAULT_VISION_MODEL}")
@@ -140,6 +143,7 @@ smolrun is serving {model} at {base}
               help=f"show the model this picture, PDF or video (repeatable); default model {DEFAULT_VISION_MODEL}")
 @click.option("--detail", type=click.Choice(["low", "high", "auto"]), default="auto", show_default=True,
               help="low: each picture as one tile; high/auto: split into tiles plus an overview")
+@click.option("--mmproj", default=None, help=MMPROJ_HELP)
 @click.option("--max-tool-calls", type=click.IntRange(min=0), default=4, show_default=True)
 @click.option("--reasoning-effort", type=click.Choice(EFFORTS), default=None,
               help="how long a thinking model (SmolLM3) may think; 'none' switches thinking off")
@@ -148,7 +152,7 @@ smolrun is serving {model} at {base}
 def ask(prompt: str, model: str | None, backend: str | None, schema_file: Path | None, json_mode: bool, strict: bool,
         system: str | None, stream: bool, max_tokens: int | None, temperature: float, seed: int | None,
         frequency_penalty: float, files: tuple[Path, ...], code: bool, images: tuple[Path, ...], detail: str,
-        max_tool_calls: int, reasoning_effort: Effort | None, thinking_budget: int | None) -> None:
+        mmproj: str | None, max_tool_calls: int, reasoning_effort: Effort | None, thinking_budget: int | None) -> None:
     """Answer PROMPT once with a local model (no server needed).
 
     With --file or --code the model may write Python, which runs in a sandboxed container; each cell and
@@ -168,10 +172,10 @@ def ask(prompt: str, model: str | None, backend: str | None, schema_file: Path |
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed,
                             frequency_penalty=frequency_penalty)
     turn = Turn(messages, fmt or ResponseFormat(), params, reasoning=Reasoning(reasoning_effort, thinking_budget))
-    settings = Settings.from_env(model=model, backend=backend)
+    settings = Settings.from_env(model=model, backend=backend, mmproj=mmproj)
     if images and model is None:
         model = settings.vision_model or DEFAULT_VISION_MODEL
-    engine = Engine.load(settings, model)
+    engine = Engine.load(settings, model, settings.mmproj)
     if files or code:
         import asyncio
 

@@ -25,7 +25,8 @@ class Settings:
     model: str = DEFAULT_MODEL
     backend: Backend = "llama"  # llama.cpp for GGUF files; transformers for Hugging Face models (and GPUs)
     device: str | None = None  # transformers only: None picks CUDA when present, else the CPU
-    vision_model: str | None = None  # a second model that sees, for requests with images (transformers engine)
+    vision_model: str | None = None  # a second model that sees, for requests with images
+    mmproj: str | None = None  # llama.cpp: the vision projector GGUF of the model that sees (default: its own)
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
@@ -56,6 +57,8 @@ class Settings:
             values["backend"] = env["SMOLRUN_BACKEND"]
         if env.get("SMOLRUN_VISION_MODEL"):
             values["vision_model"] = env["SMOLRUN_VISION_MODEL"]
+        if env.get("SMOLRUN_MMPROJ"):
+            values["mmproj"] = env["SMOLRUN_MMPROJ"]
         values.update({k: v for k, v in overrides.items() if v is not None})
         if "model" not in values and values.get("backend") == "transformers":
             values["model"] = DEFAULT_TRANSFORMERS_MODEL

@@ -41,13 +41,14 @@ class Engine:
             self._think_tokens = (ids[0], ids[1]) if ids[0] is not None and ids[1] is not None else None
 
     @classmethod
-    def load(cls, settings: Settings, model: str | None = None) -> Engine:
-        """The engine for `model` (default: settings.model). Models only transformers reads (vision models,
-        Hugging Face directories) use it whatever the backend setting."""
+    def load(cls, settings: Settings, model: str | None = None, mmproj: str | None = None) -> Engine:
+        """The engine for `model` (default: settings.model), with the vision projector `mmproj` on llama.cpp
+        (see models.resolve). Hugging Face directories load on transformers whatever the backend setting."""
         name = model or settings.model
-        spec = REGISTRY.get(name)
-        only_transformers = spec.source == "transformers" if spec is not None else Path(name).expanduser().is_dir()
-        if settings.backend == "transformers" or only_transformers:
+        if settings.backend == "transformers" or (name not in REGISTRY and Path(name).expanduser().is_dir()):
+            if mmproj is not None:
+                raise InvalidRequest("--mmproj is for GGUF models on llama.cpp; on transformers a vision model "
+                                     "carries its own image side", param="mmproj")
             from smolrun.backends.transformers import TransformersModel, hf_source
 
             source = hf_source(name, offline=settings.offline)
@@ -55,8 +56,9 @@ class Engine:
                                          threads=settings.threads, offline=hub_offline(settings.offline)))
         from smolrun.backends.llama_cpp import LlamaCppModel
 
-        resolved = resolve(name, offline=settings.offline)
-        return cls(LlamaCppModel(resolved.path, name=resolved.name, n_ctx=settings.n_ctx, n_threads=settings.threads))
+        resolved = resolve(name, offline=settings.offline, mmproj=mmproj)
+        return cls(LlamaCppModel(resolved.path, name=resolved.name, n_ctx=settings.n_ctx, n_threads=settings.threads,
+                                 mmproj=resolved.mmproj))
 
     @property
     def name(self) -> str:

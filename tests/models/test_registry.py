@@ -24,13 +24,13 @@ def plant(cache: Path, repo: str, filename: str, data: bytes = b"GGUF") -> Path:
     """Lay out one file as huggingface_hub's cache does: refs/main -> snapshots/<sha>/<file>."""
     root = cache / f"models--{repo.replace('/', '--')}"
     sha = "0" * 40
-    (root / "refs").mkdir(parents=True)
+    (root / "refs").mkdir(parents=True, exist_ok=True)
     (root / "refs" / "main").write_text(sha)
-    blob = root / "blobs" / "abc"
-    blob.parent.mkdir()
+    blob = root / "blobs" / filename.replace(".", "-")
+    blob.parent.mkdir(exist_ok=True)
     blob.write_bytes(data)
     snap = root / "snapshots" / sha / filename
-    snap.parent.mkdir(parents=True)
+    snap.parent.mkdir(parents=True, exist_ok=True)
     os.symlink(os.path.relpath(blob, snap.parent), snap)
     return snap
 
@@ -74,3 +74,31 @@ def test_hub_file_in_the_cache_is_used_offline(hf_cache: Path) -> None:
     names = {e.name: e.status for e in list_models()}
     assert names["smollm3-3b"] == "cached" and names["someone/tiny-GGUF:tiny.Q4_0.gguf"] == "cached"
     assert names["smollm2-1.7b"] == "not downloaded"
+
+
+def test_a_vision_model_is_cached_only_with_its_projector(hf_cache: Path) -> None:
+    spec = REGISTRY["smolvlm2-500m"]
+    assert spec.vision and spec.mmproj.startswith("mmproj-") and spec.hf_model.startswith("HuggingFaceTB/")
+    plant(hf_cache, spec.repo, spec.filename)
+    assert {e.name: e.status for e in list_models()}["smolvlm2-500m"] == "not downloaded"
+    with pytest.raises(ModelUnavailable, match=f"hf download {spec.repo} {spec.mmproj}"):
+        resolve("smolvlm2-500m", offline=True)
+    projector = plant(hf_cache, spec.repo, spec.mmproj)
+    assert resolve("smolvlm2-500m", offline=True).mmproj == projector
+    entries = {e.name: e.status for e in list_models()}
+    assert entries["smolvlm2-500m"] == "cached" and not any("mmproj" in name for name in entries)
+
+
+def test_the_one_projector_beside_a_gguf_is_found(tmp_path: Path) -> None:
+    model = tmp_path / "vlm.gguf"
+    model.write_bytes(b"GGUF")
+    assert resolve(str(model)).mmproj is None
+    (tmp_path / "mmproj-vlm-f16.gguf").write_bytes(b"GGUF")
+    assert resolve(str(model)).mmproj == (tmp_path / "mmproj-vlm-f16.gguf").resolve()
+    (tmp_path / "mmproj-vlm-q8_0.gguf").write_bytes(b"GGUF")
+    assert resolve(str(model)).mmproj is None  # two to choose from: only --mmproj says which
+    assert resolve(str(model), mmproj=str(tmp_path / "mmproj-vlm-q8_0.gguf")).mmproj == (
+        tmp_path / "mmproj-vlm-q8_0.gguf").resolve()
+    with pytest.raises(ModelNotFound, match="unknown vision projector") as err:
+        resolve(str(model), mmproj="projector")
+    assert err.value.param == "mmproj"

@@ -1,4 +1,5 @@
-"""GGUF models through llama-cpp-python: our own decode loop over `eval` and the raw logits."""
+"""GGUF models through llama-cpp-python: our own decode loop over `eval` and the raw logits; with a vision
+projector (mmproj), pictures through libmtmd (backends/mtmd.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import ctypes
 import os
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,8 @@ import numpy as np
 import numpy.typing as npt
 from llguidance import LLTokenizer
 
-from smolrun.backends.base import Pixels, Vision, reusable_prefix
+from smolrun.backends.base import Pixels, Vision, reusable_prefix, reusable_with_pixels
+from smolrun.backends.mtmd import MtmdVision
 from smolrun.errors import BackendMissing
 
 
@@ -34,7 +37,8 @@ def default_threads() -> int:
 class LlamaCppModel:
     """One GGUF model with one KV-cache sequence; not thread-safe (the scheduler serialises use)."""
 
-    def __init__(self, path: Path, *, name: str, n_ctx: int = 8192, n_threads: int | None = None) -> None:
+    def __init__(self, path: Path, *, name: str, n_ctx: int = 8192, n_threads: int | None = None,
+                 mmproj: Path | None = None) -> None:
         llama_cpp = _import_llama_cpp()
         from llguidance.llamacpp import lltokenizer_from_vocab
 
@@ -63,8 +67,12 @@ class LlamaCppModel:
         self.chat_template: str | None = meta.get("tokenizer.chat_template")
         self.bos_token = self._piece_text(self.llama.token_bos())
         self.eos_token = self._piece_text(self.llama.token_eos())
-        self.vision: Vision | None = None  # llama.cpp's multimodal path (mtmd) is not used yet
         self._add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab)) and self.llama.token_bos() >= 0
+        self._pixels: list[Pixels] = []  # the pictures whose embeddings the KV cache holds (without their tiles)
+        self._mtmd: MtmdVision | None = None
+        if mmproj is not None:
+            self._mtmd = MtmdVision(self.llama, mmproj, threads=threads, tokenize=self.tokenize)
+        self.vision: Vision | None = self._mtmd
 
     def _piece_text(self, token: int) -> str:
         if token < 0:
@@ -84,14 +92,26 @@ class LlamaCppModel:
 
     def prefill(self, tokens: Sequence[int], reuse: bool = True,
                 pixels: Sequence[Pixels] = ()) -> npt.NDArray[np.float32]:
-        if pixels:
+        if pixels and self._mtmd is None:
             raise ValueError(f"{self.name} cannot see: it got pictures")
         common = reusable_prefix(self.llama.input_ids[: self.llama.n_tokens], tokens) if reuse else 0
+        common = reusable_with_pixels(common, self._pixels, pixels)
         # Sliding-window caches (Gemma 3) cannot always drop a suffix: then start over from an empty cache.
         if common > 0 and not self.llama._ctx.kv_cache_seq_rm(-1, common, -1):
             common = 0
         self.llama.n_tokens = common  # eval() drops the KV cache past n_tokens before decoding
-        return self.extend(tokens[common:])
+        new = [p for p in pixels if p.start >= common]
+        # Only what a picture was is kept for reuse: its tiles (pixels in float) are freed with the request.
+        self._pixels = [p for p in self._pixels if p.end <= common] + [replace(p, values=None) for p in new]
+        at = common
+        for tiles in (p.values for p in new):
+            for start, tile in tiles.at:
+                self.llama.eval(tokens[at:start])  # the text before the tile (the first call drops the cache's rest)
+                self._mtmd.evaluate(tile, start)  # type: ignore[union-attr]
+                at = start + tile[1]
+                self.llama.input_ids[start:at] = tokens[start:at]
+                self.llama.n_tokens = at
+        return self.extend(tokens[at:])  # never empty: SmolVLM's layout closes every picture with a token
 
     def extend(self, tokens: Sequence[int]) -> npt.NDArray[np.float32]:
         self.llama.eval(list(tokens))

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from datetime import timedelta
 from typing import Any
 
+from smolrun.backends import smolvlm
 from smolrun.backends.base import Pixels
-from smolrun.errors import BackendMissing, InvalidRequest
 from smolrun.media import digest
 from smolrun.turn import Image, Video
 
@@ -19,12 +18,8 @@ class SmolVLMVision:
     global view only); a video is one tile per frame, introduced by its length and each frame's time."""
 
     def __init__(self, processor: Any, config: Any, tokenizer: Any) -> None:
-        try:
-            from num2words import num2words
-            from transformers.models.smolvlm import processing_smolvlm
-        except ImportError as exc:
-            raise BackendMissing("SmolVLM needs num2words: pip install 'smolrun[vision]'") from exc
-        self._num2words = num2words
+        from transformers.models.smolvlm import processing_smolvlm
+
         self._smolvlm = processing_smolvlm
         self._tokenizer = tokenizer
         self.processor = processor
@@ -56,34 +51,24 @@ class SmolVLMVision:
         if isinstance(item, Image):
             tiles, rows, cols = self._tiles(item.data, split=item.detail != "low")
             return self._block(rows, cols), tiles
-        step = max(1, -(-len(item.frames) // self.max_frames))  # a model with fewer frames gets every k-th
-        frames = list(zip(item.frames, item.seconds, strict=True))[::step]
-        smolvlm = self._smolvlm
-        text = smolvlm.DEFAULT_VIDEO_INTRO.format(frame_count=self._num2words(len(frames)),
-                                                  video_duration=str(timedelta(seconds=int(item.duration))))
+        frames = smolvlm.video_frames(item, self.max_frames)
+        text = smolvlm.video_intro(len(frames), item.duration)
         tiles = []
         for data, second in frames:
             frame, _, _ = self._tiles(data, split=False)
             tiles.append(frame)
-            stamp = f"{int(second // 60):02d}:{int(second % 60):02d}"
-            text += smolvlm.FRAME_TIMESTAMP_MESSAGE.format(timestamp=stamp) + self._block(0, 0)
-        return text + smolvlm.DEFAULT_MEDIA_OUTTRO, torch.cat(tiles)
+            text += smolvlm.frame_stamp(second) + self._block(0, 0)
+        return text + smolvlm.MEDIA_OUTTRO, torch.cat(tiles)
 
     def prompt(self, text: str, media: Sequence[Image | Video]) -> tuple[list[int], tuple[Pixels, ...]]:
-        pieces = text.split(self.image_token)
-        if len(pieces) != len(media) + 1:
-            raise InvalidRequest(f"the text of the messages must not contain {self.image_token!r}: it marks where "
-                                 "pictures go", param="messages")
+        pieces = smolvlm.split_prompt(text, len(media))
         encoded = [self.encode(item) for item in media]
-        expanded = pieces[0] + "".join(block + piece for (block, _), piece in zip(encoded, pieces[1:], strict=True))
-        tokens: list[int] = self._tokenizer(expanded, add_special_tokens=False)["input_ids"]
-        positions = [i for i, t in enumerate(tokens) if t == self.image_token_id]
+        tokens: list[int] = self._tokenizer(smolvlm.join_prompt(pieces, [block for block, _ in encoded]),
+                                            add_special_tokens=False)["input_ids"]
+        counts = [int(tiles.shape[0]) for _, tiles in encoded]
+        starts = smolvlm.tile_starts(tokens, self.image_token_id, [self.tokens_per_tile] * sum(counts))
         pixels, at = [], 0
-        for item, (_, tiles) in zip(media, encoded, strict=True):
-            count = int(tiles.shape[0]) * self.tokens_per_tile
-            span = positions[at : at + count]
-            pixels.append(Pixels(span[0], span[-1] + 1, tiles, digest(item)))
+        for item, (_, tiles), count in zip(media, encoded, counts, strict=True):
+            pixels.append(Pixels(starts[at], starts[at + count - 1] + self.tokens_per_tile, tiles, digest(item)))
             at += count
-        if at != len(positions):  # the tokenizer must keep every image token whole
-            raise RuntimeError(f"{len(positions)} image tokens in the prompt for {at} tile tokens")
         return tokens, tuple(pixels)

