@@ -225,6 +225,9 @@ def test_prefix_reuse_keeps_equal_pictures_and_redoes_changed_ones(vlm: Engine) 
 def test_a_marker_typed_in_the_text_is_refused(vlm: Engine) -> None:
     with pytest.raises(InvalidRequest, match="must not contain '<image>'"):
         vlm.prepare(ask(Image(picture()), "what is <image>?"))
+    with pytest.raises(InvalidRequest, match="must not contain '<image>'"):  # without a picture too
+        vlm.prepare(ask("what is <image>?"))
+    assert vlm.prepare(ask("what is it?")).prompt == vlm.model.tokenize(vlm.render(ask("what is it?")))
 
 
 def test_figures_from_code_are_shown_to_a_model_that_sees(vlm: Engine) -> None:

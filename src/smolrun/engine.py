@@ -89,13 +89,13 @@ class Engine:
         text = self.render(turn, thinks=think is not None)
         media, vision = turn.media, self.model.vision
         pixels: tuple[Pixels, ...] = ()
-        if not media:
-            prompt = self.model.tokenize(text)
-        elif vision is None or not self.profile.content_parts:
+        if vision is not None and self.profile.content_parts:  # text alone too: an image token typed in it is a 400
+            prompt, pixels = vision.prompt(text, media)
+        elif media:
             raise InvalidRequest(f"the model '{self.name}' cannot see images; send text only, or use a vision "
                                  "model (smolrun serve --vision-model ...)", param="messages")
         else:
-            prompt, pixels = vision.prompt(text, media)
+            prompt = self.model.tokenize(text)
         token_budget(self.model.n_ctx, len(prompt), turn.params.max_tokens)  # 400 before queueing, not mid-stream
         return Prepared(prompt, grammar, turn.params, think, pixels)
 

@@ -8,6 +8,7 @@ only the answer is allowed.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -163,7 +164,8 @@ async def run(spec: RunSpec, engine: Engine, generate: Generate, execute: Execut
             return
         turn = Turn(tuple(conversation), spec.format, replace(spec.params, max_tokens=remaining), spec.tools,
                     spec.reasoning)
-        prepared = engine.prepare(turn, allow_code=allow_code)
+        # Off the event loop: rendering, tokenizing and cutting pictures into tiles can take a while.
+        prepared = await asyncio.to_thread(engine.prepare, turn, allow_code)
         split = _Split(allow_code, bool(spec.tools.active), engine.profile.code)
         item: dict[str, Any] | None = None
         thought: dict[str, Any] | None = None  # the turn's reasoning item, while it streams

@@ -100,9 +100,8 @@ class LlamaCppModel:
         if common > 0 and not self.llama._ctx.kv_cache_seq_rm(-1, common, -1):
             common = 0
         self.llama.n_tokens = common  # eval() drops the KV cache past n_tokens before decoding
-        new = [p for p in pixels if p.start >= common]
-        # Only what a picture was is kept for reuse: its tiles (pixels in float) are freed with the request.
-        self._pixels = [p for p in self._pixels if p.end <= common] + [replace(p, values=None) for p in new]
+        kept, new = [p for p in self._pixels if p.end <= common], [p for p in pixels if p.start >= common]
+        self._pixels = kept  # a picture counts as cached once all its tiles are: an error midway leaves it out
         at = common
         for tiles in (p.values for p in new):
             for start, tile in tiles.at:
@@ -111,6 +110,8 @@ class LlamaCppModel:
                 at = start + tile[1]
                 self.llama.input_ids[start:at] = tokens[start:at]
                 self.llama.n_tokens = at
+        # What a picture was is kept for reuse, not its tiles (float pixels): they go with the request.
+        self._pixels = kept + [replace(p, values=None) for p in new]
         return self.extend(tokens[at:])  # never empty: SmolVLM's layout closes every picture with a token
 
     def extend(self, tokens: Sequence[int]) -> npt.NDArray[np.float32]:

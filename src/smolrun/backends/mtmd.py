@@ -73,7 +73,6 @@ class MtmdVision:
         weakref.finalize(self, mtmd.mtmd_free, ctx)
         if not mtmd.mtmd_support_vision(ctx) or mtmd.mtmd_decode_use_mrope(ctx):
             raise ModelUnavailable(f"{mmproj.name}: smolrun's llama.cpp vision reads SmolVLM projectors only")
-        self.mmproj = mmproj
 
     def _cut(self, data: bytes) -> tuple[_Chunks, list[str | Tile]]:
         """mtmd's layout of one picture, in order: text, or a tile (an image chunk and its token count)."""
