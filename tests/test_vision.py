@@ -415,9 +415,6 @@ def test_the_video_prompt_strings_are_smolvlms_own() -> None:
     assert smolvlm.VIDEO_INTRO == processing_smolvlm.DEFAULT_VIDEO_INTRO
     assert smolvlm.FRAME_STAMP == processing_smolvlm.FRAME_TIMESTAMP_MESSAGE
     assert smolvlm.MEDIA_OUTTRO == processing_smolvlm.DEFAULT_MEDIA_OUTTRO
-    assert smolvlm.single_block(3) == processing_smolvlm.get_image_prompt_string(  # type: ignore[no-untyped-call]
-        0, 0, 3, fake_token_around_image=smolvlm.AROUND, image_token=smolvlm.IMAGE,
-        global_image_token=smolvlm.GLOBAL)
 
 
 def test_llama_cpp_drops_a_pictures_tiles_once_its_embeddings_are_cached(gguf_vlm: Engine) -> None:

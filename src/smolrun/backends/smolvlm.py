@@ -17,11 +17,6 @@ FRAME_STAMP = "\nFrame from {timestamp}:"
 MEDIA_OUTTRO = "\n\n"
 
 
-def single_block(image_tokens: int) -> str:
-    """One picture shown whole (no tiles): SmolVLM's layout for `detail` low and for each video frame."""
-    return AROUND + GLOBAL + IMAGE * image_tokens + AROUND
-
-
 def video_frames(item: Video, max_frames: int) -> list[tuple[bytes, float]]:
     """The frames a model with at most `max_frames` frames sees: every k-th, with its time."""
     step = max(1, -(-len(item.frames) // max_frames))

