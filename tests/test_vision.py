@@ -455,3 +455,25 @@ def test_cli_ask_with_an_image_on_llama_cpp_prints_typed_json(tiny_smolvlm_gguf:
     result = CliRunner().invoke(main, [*args, *mmproj])
     assert result.exit_code == 0, result.output
     jsonschema.validate(json.loads(result.stdout), RECEIPT)
+
+
+def test_llama_cpp_vision_runs_without_torch(tiny_smolvlm_gguf: Path, tmp_path: Path) -> None:
+    (tmp_path / "receipt.png").write_bytes(picture((90, 200), color="white"))
+    script = f"""
+import sys
+sys.modules["torch"] = sys.modules["transformers"] = None  # any import of either fails
+from smolrun.config import Settings
+from smolrun.engine import Engine
+from smolrun import media
+from smolrun.turn import Done, Message, SamplingParams, Turn
+engine = Engine.load(Settings(model={str(tiny_smolvlm_gguf)!r}, threads=2, n_ctx=4096))
+pictures = media.load(open({str(tmp_path / "receipt.png")!r}, "rb").read(), "receipt.png")
+turn = Turn((Message.of("user", [*pictures, "Describe it."]),), params=SamplingParams(max_tokens=5, seed=0))
+prepared = engine.prepare(turn)
+events = list(engine.generate(prepared))
+done = events[-1]
+print(len(prepared.pixels), isinstance(done, Done) and done.stats.prompt_tokens == len(prepared.prompt) > 20)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["1", "True"]
