@@ -160,3 +160,68 @@ def test_exec_cli_in_a_server_container_keeps_state(api) -> None:  # type: ignor
     assert second.exit_code == 0 and second.output.strip() == "15"
     missing = runner.invoke(main, ["exec", "-", "--container", "cntr_nope", "--server", server], input="1")
     assert missing.exit_code == 2 and "No container found" in missing.output
+
+
+@needs_sandbox
+def test_an_upload_onto_a_planted_fifo_is_a_400_and_blocks_nothing(api) -> None:  # type: ignore[no-untyped-def]
+    client = api.client()
+    container = client.containers.create(name="fifo")
+    url = f"{api.url}/containers/{container.id}/exec"
+    httpx.post(url, json={"code": "import os\nos.mkfifo('/mnt/data/f.csv')"}, timeout=60)
+    for _ in range(8):  # more than the threads of any pool: none of them may hang
+        with pytest.raises(openai.BadRequestError) as err:
+            client.containers.files.create(container.id, file=("f.csv", CSV))
+        assert err.value.body["message"] == ("/mnt/data/f.csv already exists and is a FIFO, not a regular file: "  # type: ignore[index]
+                                             "delete it first")
+    assert httpx.post(url, json={"code": "1 + 1"}, timeout=60).json()["result"] == "2"
+    client.containers.delete(container.id)
+
+
+@needs_sandbox
+@pytest.mark.parametrize(("name", "message"), [(".", "give the file a printable name"),
+                                                ("x" * 300, "the file name is 300 bytes long; the limit is 255")])
+def test_uploads_with_impossible_names_are_a_400(api, name: str, message: str) -> None:  # type: ignore[no-untyped-def]
+    client = api.client()
+    container = client.containers.create(name="names")
+    with pytest.raises(openai.BadRequestError, match=message):
+        client.containers.files.create(container.id, file=(name, CSV))
+    client.containers.delete(container.id)
+
+
+@needs_sandbox
+def test_undecodable_names_and_paths_past_path_max_are_listed_and_served(api) -> None:  # type: ignore[no-untyped-def]
+    client = api.client()
+    container = client.containers.create(name="names")
+    url = f"{api.url}/containers/{container.id}/exec"
+    code = ("import os\nfor i in range(20):\n    os.mkdir('d' * 250)\n    os.chdir('d' * 250)\n"
+            "open('deep.txt', 'w').write('bottom')\nos.chdir('/mnt/data')\nopen(b'\\xff\\xfe.bin', 'wb').write(b'raw')")
+    made = httpx.post(url, json={"code": code}, timeout=60).json()
+    deep = "/mnt/data/" + "/".join(["d" * 250] * 20) + "/deep.txt"
+    assert made["error"] is None and {f["path"] for f in made["files"]} == {deep, "/mnt/data/\\xff\\xfe.bin"}
+    assert httpx.post(url, json={"code": "1 + 1"}, timeout=60).json()["result"] == "2"
+    listed = {f.path: f.id for f in client.containers.files.list(container.id)}
+    assert set(listed) == {deep, "/mnt/data/\\xff\\xfe.bin"}
+    assert client.containers.files.content.retrieve(listed[deep], container_id=container.id).read() == b"bottom"
+    odd = client.containers.files.content.retrieve(listed["/mnt/data/\\xff\\xfe.bin"], container_id=container.id)
+    assert odd.read() == b"raw"
+    client.containers.files.delete(listed["/mnt/data/\\xff\\xfe.bin"], container_id=container.id)
+    assert {f.path for f in client.containers.files.list(container.id)} == {deep}
+    client.containers.delete(container.id)
+
+
+@needs_sandbox
+def test_calls_to_a_busy_container_wait_without_holding_threads(api) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    container = api.client().containers.create(name="busy")
+    url = f"{api.url}/containers/{container.id}/exec"
+
+    async def calls() -> list[object]:
+        async with httpx.AsyncClient(timeout=60) as http:
+            replies = await asyncio.gather(*(http.post(url, json={"code": f"import time\ntime.sleep(0.1)\n{i}"})
+                                             for i in range(6)))
+        return sorted(r.json()["result"] for r in replies)
+
+    assert asyncio.run(calls()) == ["0", "1", "2", "3", "4", "5"]
+    manager = api.app.state.smolrun.containers
+    assert len(manager._executor._threads) == 1  # one call at a time per container, so one thread ever

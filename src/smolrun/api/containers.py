@@ -42,7 +42,7 @@ class ExecRequest(BaseModel):
 async def create_container(body: CreateContainer, request: Request) -> dict[str, Any]:
     minutes = body.expires_after.minutes if body.expires_after else 20
     manager = get_state(request).containers
-    return await asyncio.to_thread(manager.create, body.name, minutes, body.memory_limit, tuple(body.file_ids))
+    return await manager.call(manager.create, body.name, minutes, body.memory_limit, tuple(body.file_ids))
 
 
 @router.get("/v1/containers")
@@ -58,7 +58,8 @@ async def retrieve_container(container_id: str, request: Request) -> dict[str, A
 
 @router.delete("/v1/containers/{container_id}")
 async def delete_container(container_id: str, request: Request) -> dict[str, Any]:
-    return await asyncio.to_thread(get_state(request).containers.delete, container_id)
+    manager = get_state(request).containers
+    return await manager.call(manager.delete, container_id)
 
 
 @router.post("/v1/containers/{container_id}/files")
@@ -83,41 +84,43 @@ async def add_container_file(container_id: str, request: Request) -> dict[str, A
             raise InvalidRequest("send multipart 'file' or JSON {\"file_id\": ...}", param="file_id")
         meta, data = await asyncio.to_thread(state.files.content, file_id)
         name = meta["filename"]
-    return await asyncio.to_thread(state.containers.add_file, container_id, name, data)
+    return await state.containers.call(state.containers.add_file, container_id, name, data)
 
 
 @router.get("/v1/containers/{container_id}/files")
 async def list_container_files(container_id: str, request: Request, limit: int = 20, after: str | None = None,
                                order: Literal["asc", "desc"] = "desc") -> dict[str, Any]:
-    items = await asyncio.to_thread(get_state(request).containers.list_files, container_id, order)
+    manager = get_state(request).containers
+    items = await manager.call(manager.list_files, container_id, order)
     return page(items, limit, after)
 
 
 @router.get("/v1/containers/{container_id}/files/{file_id}")
 async def retrieve_container_file(container_id: str, file_id: str, request: Request) -> dict[str, Any]:
     manager = get_state(request).containers
-    await asyncio.to_thread(manager.sync_files, container_id)
+    await manager.call(manager.sync_files, container_id)
     return manager.file(container_id, file_id)
 
 
 @router.get("/v1/containers/{container_id}/files/{file_id}/content")
 async def container_file_content(container_id: str, file_id: str, request: Request) -> Response:
     state = get_state(request)
-    _, data = await asyncio.to_thread(state.containers.file_content, container_id, file_id,
-                                      state.settings.max_file_mb * 1024 * 1024)
+    _, data = await state.containers.call(state.containers.file_content, container_id, file_id,
+                                          state.settings.max_file_mb * 1024 * 1024)
     return Response(data, media_type="application/octet-stream")
 
 
 @router.delete("/v1/containers/{container_id}/files/{file_id}")
 async def delete_container_file(container_id: str, file_id: str, request: Request) -> dict[str, Any]:
-    return await asyncio.to_thread(get_state(request).containers.delete_file, container_id, file_id)
+    manager = get_state(request).containers
+    return await manager.call(manager.delete_file, container_id, file_id)
 
 
 @router.post("/v1/containers/{container_id}/exec")
 async def exec_code(container_id: str, body: ExecRequest, request: Request) -> dict[str, Any]:
     """Run code in the container directly (smolrun's extension): the same sandbox as model-written code."""
     manager = get_state(request).containers
-    result, written = await asyncio.to_thread(manager.execute, container_id, body.code, body.timeout)
+    result, written = await manager.run_code(container_id, body.code, body.timeout)
     return {
         "object": "container.execution",
         "container_id": container_id,

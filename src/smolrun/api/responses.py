@@ -56,11 +56,11 @@ class _Call:
         manager = self.state.containers
         if self.container_id is None:  # auto mode: created at the first code call, never before
             assert self.code is not None
-            meta = await asyncio.to_thread(manager.create, f"auto-{self.id}", 20, self.code.memory_limit,
-                                           self.code.file_ids + self.file_ids)
+            meta = await manager.call(manager.create, f"auto-{self.id}", 20, self.code.memory_limit,
+                                      self.code.file_ids + self.file_ids)
             self.container_id = meta["id"]
         container_id = self.container_id
-        result, written = await asyncio.to_thread(manager.execute, container_id, code, None)
+        result, written = await manager.run_code(container_id, code, None)
         self.new_files.update(written)
         return container_id, result
 
@@ -121,7 +121,7 @@ async def _prepare(call: _Call) -> RunSpec:
         if call.container_id is not None:
             for file_id in parsed.file_ids:
                 meta, data = await asyncio.to_thread(state.files.content, file_id)
-                await asyncio.to_thread(state.containers.add_file, call.container_id, meta["filename"], data)
+                await state.containers.call(state.containers.add_file, call.container_id, meta["filename"], data)
     system = [Message("system", body.instructions)] if body.instructions else []
     call_items = parsed.items
     call.request = body.model_copy(update={"input": list(call_items)})

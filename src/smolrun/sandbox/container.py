@@ -6,23 +6,25 @@ import base64
 import json
 import os
 import select
-import shutil
 import signal
 import struct
 import subprocess
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from smolrun.errors import SandboxUnavailable
-from smolrun.sandbox import files
+from smolrun.sandbox import files, storage
 from smolrun.sandbox.launch import MiB, SandboxConfig, start, unavailable_reason
 
 PRELOAD = ("numpy", "pandas", "matplotlib", "matplotlib.pyplot")
 _FIRST_UID = 100_000
+MAX_FRAME = 32 * MiB  # the largest reply the host reads: clipped texts and at most 16 MiB of images
+MAX_IMAGES = 32
+QUOTA_POLL_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,57 @@ class _Uids:
 _uids = _Uids()
 
 
+@dataclass(frozen=True)
+class _Reply:
+    """One reply of the supervisor, checked: the only shape the host accepts from inside the sandbox."""
+
+    logs: str
+    result: str | None
+    error: ExecError | None
+    images: tuple[bytes, ...]
+
+
+class _ChannelBroken(Exception):
+    """The sandbox sent something outside the protocol; the container is killed and restarted."""
+
+
+def _parse_reply(body: bytes, seq: int, limit: int) -> _Reply:
+    try:
+        raw = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise _ChannelBroken("the sandbox sent a reply that is not JSON") from None
+    if not isinstance(raw, dict):
+        raise _ChannelBroken("the sandbox sent a reply that is not an object")
+    if "fatal" in raw:
+        raise _ChannelBroken(_text(raw.get("fatal"), 1000) or "the sandbox stopped")
+    if raw.get("seq") != seq:
+        raise _ChannelBroken(f"the sandbox answered request {raw.get('seq')!r} instead of {seq}")
+    error = raw.get("error")
+    if error is not None and not isinstance(error, dict):
+        raise _ChannelBroken("the sandbox sent a malformed error")
+    images = raw.get("images")
+    if not isinstance(images, list) or len(images) > MAX_IMAGES or not all(isinstance(i, str) for i in images):
+        raise _ChannelBroken("the sandbox sent malformed images")
+    try:
+        pngs = tuple(base64.b64decode(i, validate=True) for i in images)
+    except ValueError:
+        raise _ChannelBroken("the sandbox sent an image that is not base64") from None
+    # The supervisor clips every text to `limit` bytes (logs: twice, output and displayed text); the host
+    # clips again rather than trust it.
+    return _Reply(
+        logs=_text(raw.get("logs"), 2 * limit + 200) or "",
+        result=_text(raw.get("result"), limit + 100),
+        error=None if error is None else ExecError(_text(error.get("name"), 200) or "Error",
+                                                   _text(error.get("value"), limit + 100) or "",
+                                                   _text(error.get("traceback"), limit + 100) or ""),
+        images=pngs,
+    )
+
+
+def _text(value: object, limit: int) -> str | None:
+    return value[:limit] if isinstance(value, str) else None
+
+
 @dataclass
 class Container:
     config: SandboxConfig
@@ -80,6 +133,8 @@ class Container:
     _uid: int | None = None
     _cgroups: list[Path] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _seq: int = 0
+    _tmpfs: bool = False  # the work dir is a quota tmpfs (see storage.py)
 
     @property
     def workdir(self) -> Path:
@@ -97,6 +152,10 @@ class Container:
         os.chmod(self.workdir.parent, 0o755)
         if os.geteuid() == 0:
             self._uid = _uids.take()
+        limits = self.config.limits
+        self._tmpfs = self.config.quota_tmpfs and storage.mount_quota(self.workdir, limits.work_files,
+                                                                      limits.work_mb, self._uid)
+        if self._uid is not None:
             os.chown(self.workdir, self._uid, self._uid)
             os.chmod(self.workdir, 0o700)
         self._launch()
@@ -105,82 +164,138 @@ class Container:
     def _launch(self) -> None:
         self._cgroups = _make_cgroups(self.id, self.config) if os.geteuid() == 0 else []
         self._proc = start(self.config, self.workdir, self._uid, [g / "cgroup.procs" for g in self._cgroups])
-        ready = self._receive(time.monotonic() + 30)
-        if not ready or not ready.get("ready"):
+        try:
+            ready = self._receive_frame(time.monotonic() + 30)
+            if ready is None or json.loads(ready) != {"ready": True}:
+                raise _ChannelBroken("no hello")
+            if self.preload:
+                self._call({"preload": list(self.preload)}, time.monotonic() + 60)
+        except (_ChannelBroken, ValueError):
             self._kill()
-            raise SandboxUnavailable("the sandboxed Python worker failed to start")
-        if self.preload:
-            self._send({"preload": list(self.preload)})
-            self._receive(time.monotonic() + 60)
+            raise SandboxUnavailable("the sandboxed Python worker failed to start") from None
 
     def run(self, code: str, timeout: float | None = None) -> Execution:
         """Run one cell. A timeout interrupts it, then restarts the worker if it does not stop."""
         with self._lock:
             self.last_active_at = time.time()
-            if not self.running:
-                self._launch()
+            notice = self._revive()
             limits = self.config.limits
             deadline_s = limits.timeout_s if timeout is None else timeout
-            before = files.snapshot(self.workdir)
+            before = files.listing(self.workdir, limits.work_files + 1)
             started = time.monotonic()
-            self._send({"code": code, "output_limit": limits.output_bytes})
-            reply = self._receive(started + deadline_s)
-            timed_out = state_lost = False
-            if reply is None and self.running:
-                timed_out = True
-                self._interrupt()
-                reply = self._receive(time.monotonic() + limits.grace_s)
-            if reply is None:
-                state_lost = True
+            timed_out = over_quota = False
+            why_lost: str | None = None
+            reply: _Reply | None = None
+            try:
+                seq = self._send({"code": code, "output_limit": limits.output_bytes})
+                over_quota = self._wait_for_reply(started + deadline_s)
+                if not over_quota and self._readable(0):
+                    reply = self._reply(seq, started + deadline_s + 5)
+                elif self.running:
+                    timed_out = not over_quota
+                    self._interrupt()
+                    if self._readable(limits.grace_s):
+                        reply = self._reply(seq, time.monotonic() + limits.grace_s + 5)
+                if reply is None:
+                    why_lost = (f"the call exceeded its {deadline_s:g} s timeout and did not stop when interrupted"
+                                if timed_out else "the Python process died (out of memory, or it exited)")
+            except _ChannelBroken as broken:
+                why_lost = str(broken)
+            if why_lost is not None:
                 self._kill()
                 self._launch()
             duration = time.monotonic() - started
-            after = files.snapshot(self.workdir)
+            after = files.listing(self.workdir, limits.work_files + 1)
             self.last_active_at = time.time()
-            return self._execution(reply, after, files.changed(before, after), duration, timed_out, state_lost)
+            execution = self._execution(reply, why_lost, after, files.changed(before, after), duration, timed_out)
+            if notice is None:
+                return execution
+            return replace(execution, logs=f"[{notice}]\n{execution.logs}", state_lost=True)
 
-    def _execution(self, reply: dict[str, Any] | None, after: dict[str, tuple[int, int]], changed: tuple[str, ...],
-                   duration: float, timed_out: bool, state_lost: bool) -> Execution:
+    def _revive(self) -> str | None:
+        """Restart a worker that stopped between calls; why it had stopped, or None if it was running."""
+        if self.running and not self._readable(0):
+            return None
+        why = "the container's Python process had stopped"
+        if self._proc is not None and self._readable(0):  # its last words: a fatal message, at most
+            try:
+                frame = self._receive_frame(time.monotonic() + 1)
+                if frame is not None:
+                    _parse_reply(frame, self._seq, 0)
+            except _ChannelBroken as broken:
+                why = str(broken)
+        self._kill()
+        self._launch()
+        return f"{why}; it was restarted, and its variables and imports are gone"
+
+    def _wait_for_reply(self, deadline: float) -> bool:
+        """Wait until the worker answers or the deadline passes; True when the cell was stopped over quota.
+
+        On a quota tmpfs the kernel enforces the quota; on a plain directory it is checked every tenth of
+        a second with a walk bounded by the quota itself.
+        """
+        while (left := deadline - time.monotonic()) > 0:
+            if self._readable(min(left, QUOTA_POLL_S) if not self._tmpfs else left):
+                return False
+            if not self._tmpfs and files.listing(self.workdir, self.config.limits.work_files + 1).entries > \
+                    self.config.limits.work_files:
+                return True
+        return False
+
+    def _execution(self, reply: _Reply | None, why_lost: str | None, after: files.Listing,
+                   changed: tuple[str, ...], duration: float, timed_out: bool) -> Execution:
         limits = self.config.limits
-        error: ExecError | None = None
         if reply is None:
-            why = (f"the call exceeded its {limits.timeout_s:g} s timeout and did not stop when interrupted"
-                   if timed_out else "the Python process died (out of memory, or it exited)")
-            error = ExecError("SandboxRestarted", f"{why}; the container was restarted and its state was lost", "")
-            reply = {"logs": "", "result": None}
-        elif reply.get("error"):
-            e = reply["error"]
-            error = ExecError(e["name"], e["value"], e["traceback"])
+            reply = _Reply("", None, ExecError("SandboxRestarted", f"{why_lost or 'the sandbox stopped'}; the "
+                                               "container was restarted and its state was lost", ""), ())
+        error = reply.error
         if timed_out and error is not None and error.name == "KeyboardInterrupt":
-            error = ExecError("TimeoutError", f"the call exceeded its {limits.timeout_s:g} s timeout and was "
-                              "interrupted; variables are kept", error.traceback)
-        n_bytes = sum(size for size, _ in after.values())
-        if len(after) > limits.work_files or n_bytes > limits.work_mb * MiB:
-            error = ExecError("QuotaExceeded", f"/mnt/data holds {len(after)} files and {n_bytes} bytes, over the "
-                              f"quota of {limits.work_files} files and {limits.work_mb} MiB; delete files", "")
-        images = tuple(base64.b64decode(i) for i in reply.get("images", []))
-        return Execution(reply.get("logs", ""), reply.get("result"), error, images, changed, duration, timed_out,
-                         state_lost)
+            error = ExecError("TimeoutError", "the call exceeded its timeout and was interrupted; variables are "
+                              "kept", error.traceback)
+        full = storage.is_full(self.workdir) if self._tmpfs else (
+            after.entries > limits.work_files or after.size > limits.work_mb * MiB)
+        if full:
+            error = ExecError("QuotaExceeded", f"/mnt/data is full: its quota is {limits.work_files} files and "
+                              f"directories and {limits.work_mb} MiB; delete files", "")
+        return Execution(reply.logs, reply.result, error, reply.images, changed, duration, timed_out,
+                         why_lost is not None)
 
-    def _send(self, message: dict[str, Any]) -> None:
+    def _send(self, message: dict[str, Any]) -> int:
+        """Send a request; its sequence number, which the reply must carry."""
         assert self._proc is not None and self._proc.stdin is not None
-        data = json.dumps(message).encode()
+        self._seq += 1
+        data = json.dumps({**message, "seq": self._seq}).encode()
         try:
             self._proc.stdin.write(struct.pack(">I", len(data)) + data)
             self._proc.stdin.flush()
-        except BrokenPipeError:
-            pass  # the worker died; _receive reports it
+        except (BrokenPipeError, ValueError):
+            pass  # the worker died; reading the reply reports it
+        return self._seq
 
-    def _receive(self, deadline: float) -> dict[str, Any] | None:
-        """One reply, or None on timeout or when the worker is gone."""
+    def _call(self, message: dict[str, Any], deadline: float) -> _Reply | None:
+        seq = self._send(message)
+        return self._reply(seq, deadline) if self._readable(deadline - time.monotonic()) else None
+
+    def _reply(self, seq: int, deadline: float) -> _Reply | None:
+        frame = self._receive_frame(deadline)
+        return None if frame is None else _parse_reply(frame, seq, self.config.limits.output_bytes)
+
+    def _readable(self, timeout: float) -> bool:
+        if self._proc is None or self._proc.stdout is None:
+            return False
+        return bool(select.select([self._proc.stdout.fileno()], [], [], max(timeout, 0))[0])
+
+    def _receive_frame(self, deadline: float) -> bytes | None:
+        """One frame, or None on timeout or when the sandbox is gone; _ChannelBroken past MAX_FRAME."""
         assert self._proc is not None and self._proc.stdout is not None
         fd = self._proc.stdout.fileno()
         header = self._read_exact(fd, 4, deadline)
         if header is None:
             return None
         (size,) = struct.unpack(">I", header)
-        body = self._read_exact(fd, size, deadline + 5)
-        return json.loads(body) if body is not None else None
+        if size > MAX_FRAME:
+            raise _ChannelBroken(f"the sandbox announced a reply of {size} bytes (the limit is {MAX_FRAME})")
+        return self._read_exact(fd, size, deadline)
 
     @staticmethod
     def _read_exact(fd: int, size: int, deadline: float) -> bytes | None:
@@ -189,7 +304,7 @@ class Container:
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([fd], [], [], left)[0]:
                 return None
-            chunk = os.read(fd, size - got)
+            chunk = os.read(fd, min(size - got, 1 << 20))
             if not chunk:
                 return None
             chunks.append(chunk)
@@ -197,10 +312,10 @@ class Container:
         return b"".join(chunks)
 
     def _interrupt(self) -> None:
-        """SIGINT the worker: IPython turns it into KeyboardInterrupt and keeps the namespace."""
+        """SIGINT the supervisor, which passes it to the worker: IPython raises KeyboardInterrupt, keeping state."""
         if self._proc is None:
             return
-        for pid in _descendants(self._proc.pid)[1:2]:  # [bwrap's init, the worker, ...]
+        for pid in _descendants(self._proc.pid)[:1]:  # [the supervisor (pid 1 inside), the worker, ...]
             try:
                 os.kill(pid, signal.SIGINT)
             except ProcessLookupError:
@@ -229,27 +344,17 @@ class Container:
         self._cgroups = []
 
     def put_file(self, name: str, data: bytes) -> str:
-        """Write a file into /mnt/data (owned by the container's uid); returns its path inside."""
-        rel = files.safe_name(name)
-        target = self.workdir / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-        try:
-            os.write(fd, data)
-            if self._uid is not None:
-                os.fchown(fd, self._uid, self._uid)
-        finally:
-            os.close(fd)
-        return f"/mnt/data/{rel}"
+        """Write an uploaded file into /mnt/data (owned by the container's uid); returns its path inside."""
+        return files.write_file(self.workdir, files.upload_name(name), data, self._uid)
 
     def read_file(self, name: str, max_bytes: int = 512 * MiB) -> bytes:
         return files.read_file(self.workdir, name, max_bytes)
 
     def close(self) -> None:
-        """Stop the worker and delete the work directory."""
+        """Stop the worker and delete the work directory (one unmount on a quota tmpfs)."""
         with self._lock:
             self._kill()
-            shutil.rmtree(self.workdir.parent, ignore_errors=True)
+            storage.release(self.workdir.parent, self.workdir)
             if self._uid is not None:
                 _uids.give_back(self._uid)
                 self._uid = None

@@ -1,42 +1,103 @@
-"""Host-side access to a container's work directory that code inside cannot turn against the host."""
+"""Host-side access to a container's work directory that code inside cannot turn against the host.
+
+Code in the sandbox owns the tree, so every host access assumes it is hostile: paths are walked one
+component at a time from a directory descriptor with O_NOFOLLOW (no symlink is followed and no path ever
+reaches PATH_MAX), leaves are opened with O_NONBLOCK (a FIFO or a device never blocks a host thread) and
+checked with fstat, names are carried as the kernel keeps them (bytes) and shown with undecodable bytes
+escaped, and every walk is bounded in entries and depth.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import stat
-from pathlib import Path, PurePosixPath
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
 
 from smolrun.errors import InvalidRequest, NotFound
 
+NAME_MAX = 255  # bytes in one path component (Linux)
+MAX_DEPTH = 64  # directories below /mnt/data that the host looks into
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_LEAF = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+_ESCAPE = re.compile(r"\\(\\|x[0-9a-f]{2})")
 
-def safe_name(name: str) -> PurePosixPath:
-    """A relative path inside the work dir: no absolute paths, `..`, NUL or empty parts."""
-    path = PurePosixPath(name)
-    if not name or "\x00" in name or path.is_absolute() or any(p in ("", ".", "..") for p in path.parts):
+
+def display(raw: bytes) -> str:
+    """A path as the API shows it: UTF-8, with each undecodable byte as \\xNN and a backslash as \\\\.
+
+    The escaping is reversible (see `parse`), so the shown path is also the one a client sends back.
+    """
+    text = raw.decode("utf-8", errors="surrogateescape").replace("\\", "\\\\")
+    return "".join(f"\\x{ord(c) - 0xDC00:02x}" if "\udc80" <= c <= "\udcff" else c for c in text)
+
+
+def parse(text: str) -> bytes:
+    """The bytes of a path shown by `display`."""
+    parts, last = [], 0
+    for match in _ESCAPE.finditer(text):
+        parts.append(text[last:match.start()].encode("utf-8", errors="surrogatepass"))
+        escape = match.group(1)
+        parts.append(b"\\" if escape == "\\" else bytes([int(escape[1:], 16)]))
+        last = match.end()
+    parts.append(text[last:].encode("utf-8", errors="surrogatepass"))
+    return b"".join(parts)
+
+
+def safe_parts(name: str) -> list[bytes]:
+    """The components of a path relative to /mnt/data: no absolute paths, `..`, NUL or empty parts."""
+    raw = parse(name)
+    parts = raw.split(b"/")
+    if not raw or b"\x00" in raw or raw.startswith(b"/") or any(p in (b"", b".", b"..") for p in parts):
         raise InvalidRequest(f"invalid file path {name!r}: use a relative path without '..'", param="path")
-    return path
+    if any(len(p) > NAME_MAX for p in parts):
+        raise InvalidRequest(f"invalid file path {name!r}: a name is longer than {NAME_MAX} bytes", param="path")
+    return parts
 
 
-def _open_parent(workdir: Path, name: str) -> tuple[int, str]:
-    """A descriptor of the directory holding `name`, reached without following any symlink, and the leaf."""
-    parts = safe_name(name).parts
-    fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+def upload_name(filename: str) -> bytes:
+    """The name an uploaded file gets in /mnt/data: its base name, which must be a printable file name."""
+    base = filename.replace("\\", "/").rsplit("/", 1)[-1]
+    if base in ("", ".", "..") or not base.isprintable():  # control characters, NUL, lone surrogates
+        raise InvalidRequest(f"invalid file name {filename!r}: give the file a printable name", param="file")
+    raw = base.encode("utf-8")
+    if len(raw) > NAME_MAX:
+        raise InvalidRequest(f"the file name is {len(raw)} bytes long; the limit is {NAME_MAX}", param="file")
+    return raw
+
+
+def _open_parent(workdir: Path, parts: list[bytes], name: str) -> int:
+    """A descriptor of the directory holding the last of `parts`, reached without following any symlink."""
+    fd = os.open(workdir, _DIR)
     try:
         for part in parts[:-1]:
-            next_fd = _open_at(fd, part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, name)
+            next_fd = _open_at(fd, part, _DIR, name)
             os.close(fd)
             fd = next_fd
     except BaseException:
         os.close(fd)
         raise
-    return fd, parts[-1]
+    return fd
+
+
+def _open_at(dir_fd: int, part: bytes, flags: int, name: str, mode: int = 0o644) -> int:
+    try:
+        return os.open(part, flags, mode, dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise NotFound(f"no file {name} in the container") from None
+    except OSError as exc:  # ELOOP (a symlink), ENOTDIR, EACCES ...
+        raise InvalidRequest(f"{name} cannot be opened: {exc.strerror}", param="path") from None
 
 
 def read_file(workdir: Path, name: str, max_bytes: int) -> bytes:
     """Read a regular file without following any symlink and without blocking on FIFOs or devices."""
-    fd, leaf_name = _open_parent(workdir, name)
+    parts = safe_parts(name)
+    fd = _open_parent(workdir, parts, name)
     try:
-        leaf = _open_at(fd, leaf_name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY, name)
+        leaf = _open_at(fd, parts[-1], os.O_RDONLY | _LEAF, name)
     finally:
         os.close(fd)
     try:
@@ -56,48 +117,142 @@ def read_file(workdir: Path, name: str, max_bytes: int) -> bytes:
         os.close(leaf)
 
 
-def _open_at(dir_fd: int, part: str, flags: int, name: str) -> int:
+def write_file(workdir: Path, leaf: bytes, data: bytes, uid: int | None) -> str:
+    """Write `data` as /mnt/data/<leaf> and return its shown path; nothing the sandbox planted can block it.
+
+    The data goes to a new file first (O_EXCL, so never into a FIFO, a device or through a link), which
+    then replaces a regular file of that name atomically; a directory, link or FIFO there is refused.
+    """
+    shown = display(leaf)
+    fd = os.open(workdir, _DIR)
+    temporary = f".smolrun-upload-{uuid.uuid4().hex}".encode()
     try:
-        return os.open(part, flags, dir_fd=dir_fd)
-    except FileNotFoundError:
-        raise NotFound(f"no file {name} in the container") from None
-    except OSError as exc:  # ELOOP (a symlink), ENOTDIR, EACCES ...
-        raise InvalidRequest(f"{name} cannot be read: {exc.strerror}", param="path") from None
-
-
-def snapshot(workdir: Path) -> dict[str, tuple[int, int]]:
-    """Regular files under the work dir -> (size, mtime_ns), walking with lstat only (links are skipped)."""
-    found: dict[str, tuple[int, int]] = {}
-    stack = [""]
-    while stack:
-        rel = stack.pop()
         try:
-            entries = list(os.scandir(workdir / rel if rel else workdir))
-        except OSError:
-            continue
-        for entry in entries:
-            path = f"{rel}/{entry.name}" if rel else entry.name
-            info = entry.stat(follow_symlinks=False)
-            if stat.S_ISDIR(info.st_mode):
-                stack.append(path)
-            elif stat.S_ISREG(info.st_mode):
-                found[path] = (info.st_size, info.st_mtime_ns)
-    return found
+            out = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _LEAF, 0o644, dir_fd=fd)
+        except OSError as exc:
+            raise _storage_error(exc, shown) from None
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(out, view):]
+            if uid is not None:
+                os.fchown(out, uid, uid)
+        except OSError as exc:
+            os.unlink(temporary, dir_fd=fd)
+            raise _storage_error(exc, shown) from None
+        finally:
+            os.close(out)
+        try:
+            existing = os.stat(leaf, dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            existing = None
+        if existing is not None and not stat.S_ISREG(existing.st_mode):
+            os.unlink(temporary, dir_fd=fd)
+            raise InvalidRequest(f"/mnt/data/{shown} already exists and is a {_kind(existing.st_mode)}, not a "
+                                 "regular file: delete it first", param="file")
+        try:
+            os.rename(temporary, leaf, src_dir_fd=fd, dst_dir_fd=fd)
+        except OSError as exc:  # the sandbox put a directory there in the meantime
+            os.unlink(temporary, dir_fd=fd)
+            raise InvalidRequest(f"/mnt/data/{shown} cannot be replaced: {exc.strerror}", param="file") from None
+    finally:
+        os.close(fd)
+    return f"/mnt/data/{shown}"
 
 
-def changed(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> tuple[str, ...]:
-    return tuple(sorted(p for p, meta in after.items() if before.get(p) != meta))
+def _storage_error(exc: OSError, shown: str) -> InvalidRequest:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return InvalidRequest(f"/mnt/data/{shown} does not fit: the container's storage is full (its quota of "
+                              "files and bytes is used up); delete files first", param="file", code="container_full")
+    return InvalidRequest(f"/mnt/data/{shown} cannot be written: {exc.strerror}", param="file")
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "directory"
+    if stat.S_ISLNK(mode):
+        return "symbolic link"
+    if stat.S_ISFIFO(mode):
+        return "FIFO"
+    return "special file"
 
 
 def remove_file(workdir: Path, name: str) -> None:
     """Unlink a file (or a planted link itself) without following symlinks in its parent directories."""
-    fd, leaf_name = _open_parent(workdir, name)
+    parts = safe_parts(name)
+    fd = _open_parent(workdir, parts, name)
     try:
         try:
-            os.unlink(leaf_name, dir_fd=fd)
+            os.unlink(parts[-1], dir_fd=fd)
         except FileNotFoundError:
             pass
         except IsADirectoryError:
             raise InvalidRequest(f"{name} is a directory", param="path") from None
     finally:
         os.close(fd)
+
+
+@dataclass(frozen=True)
+class Listing:
+    """What a bounded walk of the work dir saw."""
+
+    files: dict[str, tuple[int, int]]  # shown path of each regular file -> (size, mtime_ns)
+    entries: int  # every entry counted (files, directories, links, FIFOs): what the quota counts
+    complete: bool  # False when the walk stopped at `max_entries` or skipped directories past MAX_DEPTH
+
+    @property
+    def size(self) -> int:
+        return sum(size for size, _ in self.files.values())
+
+
+def listing(workdir: Path, max_entries: int) -> Listing:
+    """Regular files under the work dir, walked with directory descriptors and lstat only (links skipped).
+
+    The walk stops after `max_entries` entries, so its cost is bounded whatever the code created.
+    """
+    found: dict[str, tuple[int, int]] = {}
+    counted = 0
+    complete = True
+
+    def walk(dir_fd: int, prefix: bytes, depth: int) -> None:
+        nonlocal counted, complete
+        with os.scandir(dir_fd) as entries:
+            for entry in entries:
+                if counted >= max_entries:
+                    complete = False
+                    return
+                counted += 1
+                raw = os.fsencode(entry.name)
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue  # gone since the directory was read
+                path = prefix + raw
+                if stat.S_ISREG(info.st_mode):
+                    found[display(path)] = (info.st_size, info.st_mtime_ns)
+                elif stat.S_ISDIR(info.st_mode):
+                    if depth >= MAX_DEPTH:
+                        complete = False
+                        continue
+                    try:
+                        child = os.open(raw, _DIR, dir_fd=dir_fd)
+                    except OSError:
+                        continue  # replaced by a link or removed meanwhile
+                    try:
+                        walk(child, path + b"/", depth + 1)
+                    finally:
+                        os.close(child)
+
+    try:
+        root = os.open(workdir, _DIR)
+    except OSError:
+        return Listing({}, 0, True)
+    try:
+        walk(root, b"", 0)
+    finally:
+        os.close(root)
+    return Listing(found, counted, complete)
+
+
+def changed(before: Listing, after: Listing) -> tuple[str, ...]:
+    return tuple(sorted(p for p, meta in after.files.items() if before.files.get(p) != meta))

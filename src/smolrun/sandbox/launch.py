@@ -13,6 +13,7 @@ from pathlib import Path
 from smolrun.sandbox.seccomp import bpf_file
 
 WORKER_SOURCE = (Path(__file__).parent / "worker.py").read_text()
+SUPERVISOR_SOURCE = (Path(__file__).parent / "supervisor.py").read_text()
 MiB = 1024 * 1024
 
 
@@ -41,6 +42,7 @@ class SandboxConfig:
     root: Path  # where container work directories live on the host
     limits: Limits = Limits()
     bwrap: str = "bwrap"
+    quota_tmpfs: bool = True  # where the host may mount: /mnt/data is a tmpfs sized to the quota (storage.py)
 
 
 def default_config() -> SandboxConfig:
@@ -119,12 +121,14 @@ def _environment(config: SandboxConfig) -> list[str]:
 def command(config: SandboxConfig, workdir: Path, seccomp_fd: int) -> list[str]:
     return [
         config.bwrap,
-        "--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
+        # --as-pid-1: the supervisor is pid 1 itself, so no bwrap init holds the host channel where user code
+        # could open it through /proc/1/fd.
+        "--unshare-user", "--unshare-pid", "--as-pid-1", "--unshare-net", "--unshare-ipc", "--unshare-uts",
         "--unshare-cgroup-try", "--disable-userns", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
         *_mounts(config, workdir), *_environment(config),
         "--seccomp", str(seccomp_fd),
         "--remount-ro", "/",
-        str(config.python), "-I", "-c", WORKER_SOURCE,
+        str(config.python), "-I", "-c", SUPERVISOR_SOURCE, WORKER_SOURCE,
     ]
 
 
@@ -148,7 +152,7 @@ def _preexec(uid: int | None, limits: Limits, cgroup_procs: list[Path]) -> Calla
 
 
 def start(config: SandboxConfig, workdir: Path, uid: int | None, cgroup_procs: list[Path]) -> subprocess.Popen[bytes]:
-    """Launch bwrap with the worker; its stdin/stdout carry the worker protocol."""
+    """Launch bwrap with the supervisor and its worker; its stdin/stdout carry the protocol."""
     fd = bpf_file()
     try:
         return subprocess.Popen(

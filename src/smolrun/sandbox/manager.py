@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
-import os
-import shutil
+import asyncio
 import threading
 import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from smolrun.errors import InvalidRequest, NotFound
 from smolrun.files import FileStore
-from smolrun.sandbox import files
+from smolrun.sandbox import files, storage
 from smolrun.sandbox.container import Container, Execution, remove_cgroup
 from smolrun.sandbox.launch import SandboxConfig
 from smolrun.sandbox.pool import WarmPool
 from smolrun.store import Store
 
+T = TypeVar("T")
+SANDBOX_THREADS = 32
 MEMORY_LIMITS = {"1g": 1024, "4g": 4096, "16g": 16384, "64g": 65536}
 DEFAULT_MEMORY = "1g"
 
@@ -30,11 +34,35 @@ class ContainerManager:
         self.file_store = file_store
         self._live: dict[str, Container] = {}
         self._lock = threading.Lock()
+        # Sandbox work runs on threads of its own, never on the event loop's default pool, so whatever code in
+        # a sandbox does can hold only these; one call at a time per container holds even one of them.
+        self._executor = ThreadPoolExecutor(SANDBOX_THREADS, thread_name_prefix="smolrun-sandbox")
+        self._running: dict[str, asyncio.Lock] = {}
         self._expire_leftovers()
         self._pool: WarmPool | None = WarmPool(config, size=warm) if warm > 0 else None
         self._closed = threading.Event()
         self._reaper = threading.Thread(target=self._reap_loop, name="smolrun-container-reaper", daemon=True)
         self._reaper.start()
+
+    # -- from the event loop ------------------------------------------------------------------------------
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run blocking container work (start, files, delete) on the sandbox threads."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, partial(fn, *args))
+
+    async def run_code(self, container_id: str, code: str,
+                       timeout: float | None) -> tuple[Execution, dict[str, dict[str, Any]]]:
+        """`execute` from the event loop: calls to one container wait here, on the loop, not on a thread.
+
+        A caller that goes away (a client disconnect) releases the turn only when its call has ended, so
+        calls to a busy container never pile up on threads.
+        """
+        turn = self._running.setdefault(container_id, asyncio.Lock())
+        await turn.acquire()
+        future = asyncio.get_running_loop().run_in_executor(self._executor, self.execute, container_id, code,
+                                                              timeout)
+        future.add_done_callback(lambda _: turn.release())
+        return await asyncio.shield(future)
 
     # -- containers ---------------------------------------------------------------------------------------
 
@@ -115,13 +143,15 @@ class ContainerManager:
     def _stop(self, container_id: str) -> None:
         with self._lock:
             container = self._live.pop(container_id, None)
+        self._running.pop(container_id, None)
         if container is not None:
             container.close()
 
     def _expire_leftovers(self) -> None:
         """Containers still 'active' in the store belong to a previous process: their state is gone."""
         for row in self.store.all("SELECT id FROM containers WHERE status = 'active'"):
-            shutil.rmtree(self.config.root / row["id"], ignore_errors=True)
+            directory = self.config.root / row["id"]
+            storage.release(directory, directory / "data")
             for controller in ("memory", "pids"):
                 remove_cgroup(Path("/sys/fs/cgroup") / controller / "smolrun" / row["id"])
             self.store.execute("DELETE FROM container_files WHERE container_id = ?", row["id"])
@@ -150,13 +180,13 @@ class ContainerManager:
             live, self._live = list(self._live.values()), {}
         for container in live:
             container.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     # -- container files ----------------------------------------------------------------------------------
 
     def add_file(self, container_id: str, name: str, data: bytes, source: str = "user") -> dict[str, Any]:
         container = self.live(container_id)
-        base = os.path.basename(name.replace("\\", "/"))
-        path = container.put_file(base, data)
+        path = container.put_file(name, data)
         return self._record(container_id, path, len(data), source)
 
     def _record(self, container_id: str, path: str, size: int, source: str) -> dict[str, Any]:
@@ -173,7 +203,8 @@ class ContainerManager:
     def sync_files(self, container_id: str) -> None:
         """Register files the code created (source "assistant") and forget files that are gone."""
         container = self.live(container_id)
-        present = {f"/mnt/data/{p}": size for p, (size, _) in files.snapshot(container.workdir).items()}
+        walked = files.listing(container.workdir, self.config.limits.work_files + 1)
+        present = {f"/mnt/data/{p}": size for p, (size, _) in walked.files.items()}
         known = {r["path"]: r["id"] for r in self.store.all(
             "SELECT id, path FROM container_files WHERE container_id = ?", container_id)}
         for path, size in present.items():
@@ -182,7 +213,7 @@ class ContainerManager:
             else:
                 self._record(container_id, path, size, "assistant")
         for path, file_id in known.items():
-            if path not in present:
+            if path not in present and walked.complete:  # a walk cut short proves nothing gone
                 self.store.execute("DELETE FROM container_files WHERE id = ?", file_id)
 
     def list_files(self, container_id: str, order: str) -> list[dict[str, Any]]:
