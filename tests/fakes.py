@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import numpy as np
 import numpy.typing as npt
 from llguidance import LLTokenizer, TokenizerWrapper
 
-from smolrun.backends.base import Pixels
+from smolrun.backends.base import Feed, KVFull, Pixels
 
 EOS = 256
 
@@ -41,6 +42,7 @@ class ByteModel:
     bos_token = ""
     eos_token = "<eos>"
     vision = None
+    reused = 0
 
     def __init__(self, seed: int = 0, n_ctx: int = 8192, script: bytes | None = None, favour: bytes = b'"]}0') -> None:
         self.lltokenizer = byte_tokenizer()
@@ -155,3 +157,60 @@ class ThinkingModel(ByteModel):
         if self.script is None:
             logits[UNTHINK] = -10.0
         return logits
+
+
+class BatchByteModel:
+    """Implements backends.base.BatchModel over the byte tokenizer. A sequence's logits are a pure function
+    of the tokens its cache holds (seeded noise plus a bias towards closing bytes and EOS), so a request
+    decodes the same alone or in any batch; it checks every position the loop feeds and the cache's size."""
+
+    name = "batch-byte-model"
+    n_vocab = 257
+    eog_tokens = frozenset({EOS})
+    chat_template = None
+    bos_token = ""
+    eos_token = "<eos>"
+    vision = None
+
+    def __init__(self, n_seq: int = 4, n_ctx: int = 4096, n_batch: int = 32, seed: int = 0,
+                 favour: bytes = b'"]}0') -> None:
+        self.lltokenizer = byte_tokenizer()
+        self.n_seq, self.n_ctx, self.n_batch = n_seq, n_ctx, n_batch
+        self.seed = seed
+        self.favour = list(favour)
+        self.kv: list[list[int]] = [[] for _ in range(n_seq)]
+        self.passes: list[list[Feed]] = []  # every forward pass, as fed
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(text.encode())
+
+    def token_bytes(self, token: int) -> bytes:
+        return bytes([token]) if token < 256 else b""
+
+    def decode(self, feeds: Sequence[Feed]) -> list[npt.NDArray[np.float32]]:
+        assert sum(len(f.tokens) for f in feeds) <= self.n_batch
+        assert len({f.seq for f in feeds}) == len(feeds), "one feed per sequence and pass"
+        if sum(map(len, self.kv)) + sum(len(f.tokens) for f in feeds) > self.n_ctx:
+            raise KVFull("full")
+        out = []
+        for feed in feeds:
+            assert feed.pos == len(self.kv[feed.seq]), f"sequence {feed.seq} fed at {feed.pos}, holds {len(self.kv[feed.seq])}"
+            self.kv[feed.seq] += feed.tokens
+            if feed.logits:
+                out.append(self._logits(self.kv[feed.seq]))
+        self.passes.append(list(feeds))
+        return out
+
+    def _logits(self, history: list[int]) -> npt.NDArray[np.float32]:
+        digest = zlib.crc32(np.asarray(history, dtype=np.uint16).tobytes())
+        logits = np.random.default_rng([self.seed, digest]).normal(size=self.n_vocab).astype(np.float32)
+        logits[self.favour] += 3.0
+        logits[EOS] += 2.0
+        return logits
+
+    def forget(self, seq: int, start: int) -> bool:
+        del self.kv[seq][start:]
+        return True
+
+    def evaluate_tile(self, seq: int, tile: object, at: int) -> None:
+        raise AssertionError("the byte model cannot see")

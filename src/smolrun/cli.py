@@ -68,6 +68,11 @@ def main() -> None:
 @click.option("--n-ctx", type=int, default=None, help="context window in tokens (default 8192)")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: all available)")
 @click.option("--max-queue", type=int, default=None, help="waiting requests before 429 (default 16)")
+@click.option("--parallel", type=click.IntRange(min=1, max=64), default=None,
+              help="llama.cpp: requests decoded together in one batch, sharing the --n-ctx cache (default 4)")
+@click.option("--gpu-layers", type=int, default=None,
+              help="llama.cpp: layers offloaded to the GPU, -1 for all (default: all when this llama.cpp build "
+                   "has CUDA or Metal, else 0)")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="uploaded files and the metadata database (default /var/lib/smolrun as root, else "
                    "~/.local/share/smolrun)")

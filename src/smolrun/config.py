@@ -33,6 +33,8 @@ class Settings:
     n_ctx: int = 8192
     threads: int | None = None  # None: every CPU this process may use
     max_queue: int = 16  # requests waiting for the model before new ones get 429
+    parallel: int = 4  # llama.cpp: sequences decoded together (continuous batching); their KV cache is shared
+    gpu_layers: int | None = None  # llama.cpp: layers offloaded to a GPU; None: all where the build can, else 0
     offline: bool | None = None  # None: follow HF_HUB_OFFLINE
     data_dir: Path = field(default_factory=lambda: default_data_dir())  # files and the metadata database
     max_file_mb: int = 512  # largest upload to /v1/files or a container
@@ -53,6 +55,10 @@ class Settings:
             values["threads"] = int(env["SMOLRUN_THREADS"])
         if "SMOLRUN_MAX_QUEUE" in env:
             values["max_queue"] = int(env["SMOLRUN_MAX_QUEUE"])
+        if "SMOLRUN_PARALLEL" in env:
+            values["parallel"] = int(env["SMOLRUN_PARALLEL"])
+        if "SMOLRUN_GPU_LAYERS" in env:
+            values["gpu_layers"] = int(env["SMOLRUN_GPU_LAYERS"])
         if "SMOLRUN_BACKEND" in env:
             values["backend"] = env["SMOLRUN_BACKEND"]
         if env.get("SMOLRUN_VISION_MODEL"):

@@ -1,13 +1,24 @@
-"""A loaded model with its grammar cache: Turn -> prompt tokens + grammar -> stream of events."""
+"""A loaded model with its grammar cache and its runner: Turn -> prompt tokens + grammar -> stream of events.
+
+The engine owns how turns share the hardware: a model with many sequences (llama.cpp) batches them
+continuously (backends/batch.py); a model with one (transformers) runs one turn at a time (scheduler.py).
+Either way a turn is admitted when it is submitted, so a full queue is a 429 before any byte is streamed.
+"""
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
-from smolrun.backends.base import Model, Pixels
-from smolrun.backends.decode import decode, never, token_budget
+from llguidance import LLMatcher
+
+from smolrun.backends.base import BatchModel, Model, Pixels
+from smolrun.backends.batch import BatchEngine, Job
+from smolrun.backends.decode import SequenceState, decode, never, token_budget
 from smolrun.config import Settings
 from smolrun.constraints.grammar import Grammar, GrammarCache
 from smolrun.errors import InvalidRequest
@@ -15,7 +26,8 @@ from smolrun.models import REGISTRY, hub_offline, resolve
 from smolrun.prompt import render
 from smolrun.prompt.profiles import Profile, detect
 from smolrun.prompt.tools import render_history
-from smolrun.thinking import ThinkBlock, split_thoughts
+from smolrun.scheduler import EventStream, Item, Scheduler, Sink
+from smolrun.thinking import ThinkBlock, ThoughtSplitter, split_thoughts
 from smolrun.turn import Event, SamplingParams, Turn
 
 
@@ -31,8 +43,11 @@ class Prepared:
 
 
 class Engine:
-    def __init__(self, model: Model) -> None:
+    def __init__(self, model: Model | BatchModel, max_queue: int = 16) -> None:
         self.model = model
+        self.max_queue = max_queue  # turns waiting for the model before QueueFull
+        self._runner: BatchEngine | Scheduler | None = None  # started at the first turn (the CLI may need none)
+        self._runner_lock = threading.Lock()
         self.grammars = GrammarCache(model.lltokenizer)
         self.profile: Profile = detect(model.chat_template)
         self._think_tokens: tuple[int, int] | None = None
@@ -53,12 +68,14 @@ class Engine:
 
             source = hf_source(name, offline=settings.offline)
             return cls(TransformersModel(source, n_ctx=settings.n_ctx, device=settings.device,
-                                         threads=settings.threads, offline=hub_offline(settings.offline)))
+                                         threads=settings.threads, offline=hub_offline(settings.offline)),
+                       max_queue=settings.max_queue)
         from smolrun.backends.llama_cpp import LlamaCppModel
 
         resolved = resolve(name, offline=settings.offline, mmproj=mmproj)
         return cls(LlamaCppModel(resolved.path, name=resolved.name, n_ctx=settings.n_ctx, n_threads=settings.threads,
-                                 mmproj=resolved.mmproj))
+                                 mmproj=resolved.mmproj, n_seq=settings.parallel, gpu_layers=settings.gpu_layers),
+                   max_queue=settings.max_queue)
 
     @property
     def name(self) -> str:
@@ -99,9 +116,68 @@ class Engine:
         token_budget(self.model.n_ctx, len(prompt), turn.params.max_tokens)  # 400 before queueing, not mid-stream
         return Prepared(prompt, grammar, turn.params, think, pixels)
 
+    @property
+    def batches(self) -> bool:
+        """Whether turns decode together (continuous batching) rather than one at a time."""
+        return hasattr(self.model, "n_seq")
+
+    def stream(self, prepared: Prepared) -> EventStream:
+        """Admit one turn now (QueueFull when too many wait) and stream its events; leaving early cancels it."""
+        splitter = ThoughtSplitter(prepared.think) if prepared.think is not None else None
+        events = EventStream(splitter.feed if splitter is not None else None)
+        self._submit(prepared, events.sink, events.cancelled.is_set)
+        return events
+
     def generate(self, prepared: Prepared, cancelled: Callable[[], bool] = never) -> Iterator[Event]:
-        matcher = prepared.grammar.matcher() if prepared.grammar is not None else None
-        events = decode(self.model, prepared.prompt, prepared.params, matcher, cancelled, prepared.pixels)
-        if prepared.think is None:
-            return events
-        return split_thoughts(events, prepared.think)
+        """The same for a caller off the event loop (the CLI, benchmarks), admitted at once too."""
+        items: queue.Queue[Item] = queue.Queue()
+        gone = threading.Event()
+        self._submit(prepared, items.put, lambda: gone.is_set() or cancelled())
+        events = self._drain(items, gone)
+        return split_thoughts(events, prepared.think) if prepared.think is not None else events
+
+    @staticmethod
+    def _drain(items: queue.Queue[Item], gone: threading.Event) -> Iterator[Event]:
+        try:
+            while (item := items.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield from item
+        finally:
+            gone.set()
+
+    def job(self, prepared: Prepared, sink: Sink, cancelled: Callable[[], bool]) -> Job:
+        """A prepared turn as the batch loop takes it (its own decoding state, a fresh grammar matcher)."""
+        state = SequenceState(len(prepared.prompt), self.model.n_ctx, prepared.params, self._matcher(prepared),
+                              self.model.eog_tokens, self.model.token_bytes)
+        return Job(list(prepared.prompt), prepared.pixels, state, sink, cancelled, reuse=prepared.params.seed is None)
+
+    def _submit(self, prepared: Prepared, sink: Sink, cancelled: Callable[[], bool]) -> None:
+        runner = self._start()
+        if isinstance(runner, BatchEngine):
+            runner.submit(self.job(prepared, sink, cancelled))
+        else:
+            runner.submit(lambda stop: self._decode(prepared, stop), sink, cancelled)
+
+    def _start(self) -> BatchEngine | Scheduler:
+        with self._runner_lock:
+            if self._runner is None:
+                self._runner = (BatchEngine(cast(BatchModel, self.model), self.max_queue) if self.batches
+                                else Scheduler(self.max_queue))
+            return self._runner
+
+    def waiting(self) -> int:
+        """Turns waiting for the model (not yet decoding)."""
+        return 0 if self._runner is None else self._runner.waiting()
+
+    def close(self) -> None:
+        if self._runner is not None:
+            self._runner.close()
+
+    @staticmethod
+    def _matcher(prepared: Prepared) -> LLMatcher | None:
+        return prepared.grammar.matcher() if prepared.grammar is not None else None
+
+    def _decode(self, prepared: Prepared, cancelled: Callable[[], bool]) -> Iterator[Event]:
+        return decode(cast(Model, self.model), prepared.prompt, prepared.params, self._matcher(prepared), cancelled,
+                      prepared.pixels)

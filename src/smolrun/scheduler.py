@@ -1,72 +1,114 @@
-"""One worker thread owns the model; requests wait in a bounded queue and stream events back to asyncio."""
+"""How a turn waits for its model: admitted at once (or QueueFull, a 429), then its events stream back to asyncio.
+
+Two runners sit behind the engine seam: `Scheduler` (a thread running one turn at a time, for models with one
+sequence) and `backends.batch.BatchEngine` (continuous batching). Both hand events over as an `EventStream`.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 from smolrun.errors import QueueFull
+from smolrun.turn import Event
 
-Work = Callable[[Callable[[], bool]], Iterator[Any]]  # given "is it cancelled?", yields events
-_END = object()
+Item = list[Event] | BaseException | None  # what a runner sends: events, an error, or None at the end
+Sink = Callable[[Item], None]
+Work = Callable[[Callable[[], bool]], Iterator[Event]]  # given "is it cancelled?", yields events
+
+
+class EventStream:
+    """The events of one admitted turn, as an async iterator. Leaving early (an exception, a cancelled task,
+    `aclose`, or dropping it) cancels the turn, which its runner notices at the next token."""
+
+    def __init__(self, transform: Callable[[Event], list[Event]] | None = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.cancelled = threading.Event()
+        self._items: asyncio.Queue[Item] = asyncio.Queue()
+        self._ready: deque[Event] = deque()
+        self._transform = transform
+        self._ended = False
+
+    def sink(self, item: Item) -> None:
+        """Called from the runner's thread."""
+        self.loop.call_soon_threadsafe(self._items.put_nowait, item)
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        try:
+            while not self._ready:
+                if self._ended:
+                    raise StopAsyncIteration
+                item = await self._items.get()
+                if item is None:
+                    self._ended = True
+                    self.cancelled.set()
+                elif isinstance(item, BaseException):
+                    self._ended = True
+                    raise item
+                else:
+                    for event in item:
+                        self._ready.extend(self._transform(event) if self._transform else (event,))
+        except BaseException:
+            self.cancelled.set()
+            raise
+        return self._ready.popleft()
+
+    async def aclose(self) -> None:
+        self.cancelled.set()
+
+    def __del__(self) -> None:
+        self.cancelled.set()
 
 
 @dataclass
 class _Job:
     work: Work
-    loop: asyncio.AbstractEventLoop
-    out: asyncio.Queue[Any]
-    cancel: threading.Event = field(default_factory=threading.Event)
-
-    def send(self, item: Any) -> None:
-        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+    sink: Sink
+    cancelled: Callable[[], bool]
 
 
+@dataclass
 class Scheduler:
-    """Runs jobs one at a time, in arrival order, off the event loop.
+    """Runs turns one at a time, in arrival order, on one thread that owns the model."""
 
-    A full queue raises QueueFull (429) at submission; a consumer that stops listening (client gone)
-    cancels its job, which the decode loop notices at its next token.
-    """
+    max_queue: int
+    _jobs: queue.Queue[_Job | None] = field(init=False)
+    _thread: threading.Thread = field(init=False)
 
-    def __init__(self, max_queue: int) -> None:
-        self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queue)
+    def __post_init__(self) -> None:
+        self._jobs = queue.Queue(maxsize=self.max_queue)
         self._thread = threading.Thread(target=self._run, name="smolrun-model", daemon=True)
         self._thread.start()
 
-    def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            if job.cancel.is_set():
-                continue
-            try:
-                for item in job.work(job.cancel.is_set):
-                    job.send(item)
-                    if job.cancel.is_set():
-                        break
-            except BaseException as exc:  # handed to the waiting request, which re-raises it
-                job.send(exc)
-            job.send(_END)
-
-    async def stream(self, work: Work) -> AsyncIterator[Any]:
-        job = _Job(work, asyncio.get_running_loop(), asyncio.Queue())
+    def submit(self, work: Work, sink: Sink, cancelled: Callable[[], bool]) -> None:
         try:
-            self._jobs.put_nowait(job)
+            self._jobs.put_nowait(_Job(work, sink, cancelled))
         except queue.Full:
             raise QueueFull("the model is busy: too many requests are waiting; retry shortly") from None
-        try:
-            while (item := await job.out.get()) is not _END:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            job.cancel.set()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            if job.cancelled():
+                job.sink(None)
+                continue
+            try:
+                for event in job.work(job.cancelled):
+                    job.sink([event])
+                    if job.cancelled():
+                        break
+            except BaseException as exc:  # handed to the waiting request, which re-raises it
+                job.sink(exc)
+            job.sink(None)
 
     def waiting(self) -> int:
-        """Requests queued behind the one being generated."""
+        """Turns queued behind the one being generated."""
         return self._jobs.qsize()
 
     def close(self) -> None:

@@ -176,6 +176,7 @@ class DecodeStats:
     decode_s: float
     mask_us: tuple[float, ...] = ()  # per sampled token, time to compute the grammar mask
     reasoning_tokens: int = 0  # of completion_tokens, those of the think block (its tags included)
+    cached_tokens: int = 0  # of prompt_tokens, those the KV cache already held (prefix reuse)
 
 
 @dataclass(frozen=True)

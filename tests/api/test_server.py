@@ -60,9 +60,9 @@ def test_full_queue_answers_429_and_nothing_accepted_is_lost(make_server) -> Non
     assert model.started.wait(10)
     waiting = threading.Thread(target=post)
     waiting.start()
-    scheduler = server.app.state.smolrun.scheduler
+    engine = server.app.state.smolrun.engine
     deadline = time.monotonic() + 10
-    while scheduler.waiting() < 1 and time.monotonic() < deadline:  # until it holds the one queue slot
+    while engine.waiting() < 1 and time.monotonic() < deadline:  # until it holds the one queue slot
         time.sleep(0.01)
     assert model.steps < 60, "the first request ended before the queue filled; the test proves nothing"
     rejected = httpx.post(f"{server.url}/chat/completions", json=BODY, timeout=60)

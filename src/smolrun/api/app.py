@@ -26,24 +26,26 @@ from smolrun.errors import AuthenticationFailed, InvalidRequest, NotFound, Smolr
 from smolrun.files import FileStore
 from smolrun.sandbox import default_config
 from smolrun.sandbox.manager import ContainerManager
-from smolrun.scheduler import Scheduler
 from smolrun.store import Store
 
 log = logging.getLogger("smolrun")
 
 
 def create_app(engine: Engine, settings: Settings, vision: Engine | None = None) -> FastAPI:
-    """The server for a text model and, optionally, a vision model beside it (one queue for both)."""
+    """The server for a text model and, optionally, a vision model beside it (each with its own queue)."""
     store = Store(settings.data_dir / "smolrun.db")
     file_store = FileStore(store, settings.data_dir / "files")
     containers = ContainerManager(store, default_config(), file_store, warm=settings.warm_containers)
-    state = AppState(settings, engine, Scheduler(settings.max_queue), file_store, containers, vision)
+    state = AppState(settings, engine, file_store, containers, vision)
+    for served in state.engines:
+        served.max_queue = settings.max_queue  # before its first turn starts the runner
     created = int(time.time())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        state.scheduler.close()
+        for served in state.engines:
+            served.close()
         containers.close()
         store.close()
 

@@ -1,8 +1,7 @@
-"""What the routes share: the engines, the scheduler and the settings; which engine serves a request."""
+"""What the routes share: the engines, the stores and the settings; which engine serves a request."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -13,8 +12,7 @@ from smolrun.errors import InvalidRequest, ModelNotFound
 from smolrun.files import FileStore
 from smolrun.models import REGISTRY
 from smolrun.sandbox.manager import ContainerManager
-from smolrun.scheduler import Scheduler
-from smolrun.turn import Event
+from smolrun.scheduler import EventStream
 
 AUTO = "auto"  # the model alias that routes by content: the vision model for pictures, else the text model
 
@@ -23,7 +21,6 @@ AUTO = "auto"  # the model alias that routes by content: the vision model for pi
 class AppState:
     settings: Settings
     engine: Engine  # the text model (--model), also the default
-    scheduler: Scheduler  # one queue for both models: one model computes at a time
     files: FileStore
     containers: ContainerManager
     vision: Engine | None = None  # the vision model (--vision-model), if any
@@ -32,10 +29,10 @@ class AppState:
     def engines(self) -> tuple[Engine, ...]:
         return (self.engine,) if self.vision is None else (self.engine, self.vision)
 
-    async def generate(self, engine: Engine, prepared: Prepared) -> AsyncGenerator[Event, None]:
-        """One model turn through the shared queue; leaving early cancels it."""
-        async for event in self.scheduler.stream(lambda cancelled: engine.generate(prepared, cancelled)):
-            yield event
+    def generate(self, engine: Engine, prepared: Prepared) -> EventStream:
+        """One model turn, admitted now by its engine (QueueFull, a 429, when too many wait); leaving early
+        cancels it."""
+        return engine.stream(prepared)
 
     def _named(self, requested: str) -> Engine | None:
         if requested in {self.engine.name, self.settings.model}:

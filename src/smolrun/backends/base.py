@@ -1,4 +1,4 @@
-"""What the decode loop needs from an inference library, and what an engine offers the server."""
+"""What the decode loops need from an inference library: one sequence (Model) or a batch of many (BatchModel)."""
 
 from __future__ import annotations
 
@@ -62,6 +62,7 @@ class Model(Protocol):
     bos_token: str
     eos_token: str
     vision: Vision | None  # None: the model cannot see
+    reused: int  # prompt tokens the last prefill kept from the KV cache
 
     def tokenize(self, text: str) -> list[int]:
         """Tokenize a rendered prompt, parsing special tokens, adding BOS when the model wants it."""
@@ -81,4 +82,51 @@ class Model(Protocol):
 
     def extend(self, tokens: Sequence[int]) -> npt.NDArray[np.float32]:
         """Append `tokens` in one batch; logits after the last one."""
+        ...
+
+
+@dataclass(frozen=True)
+class Feed:
+    """Tokens of one sequence for a forward pass, from position `pos` on; `logits`: return those after the last."""
+
+    seq: int
+    pos: int
+    tokens: Sequence[int]
+    logits: bool
+
+
+class KVFull(Exception):
+    """The KV cache has no room for a forward pass; nothing of that pass stays in it."""
+
+
+class BatchModel(Protocol):
+    """A loaded model whose context holds `n_seq` sequences (a shared KV cache of `n_ctx` tokens), evaluated
+    together: one forward pass carries tokens of any of them (backends/batch.py drives it)."""
+
+    name: str
+    n_ctx: int
+    n_seq: int
+    n_batch: int  # tokens one pass may carry
+    n_vocab: int
+    eog_tokens: frozenset[int]
+    lltokenizer: LLTokenizer
+    chat_template: str | None
+    bos_token: str
+    eos_token: str
+    vision: Vision | None
+
+    def tokenize(self, text: str) -> list[int]: ...
+
+    def token_bytes(self, token: int) -> bytes: ...
+
+    def decode(self, feeds: Sequence[Feed]) -> list[npt.NDArray[np.float32]]:
+        """One forward pass; the logits after each feed that asks for them, in order. KVFull when it cannot fit."""
+        ...
+
+    def forget(self, seq: int, start: int) -> bool:
+        """Drop sequence `seq` from position `start` on; False where the cache cannot drop a suffix."""
+        ...
+
+    def evaluate_tile(self, seq: int, tile: Any, at: int) -> None:
+        """Encode one picture tile into sequence `seq` at position `at` (vision models only)."""
         ...

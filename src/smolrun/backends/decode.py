@@ -12,13 +12,113 @@ from llguidance import LLMatcher
 from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
 
 from smolrun.backends.base import Model, Pixels
-from smolrun.backends.sampling import sample
+from smolrun.backends.sampling import Bitmask, sample
 from smolrun.errors import ContextLengthExceeded, GenerationFailed
 from smolrun.turn import DecodeStats, Done, Event, FinishReason, SamplingParams, TextDelta
 
 
 def never() -> bool:
     return False
+
+
+class SequenceState:
+    """One request's decoding, as a value the loop drives: sampler and RNG, grammar, penalties, stop sequences,
+    budget. Both loops use it: `decode` over a model with one sequence, and the batch step over many
+    (backends/batch.py), so a request decodes the same alone or in a batch. The loop owns the model.
+    """
+
+    def __init__(self, prompt_tokens: int, n_ctx: int, params: SamplingParams, matcher: LLMatcher | None,
+                 eog_tokens: frozenset[int], token_bytes: Callable[[int], bytes], cached_tokens: int = 0) -> None:
+        self.budget = token_budget(n_ctx, prompt_tokens, params.max_tokens)
+        self.params = params
+        self.matcher = matcher
+        self.eog_tokens = eog_tokens
+        self.token_bytes = token_bytes
+        self.prompt_tokens = prompt_tokens
+        self.cached_tokens = cached_tokens
+        self.rng = np.random.default_rng(params.seed)
+        self.text = _TextStream(params.stop)
+        self.penalties = _Penalties(params.frequency_penalty, params.presence_penalty)
+        self.generated = self.forced = self.passes = 0
+        self.mask_us: list[float] = []
+        self.unsent: list[int] = []  # tokens whose text is not yet out (held back for stop sequences or UTF-8)
+        self.events: list[Event] = []  # produced, not yet taken
+        self.reason: FinishReason | None = None
+        self.started = time.perf_counter()
+        self.prefilled: float | None = None  # when the first logits came
+
+    @property
+    def done(self) -> bool:
+        return self.reason is not None
+
+    def fill_mask(self, bitmask: Bitmask, index: int = 0) -> None:
+        """The grammar's mask for the next token into row `index` (batches fill all rows in one call instead)."""
+        assert self.matcher is not None
+        started = time.perf_counter()
+        fill_next_token_bitmask(self.matcher, bitmask, index)
+        self.mask_us.append((time.perf_counter() - started) * 1e6)
+
+    def step(self, logits: npt.NDArray[np.float32], bitmask: Bitmask | None) -> list[int]:
+        """Sample from `logits` (a mask for this sequence already filled in `bitmask`) and fast-forward: the
+        tokens to evaluate next, or [] when the sequence has ended. A grammar error raises GenerationFailed."""
+        if self.prefilled is None:
+            self.prefilled = time.perf_counter()
+        self.passes += 1
+        matcher = self.matcher
+        if matcher is not None:
+            _check(matcher)
+        self.penalties.apply(logits)
+        token = sample(logits, bitmask if matcher is not None else None, self.params, self.rng)
+        if token in self.eog_tokens:
+            if matcher is not None:
+                _consume(matcher, [token])
+            self.finish("stop")
+            return []
+        batch = [token]
+        if matcher is not None:
+            _consume(matcher, batch)
+            ff = matcher.compute_ff_tokens()[: self.budget - self.generated - 1]
+            if ff:
+                _consume(matcher, ff)
+                batch += ff
+                self.forced += len(ff)
+        self.generated += len(batch)
+        self.penalties.add(batch)
+        self.unsent += batch
+        delta, stopped = self.text.push(b"".join(self.token_bytes(t) for t in batch))
+        if delta:
+            self.events.append(TextDelta(delta, tuple(self.unsent)))
+            self.unsent = []
+        if stopped or (matcher is not None and matcher.is_stopped()):
+            self.finish("stop")
+        elif self.generated >= self.budget:
+            self.finish("length")
+        return [] if self.done else batch
+
+    def finish(self, reason: FinishReason) -> None:
+        """End the sequence: the held-back text, then Done."""
+        if self.done:
+            return
+        self.reason = reason
+        tail = self.text.flush()
+        if tail:
+            self.events.append(TextDelta(tail, tuple(self.unsent)))
+        now = time.perf_counter()
+        prefilled = self.prefilled or now
+        self.events.append(Done(reason, DecodeStats(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.generated,
+            forced_tokens=self.forced,
+            forward_passes=self.passes,
+            prefill_s=prefilled - self.started,
+            decode_s=now - prefilled,
+            mask_us=tuple(self.mask_us),
+            cached_tokens=self.cached_tokens,
+        )))
+
+    def take(self) -> list[Event]:
+        events, self.events = self.events, []
+        return events
 
 
 def decode(
@@ -29,80 +129,27 @@ def decode(
     cancelled: Callable[[], bool] = never,
     pixels: Sequence[Pixels] = (),
 ) -> Iterator[Event]:
-    """Generate from `prompt`, yielding text deltas then one Done.
+    """Generate from `prompt` on a model with one sequence, yielding text deltas then one Done.
 
     With a matcher every token is allowed by the grammar; tokens the grammar forces are appended to the
     next forward pass together (fast-forward). A matcher error raises GenerationFailed: an answer is never
     silently cut short.
     """
-    budget = token_budget(model.n_ctx, len(prompt), params.max_tokens)
-    rng = np.random.default_rng(params.seed)
+    state = SequenceState(len(prompt), model.n_ctx, params, matcher, model.eog_tokens, model.token_bytes)
     bitmask = allocate_token_bitmask(1, model.lltokenizer.vocab_size) if matcher is not None else None
-    text = _TextStream(params.stop)
-    mask_us: list[float] = []
-    generated = forced = passes = 0
-    penalties = _Penalties(params.frequency_penalty, params.presence_penalty)
-    reason: FinishReason = "length"
-    unsent: list[int] = []  # tokens whose text is not yet out (held back for stop sequences or UTF-8)
-
-    t0 = time.perf_counter()
     logits = model.prefill(prompt, reuse=params.seed is None, pixels=pixels)  # seeded runs must repeat exactly
-    t1 = time.perf_counter()
-    passes += 1
-    while generated < budget:
+    state.cached_tokens = model.reused
+    while not state.done:
         if cancelled():
-            reason = "cancelled"
+            state.finish("cancelled")
             break
-        if matcher is not None and bitmask is not None:
-            tm = time.perf_counter()
-            fill_next_token_bitmask(matcher, bitmask)
-            mask_us.append((time.perf_counter() - tm) * 1e6)
-            _check(matcher)
-        penalties.apply(logits)
-        token = sample(logits, bitmask, params, rng)
-        if token in model.eog_tokens:
-            if matcher is not None:
-                _consume(matcher, [token])
-            reason = "stop"
-            break
-        batch = [token]
-        if matcher is not None:
-            _consume(matcher, batch)
-            ff = matcher.compute_ff_tokens()[: budget - generated - 1]
-            if ff:
-                _consume(matcher, ff)
-                batch += ff
-                forced += len(ff)
-        generated += len(batch)
-        penalties.add(batch)
-        unsent += batch
-        delta, stopped = text.push(b"".join(model.token_bytes(t) for t in batch))
-        if delta:
-            yield TextDelta(delta, tuple(unsent))
-            unsent = []
-        if stopped:
-            reason = "stop"
-            break
-        if matcher is not None and matcher.is_stopped():
-            reason = "stop"
-            break
-        if generated >= budget:
-            break
-        logits = model.extend(batch)
-        passes += 1
-    tail = text.flush()
-    if tail:
-        yield TextDelta(tail, tuple(unsent))
-    stats = DecodeStats(
-        prompt_tokens=len(prompt),
-        completion_tokens=generated,
-        forced_tokens=forced,
-        forward_passes=passes,
-        prefill_s=t1 - t0,
-        decode_s=time.perf_counter() - t1,
-        mask_us=tuple(mask_us),
-    )
-    yield Done(reason, stats)
+        if bitmask is not None:
+            state.fill_mask(bitmask)
+        feed = state.step(logits, bitmask)
+        yield from state.take()
+        if feed:
+            logits = model.extend(feed)
+    yield from state.take()
 
 
 def token_budget(n_ctx: int, n_prompt: int, max_tokens: int | None) -> int:

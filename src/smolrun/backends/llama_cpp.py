@@ -1,13 +1,14 @@
-"""GGUF models through llama-cpp-python: our own decode loop over `eval` and the raw logits; with a vision
-projector (mmproj), pictures through libmtmd (backends/mtmd.py)."""
+"""GGUF models through llama.cpp (llama-cpp-python's bindings): one context holding many sequences, driven one
+batch at a time by the batch loop (backends/batch.py); with a vision projector (mmproj), pictures through libmtmd
+(backends/mtmd.py)."""
 
 from __future__ import annotations
 
 import ctypes
 import os
 import warnings
+import weakref
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,12 @@ import numpy as np
 import numpy.typing as npt
 from llguidance import LLTokenizer
 
-from smolrun.backends.base import Pixels, Vision, reusable_prefix, reusable_with_pixels
-from smolrun.backends.mtmd import MtmdVision
-from smolrun.errors import BackendMissing
+from smolrun.backends.base import Feed, KVFull, Vision
+from smolrun.backends.mtmd import MtmdVision, Tile
+from smolrun.errors import BackendMissing, ModelUnavailable
+
+N_BATCH = 512  # tokens in one forward pass (llama.cpp's n_batch and n_ubatch)
+_backend_ready = False
 
 
 def _import_llama_cpp() -> Any:
@@ -27,6 +31,13 @@ def _import_llama_cpp() -> Any:
         raise BackendMissing(
             "the llama.cpp engine needs llama-cpp-python: pip install 'smolrun[llama]' (or run `make setup`)"
         ) from exc
+    global _backend_ready
+    if not _backend_ready:
+        from llama_cpp._logger import set_verbose
+
+        set_verbose(False)  # llama.cpp's own log: errors only
+        llama_cpp.llama_backend_init()
+        _backend_ready = True
     return llama_cpp
 
 
@@ -34,55 +45,78 @@ def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)))
 
 
+def default_gpu_layers() -> int:
+    """All layers where this llama.cpp build can offload (CUDA, Metal, Vulkan), else none."""
+    return -1 if _import_llama_cpp().llama_supports_gpu_offload() else 0
+
+
 class LlamaCppModel:
-    """One GGUF model with one KV-cache sequence; not thread-safe (the scheduler serialises use)."""
+    """One GGUF model in one llama.cpp context of `n_seq` sequences sharing a KV cache of `n_ctx` tokens.
+
+    Not thread-safe: one thread drives it (the engine's batch thread, or the caller's in `smolrun ask`).
+    Tokenizing reads only the model's vocabulary, which any thread may do."""
 
     def __init__(self, path: Path, *, name: str, n_ctx: int = 8192, n_threads: int | None = None,
-                 mmproj: Path | None = None) -> None:
+                 mmproj: Path | None = None, n_seq: int = 4, gpu_layers: int | None = None) -> None:
         llama_cpp = _import_llama_cpp()
+        from llama_cpp._internals import LlamaContext, LlamaModel
         from llguidance.llamacpp import lltokenizer_from_vocab
 
         threads = n_threads or default_threads()
-        self.llama = llama_cpp.Llama(
-            model_path=str(path),
-            n_ctx=n_ctx,
-            n_batch=512,
-            n_threads=threads,
-            n_threads_batch=threads,
-            logits_all=False,
-            verbose=False,
-        )
+        self.gpu_layers = default_gpu_layers() if gpu_layers is None else gpu_layers
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.n_gpu_layers = self.gpu_layers
+        if not path.is_file():
+            raise ModelUnavailable(f"no model file at {path}")
+        self._model = LlamaModel(path_model=str(path), params=model_params, verbose=False)
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = params.n_ubatch = N_BATCH
+        params.n_seq_max = n_seq
+        params.kv_unified = n_seq > 1  # one cache for all sequences: a long request may use all of it
+        params.n_threads = params.n_threads_batch = threads
+        params.no_perf = True
+        # On a CPU, flash attention rounds through f16 (logits moved by up to ~1 on SmolLM2): keep f32 attention
+        # there, as llama-cpp-python's Llama does; with GPU layers llama.cpp picks.
+        params.flash_attn_type = -1 if self.gpu_layers != 0 else 0
+        self._context = LlamaContext(model=self._model, params=params, verbose=False)
+        self.ctx = self._context.ctx
+        self._memory = llama_cpp.llama_get_memory(self.ctx)
+        self._batch = llama_cpp.llama_batch_init(N_BATCH, 0, 1)
+        weakref.finalize(self, llama_cpp.llama_batch_free, self._batch)
         self._lib = llama_cpp
         self.name = name
         self.path = path
-        self.n_ctx = self.llama.n_ctx()
-        self.n_vocab = self.llama.n_vocab()
-        vocab = llama_cpp.llama_model_get_vocab(self.llama.model)
+        self.n_seq = n_seq
+        self.n_batch = N_BATCH
+        self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
+        self.n_vocab = self._model.n_vocab()
+        vocab = self._model.vocab
         self.eog_tokens = frozenset(t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t))
         with warnings.catch_warnings():  # llguidance calls a llama.cpp symbol deprecated in 0.3.36
             warnings.simplefilter("ignore", DeprecationWarning)
             self.lltokenizer: LLTokenizer = lltokenizer_from_vocab(vocab, eos_token=sorted(self.eog_tokens))
-        self._pieces = [self.llama.detokenize([t], special=False) for t in range(self.n_vocab)]
-        meta = self.llama.metadata
+        self._pieces = [self._model.detokenize([t], special=False) for t in range(self.n_vocab)]
+        meta = self._model.metadata()
         self.chat_template: str | None = meta.get("tokenizer.chat_template")
-        self.bos_token = self._piece_text(self.llama.token_bos())
-        self.eos_token = self._piece_text(self.llama.token_eos())
-        self._add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab)) and self.llama.token_bos() >= 0
-        self._pixels: list[Pixels] = []  # the pictures whose embeddings the KV cache holds (without their tiles)
+        self.bos_token = self._piece_text(self._model.token_bos())
+        self.eos_token = self._piece_text(self._model.token_eos())
+        self._add_bos = self._model.add_bos_token() and self._model.token_bos() >= 0
         self._mtmd: MtmdVision | None = None
         if mmproj is not None:
-            self._mtmd = MtmdVision(self.llama, mmproj, threads=threads, tokenize=self.tokenize)
+            self._mtmd = MtmdVision(self._model, self.ctx, mmproj, threads=threads, tokenize=self.tokenize,
+                                    use_gpu=self.gpu_layers != 0, n_batch=N_BATCH)
         self.vision: Vision | None = self._mtmd
 
     def _piece_text(self, token: int) -> str:
         if token < 0:
             return ""
-        piece: bytes = self.llama.detokenize([token], special=True)
+        piece: bytes = self._model.detokenize([token], special=True)
         return piece.decode("utf-8", errors="replace")
 
     def tokenize(self, text: str) -> list[int]:
-        tokens: list[int] = self.llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)
-        bos = self.llama.token_bos()
+        tokens: list[int] = self._model.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        bos = self._model.token_bos()
         if self._add_bos and (not tokens or tokens[0] != bos):
             tokens.insert(0, bos)
         return tokens
@@ -90,32 +124,40 @@ class LlamaCppModel:
     def token_bytes(self, token: int) -> bytes:
         return self._pieces[token] if 0 <= token < self.n_vocab else b""
 
-    def prefill(self, tokens: Sequence[int], reuse: bool = True,
-                pixels: Sequence[Pixels] = ()) -> npt.NDArray[np.float32]:
-        if pixels and self._mtmd is None:
-            raise ValueError(f"{self.name} cannot see: it got pictures")
-        common = reusable_prefix(self.llama.input_ids[: self.llama.n_tokens], tokens) if reuse else 0
-        common = reusable_with_pixels(common, self._pixels, pixels)
-        # Sliding-window caches (Gemma 3) cannot always drop a suffix: then start over from an empty cache.
-        if common > 0 and not self.llama._ctx.kv_cache_seq_rm(-1, common, -1):
-            common = 0
-        self.llama.n_tokens = common  # eval() drops the KV cache past n_tokens before decoding
-        kept, new = [p for p in self._pixels if p.end <= common], [p for p in pixels if p.start >= common]
-        self._pixels = kept  # a picture counts as cached once all its tiles are: an error midway leaves it out
-        at = common
-        for tiles in (p.values for p in new):
-            for start, tile in tiles.at:
-                self.llama.eval(tokens[at:start])  # the text before the tile (the first call drops the cache's rest)
-                self._mtmd.evaluate(tile, start)  # type: ignore[union-attr]
-                at = start + tile[1]
-                self.llama.input_ids[start:at] = tokens[start:at]
-                self.llama.n_tokens = at
-        # What a picture was is kept for reuse, not its tiles (float pixels): they go with the request.
-        self._pixels = kept + [replace(p, values=None) for p in new]
-        return self.extend(tokens[at:])  # never empty: SmolVLM's layout closes every picture with a token
+    def decode(self, feeds: Sequence[Feed]) -> list[npt.NDArray[np.float32]]:
+        """One forward pass over every feed (at most n_batch tokens in all): the logits after each feed that
+        asks for them, in order; views into llama.cpp's buffer, valid until the next pass. KVFull when the
+        cache has no room (llama.cpp then drops what this pass added)."""
+        batch = self._batch
+        i = 0
+        wanted: list[int] = []
+        for feed in feeds:
+            for j, token in enumerate(feed.tokens):
+                batch.token[i] = token
+                batch.pos[i] = feed.pos + j
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = feed.seq
+                batch.logits[i] = False
+                i += 1
+            if feed.logits:
+                batch.logits[i - 1] = True
+                wanted.append(i - 1)
+        batch.n_tokens = i
+        status = self._lib.llama_decode(self.ctx, batch)
+        if status == 1:
+            raise KVFull(f"the KV cache of {self.n_ctx} tokens has no room for {i} more")
+        if status != 0:
+            raise RuntimeError(f"llama_decode failed ({status})")
+        out = []
+        for index in wanted:
+            ptr = self._lib.llama_get_logits_ith(self.ctx, index)
+            out.append(np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(self.n_vocab,)))
+        return out
 
-    def extend(self, tokens: Sequence[int]) -> npt.NDArray[np.float32]:
-        self.llama.eval(list(tokens))
-        ptr = self.llama._ctx.get_logits_ith(-1)
-        # A view into llama.cpp's buffer: valid until the next eval, which is all the loop needs.
-        return np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(self.n_vocab,))
+    def forget(self, seq: int, start: int) -> bool:
+        """Drop sequence `seq` from position `start` on; False where the cache cannot (sliding windows)."""
+        return bool(self._lib.llama_memory_seq_rm(self._memory, seq, start, -1))
+
+    def evaluate_tile(self, seq: int, tile: Tile, at: int) -> None:
+        assert self._mtmd is not None
+        self._mtmd.evaluate(tile, seq, at)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import io
+import threading
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -44,14 +45,19 @@ class MtmdVision:
     """Pictures for a SmolVLM GGUF: libmtmd's tiles (a grid plus the overview, as SmolVLM's processor cuts them)
     and its text between them; `detail` low and each video frame show the overview alone."""
 
-    def __init__(self, llama: Any, mmproj: Path, *, threads: int, tokenize: Callable[[str], list[int]]) -> None:
-        """`tokenize`: the model's prompt tokenizer (special tokens parsed, BOS added when the model wants it)."""
+    def __init__(self, llama: Any, ctx: Any, mmproj: Path, *, threads: int, tokenize: Callable[[str], list[int]],
+                 use_gpu: bool, n_batch: int) -> None:
+        """`llama`: the model (llama-cpp-python's LlamaModel); `ctx`: the llama_context tiles are decoded into;
+        `tokenize`: the model's prompt tokenizer (special tokens parsed, BOS added when the model wants it)."""
         import llama_cpp
         import llama_cpp.mtmd_cpp as mtmd
         from llama_cpp._logger import llama_log_callback
 
-        self._llama_cpp, self._mtmd, self._llama = llama_cpp, mtmd, llama
+        self._llama_cpp, self._mtmd, self._llama, self._llama_ctx = llama_cpp, mtmd, llama, ctx
         self._tokenize = tokenize
+        self._n_batch = n_batch
+        # Pictures are cut in request threads (prepare) and encoded on the engine's thread: one at a time.
+        self._lock = threading.Lock()
         ids = {name: llama.tokenize(name.encode(), add_bos=False, special=True)
                for name in (smolvlm.IMAGE, smolvlm.AROUND, smolvlm.GLOBAL)}
         for name, found in ids.items():
@@ -62,7 +68,7 @@ class MtmdVision:
         mtmd.mtmd_log_set(llama_log_callback, None)  # llama.cpp's log level (quiet unless verbose)
         mtmd.mtmd_helper_log_set(llama_log_callback, None)
         params = mtmd.mtmd_context_params_default()
-        params.use_gpu = False  # the text model runs on the CPU too (no GPU layers)
+        params.use_gpu = use_gpu  # where the text model's layers are
         params.print_timings = False
         params.n_threads = threads
         ctx = mtmd.mtmd_init_from_file(str(mmproj).encode(), llama.model, params)
@@ -128,7 +134,8 @@ class MtmdVision:
 
     def prompt(self, text: str, media: Sequence[Image | Video]) -> tuple[list[int], tuple[Pixels, ...]]:
         pieces = smolvlm.split_prompt(text, len(media))
-        layouts = [self._layout(item) for item in media]
+        with self._lock:
+            layouts = [self._layout(item) for item in media]
         blocks = ["".join(s if isinstance(s, str) else smolvlm.IMAGE * s[1] for s in segments)
                   for _, segments in layouts]
         tokens = self._tokenize(smolvlm.join_prompt(pieces, blocks))
@@ -141,13 +148,14 @@ class MtmdVision:
             pixels.append(Pixels(start, last + size, Tiles(at, tuple(owners)), digest(item)))
         return tokens, tuple(pixels)
 
-    def evaluate(self, tile: Tile, at: int) -> None:
-        """Encode a tile and decode its embeddings into the KV cache at prompt position `at`."""
-        llama_cpp, mtmd, llama = self._llama_cpp, self._mtmd, self._llama
+    def evaluate(self, tile: Tile, seq: int, at: int) -> None:
+        """Encode a tile and decode its embeddings into sequence `seq` of the KV cache at position `at`."""
+        llama_cpp, mtmd = self._llama_cpp, self._mtmd
         chunk, size = tile
         end = llama_cpp.llama_pos(0)
-        status = mtmd.mtmd_helper_eval_chunk_single(self._ctx, llama._ctx.ctx, chunk, llama_cpp.llama_pos(at),
-                                                    llama_cpp.llama_seq_id(0), llama.n_batch, False,
-                                                    ctypes.byref(end))
+        with self._lock:
+            status = mtmd.mtmd_helper_eval_chunk_single(self._ctx, self._llama_ctx, chunk, llama_cpp.llama_pos(at),
+                                                        llama_cpp.llama_seq_id(seq), self._n_batch, False,
+                                                        ctypes.byref(end))
         if status != 0 or end.value != at + size:
             raise RuntimeError(f"llama.cpp could not encode a picture (mtmd error {status})")

@@ -90,6 +90,7 @@ class TransformersModel:
         self.eos_token = self.tokenizer.eos_token or ""
         self._cache: Any = None
         self._tokens: list[int] = []
+        self.reused = 0
         self._pixels: list[Pixels] = []  # the pictures whose image tokens the cache holds
 
     def _end_tokens(self) -> set[int]:
@@ -135,6 +136,7 @@ class TransformersModel:
 
             self._cache = DynamicCache(config=self.hf.config)
         self._tokens = self._tokens[:common]
+        self.reused = common
         new = [p for p in pixels if p.start >= common]
         self._pixels = [p for p in self._pixels if p.end <= common] + new
         return self.extend(tokens[common:], new)

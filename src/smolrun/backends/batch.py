@@ -1,0 +1,356 @@
+"""Continuous batching: many requests decoded together on one BatchModel, one forward pass a step.
+
+Each step carries, for every live sequence, the tokens it has not evaluated yet: the token it sampled plus
+those the grammar forced (fast-forward), or the next chunk of its prompt. Decoding sequences go first and
+prompts fill the rest of the pass, so a long prompt never stalls the others. The grammar masks of a step
+are filled in one call (llguidance's thread pool), then each sequence samples from its own logits. A
+sequence keeps its tokens in its slot after its request: the next request takes the free slot whose tokens
+share the longest prefix with its prompt (the prefix cache). When the shared KV cache is full, idle slots
+are emptied first, then the newest request is paused and recomputed later (nothing is cut short).
+
+Only the thread that calls `BatchLoop.step` touches the model: `BatchEngine` runs that thread.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from llguidance import LLExecutor
+from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask_par
+
+from smolrun.backends.base import BatchModel, Feed, KVFull, Pixels, reusable_prefix, reusable_with_pixels
+from smolrun.backends.decode import SequenceState
+from smolrun.errors import GenerationFailed, QueueFull
+from smolrun.scheduler import Sink
+from smolrun.turn import FinishReason
+
+
+
+@dataclass(eq=False)
+class Job:
+    """One request in the loop: the tokens its sequence must hold, its decoding state, where events go."""
+
+    tokens: list[int]  # the prompt, then every generated token (the last ones perhaps not evaluated yet)
+    pixels: tuple[Pixels, ...]
+    state: SequenceState
+    sink: Sink
+    cancelled: Callable[[], bool]
+    reuse: bool = True  # seeded requests evaluate their whole prompt, so that the same seed repeats
+    admitted: int = 0  # admission order (the newest is paused first when the cache is full)
+    started: bool = False  # admitted once: the cached-token count is the first admission's
+
+
+@dataclass(eq=False)
+class Slot:
+    """One llama.cpp sequence: what its KV cache holds, and the request using it (None: idle, kept as cache)."""
+
+    seq: int
+    tokens: list[int] = field(default_factory=list)
+    pixels: list[Pixels] = field(default_factory=list)  # pictures it holds whole (without their tiles)
+    job: Job | None = None
+    used: int = 0  # when it last served a request (least recently used is emptied first)
+
+
+class BatchLoop:
+    def __init__(self, model: BatchModel) -> None:
+        self.model = model
+        self.slots = [Slot(seq) for seq in range(model.n_seq)]
+        self.waiting: deque[Job] = deque()
+        self._bitmask = allocate_token_bitmask(model.n_seq, model.lltokenizer.vocab_size)
+        self._executor = LLExecutor()
+        self._clock = 0
+        self._held = False  # a request was paused for room: admit nothing until a running one ends
+        self.on_dequeue: Callable[[Job], None] = lambda job: None  # a submitted job left the queue for good
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting) or any(s.job is not None for s in self.slots)
+
+    def submit(self, job: Job) -> None:
+        self.waiting.append(job)
+
+    def step(self) -> None:
+        """Admit, evaluate one pass for every live sequence, sample where logits came back, retire."""
+        self._clock += 1
+        self._drop_cancelled()
+        self._admit()
+        plan = self._plan()
+        if not plan:
+            return
+        if not self._fit(sum(len(feed.tokens) for _, feed in plan)):
+            self._make_room()
+            return
+        try:
+            logits = self.model.decode([feed for _, feed in plan])
+        except KVFull:  # llama.cpp found no room for the pass (a fragmented cache): the same remedy
+            self._make_room()
+            return
+        for slot, feed in plan:
+            slot.tokens += feed.tokens
+            self._keep_pictures(slot)
+        self._sample([slot for slot, feed in plan if feed.logits], logits)
+
+    def fail_all(self, error: BaseException) -> None:
+        """After an engine failure: every request gets the error and every slot is emptied."""
+        for slot in self.slots:
+            if slot.job is not None:
+                slot.job.sink(error)
+                slot.job = None
+            self.model.forget(slot.seq, 0)
+            slot.tokens, slot.pixels = [], []
+        while self.waiting:
+            job = self.waiting.popleft()
+            if not job.started:
+                self.on_dequeue(job)
+            job.sink(error)
+
+    # -- admission ----------------------------------------------------------------------------------------
+
+    def _drop_cancelled(self) -> None:
+        for slot in self.slots:
+            if slot.job is not None and slot.job.cancelled():
+                self._finish(slot, "cancelled")
+        for job in [j for j in self.waiting if j.cancelled()]:
+            self.waiting.remove(job)
+            if not job.started:
+                self.on_dequeue(job)
+            job.state.finish("cancelled")
+            job.sink(job.state.take())
+            job.sink(None)
+
+    def _admit(self) -> None:
+        while self.waiting and not self._held and (free := [s for s in self.slots if s.job is None]):
+            job = self.waiting.popleft()
+            if not job.reuse and len(free) == len(self.slots):
+                # A seeded request alone on the model starts from an empty cache, so its pass shapes (and so its
+                # logits, to the last bit) are the same every time; beside others that cannot be promised.
+                for slot in self.slots:
+                    self._empty(slot)
+            slot, common = self._best_slot(free, job)
+            if common < len(slot.tokens) and not self.model.forget(slot.seq, common):
+                self.model.forget(slot.seq, 0)  # sliding-window caches cannot drop a suffix: start over
+                common = 0
+            slot.tokens = slot.tokens[:common]
+            slot.pixels = [p for p in slot.pixels if p.end <= common]
+            if not job.started:  # not a paused request coming back
+                job.state.cached_tokens = common
+                job.started = True
+                self.on_dequeue(job)
+            job.admitted = self._clock
+            slot.job = job
+
+    def _best_slot(self, free: list[Slot], job: Job) -> tuple[Slot, int]:
+        """The free slot to use and the prefix it keeps: one whose whole cache the prompt extends (a follow-up,
+        the code loop's next turn), longest first; else an empty one, which keeps the other caches; else the
+        one sharing the longest prefix; ties go to the least recently used."""
+        def reusable(slot: Slot) -> int:
+            if not job.reuse:
+                return 0
+            common = reusable_prefix(slot.tokens, job.tokens)
+            return reusable_with_pixels(common, slot.pixels, job.pixels)
+
+        def rank(slot: Slot) -> tuple[bool, bool, int, int]:
+            kept = reusable(slot)
+            extends = bool(slot.tokens) and kept >= len(slot.tokens) - 1
+            return extends, not slot.tokens, kept, -slot.used
+
+        best = max(free, key=rank)
+        return best, reusable(best)
+
+    # -- one pass -----------------------------------------------------------------------------------------
+
+    def _plan(self) -> list[tuple[Slot, Feed]]:
+        """The feeds of this pass: decoding sequences first, then prompt chunks, within n_batch tokens."""
+        budget = self.model.n_batch
+        plan: list[tuple[Slot, Feed]] = []
+        live = sorted((s for s in self.slots if s.job is not None),
+                      key=lambda s: (len(s.job.tokens) - len(s.tokens) > 1, s.job.admitted))  # type: ignore[union-attr]
+        for slot in live:
+            job = slot.job
+            assert job is not None
+            try:
+                self._evaluate_tiles(slot)
+            except Exception as exc:  # noqa: BLE001 - a picture that cannot be encoded ends only its request
+                self._fail(slot, exc)
+                continue
+            start = len(slot.tokens)
+            end = min([len(job.tokens), *(at for at in self._tile_starts(job) if at > start)])
+            take = min(end - start, budget)
+            if take <= 0:
+                continue
+            plan.append((slot, Feed(slot.seq, start, job.tokens[start:start + take], start + take == len(job.tokens))))
+            budget -= take
+            if budget == 0:
+                break
+        return plan
+
+    @staticmethod
+    def _tile_starts(job: Job) -> list[int]:
+        return [at for p in job.pixels for at, _ in p.values.at] if job.pixels else []
+
+    def _evaluate_tiles(self, slot: Slot) -> None:
+        """Pictures are encoded outside the batched pass (libmtmd decodes their embeddings itself)."""
+        job = slot.job
+        assert job is not None
+        tiles = {at: tile for p in job.pixels for at, tile in p.values.at}
+        while (tile := tiles.get(len(slot.tokens))) is not None:
+            at = len(slot.tokens)
+            self.model.evaluate_tile(slot.seq, tile, at)
+            slot.tokens += job.tokens[at:at + tile[1]]
+        self._keep_pictures(slot)
+
+    @staticmethod
+    def _keep_pictures(slot: Slot) -> None:
+        """A picture counts as cached once all its tiles are: what it was is kept for reuse, not its tiles."""
+        job = slot.job
+        if job is None or not job.pixels:
+            return
+        held = {(p.start, p.digest) for p in slot.pixels}
+        slot.pixels += [replace(p, values=None) for p in job.pixels
+                        if p.end <= len(slot.tokens) and (p.start, p.digest) not in held]
+
+    def _fit(self, incoming: int) -> bool:
+        """Empty idle slots (least recently used first) until the cache has room for `incoming` more tokens;
+        whether it has."""
+        held = sum(len(s.tokens) for s in self.slots)
+        for slot in sorted((s for s in self.slots if s.job is None and s.tokens), key=lambda s: s.used):
+            if held + incoming <= self.model.n_ctx:
+                break
+            held -= len(slot.tokens)
+            self._empty(slot)
+        return held + incoming <= self.model.n_ctx
+
+    def _make_room(self) -> None:
+        """The pass does not fit: empty an idle slot, else pause the newest request, which waits (and nothing
+        new is admitted) until a running one ends; it is then recomputed where it stopped."""
+        idle = [s for s in self.slots if s.job is None and s.tokens]
+        if idle:
+            self._empty(min(idle, key=lambda s: s.used))
+            return
+        live = [s for s in self.slots if s.job is not None]
+        if len(live) == 1:
+            self._fail(live[0], GenerationFailed(f"the KV cache of {self.model.n_ctx} tokens cannot hold this "
+                                                 "request"))
+            return
+        newest = max(live, key=lambda s: s.job.admitted)  # type: ignore[union-attr]
+        job = newest.job
+        assert job is not None
+        newest.job = None
+        self._empty(newest)
+        self.waiting.appendleft(job)
+        self._held = True
+
+    def _empty(self, slot: Slot) -> None:
+        self.model.forget(slot.seq, 0)
+        slot.tokens, slot.pixels = [], []
+
+    def _sample(self, slots: list[Slot], logits: list[object]) -> None:
+        jobs = [s.job for s in slots]
+        masked = [(job.state.matcher, i) for i, job in enumerate(jobs) if job is not None and job.state.matcher]
+        spent = 0.0
+        if masked:
+            started = time.perf_counter()
+            fill_next_token_bitmask_par(self._executor, masked, self._bitmask)
+            spent = (time.perf_counter() - started) * 1e6 / len(masked)
+        for i, (slot, row) in enumerate(zip(slots, logits, strict=True)):
+            job = slot.job
+            assert job is not None
+            state = job.state
+            try:
+                if state.matcher is not None:
+                    state.mask_us.append(spent)
+                more = state.step(row, self._bitmask[i:i + 1] if state.matcher is not None else None)  # type: ignore[arg-type]
+            except Exception as exc:  # noqa: BLE001 - a grammar error ends only its own request
+                self._fail(slot, exc)
+                continue
+            job.tokens += more
+            events = state.take()
+            if events:
+                job.sink(events)
+            if state.done:
+                self._retire(slot)
+
+    # -- the end of a request -----------------------------------------------------------------------------
+
+    def _finish(self, slot: Slot, reason: FinishReason) -> None:
+        job = slot.job
+        assert job is not None
+        job.state.finish(reason)
+        job.sink(job.state.take())
+        self._retire(slot)
+
+    def _retire(self, slot: Slot) -> None:
+        job = slot.job
+        assert job is not None
+        slot.job = None
+        self._held = False
+        slot.used = self._clock
+        job.sink(None)
+
+    def _fail(self, slot: Slot, error: BaseException) -> None:
+        job = slot.job
+        assert job is not None
+        slot.job = None
+        self._held = False
+        slot.used = self._clock
+        job.sink(error)
+
+
+class BatchEngine:
+    """The thread that owns a BatchModel: requests arrive through `submit`, at most `max_queue` of them
+    waiting for a sequence (then QueueFull, a 429), and join the running batch at the next step."""
+
+    def __init__(self, model: BatchModel, max_queue: int) -> None:
+        self.max_queue = max_queue
+        self._loop = BatchLoop(model)
+        self._loop.on_dequeue = self._dequeued
+        self._inbox: queue.Queue[Job | None] = queue.Queue()
+        self._waiting = 0  # submitted, not yet in a sequence
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="smolrun-batch", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        with self._lock:
+            if self._waiting >= self.max_queue:
+                raise QueueFull("the model is busy: too many requests are waiting; retry shortly")
+            self._waiting += 1
+        self._inbox.put(job)
+
+    def _dequeued(self, job: Job) -> None:
+        with self._lock:
+            self._waiting -= 1
+
+    def waiting(self) -> int:
+        with self._lock:
+            return self._waiting
+
+    def _run(self) -> None:
+        loop = self._loop
+        while True:
+            if not loop.busy:  # idle: sleep until a request comes
+                job = self._inbox.get()
+                if job is None:
+                    return
+                loop.submit(job)
+            while True:  # whatever else arrived joins this step
+                try:
+                    job = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    return
+                loop.submit(job)
+            try:
+                loop.step()
+            except Exception as exc:  # noqa: BLE001 - the engine failed: every request hears it, the thread lives
+                loop.fail_all(GenerationFailed(f"generation failed: {type(exc).__name__}: {exc}"))
+
+    def close(self) -> None:
+        self._inbox.put(None)
+        self._thread.join(timeout=5)

@@ -1,0 +1,236 @@
+"""Continuous batching (backends/batch.py) with the byte-level fake: a request decodes exactly the same alone or
+in a batch, prompts are chunked, the prefix cache picks the best slot, a full cache pauses and resumes."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+
+from smolrun.backends.batch import BatchEngine, BatchLoop, Job
+from smolrun.backends.base import reusable_prefix
+from smolrun.engine import Engine
+from smolrun.errors import GenerationFailed, QueueFull
+from smolrun.turn import Done, Event, Message, ResponseFormat, SamplingParams, TextDelta, Tool, ToolUse, Turn
+from tests.fakes import BatchByteModel
+
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
+          "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer"}}}
+WEATHER = ToolUse((Tool("get_weather", {"type": "object", "additionalProperties": False, "required": ["city"],
+                                        "properties": {"city": {"type": "string", "maxLength": 10}}}, strict=True),),
+                  choice="required")
+
+
+def turn(text: str, fmt: ResponseFormat | None = None, tools: ToolUse | None = None, **params: object) -> Turn:
+    return Turn((Message("user", text),), fmt or ResponseFormat(), SamplingParams(**params),  # type: ignore[arg-type]
+                tools or ToolUse())
+
+
+# Sampled turns carry a seed: an unseeded one draws from the OS, and would differ from run to run.
+TURNS: dict[str, Turn] = {
+    "schema": turn("a person", ResponseFormat("json_schema", PERSON, strict=True), max_tokens=80, seed=1),
+    "tools": turn("weather in Paris?", tools=WEATHER, max_tokens=80, seed=2),
+    "free greedy": turn("hello", max_tokens=40, temperature=0),
+    "stop": turn("count", max_tokens=60, stop=("0",), seed=3),
+    "short budget": turn("anything", max_tokens=3, seed=6),
+    "penalties": turn("repeat", max_tokens=30, frequency_penalty=1.0, presence_penalty=0.5, seed=5),
+    "json object": turn("an object", ResponseFormat("json_object"), max_tokens=40, top_p=0.9, seed=8),
+    "long prompt": turn("x" * 150, max_tokens=10, temperature=0),
+    "cancelled": turn("cancel me", max_tokens=60, temperature=0),
+    "grammar error": turn("break", ResponseFormat("json_schema", PERSON, strict=True), max_tokens=60,
+                          temperature=0),
+}
+
+
+@dataclass
+class Run:
+    """What one request produced, without the timings (they differ between runs)."""
+
+    events: list[tuple[object, ...]] = field(default_factory=list)
+    error: str | None = None
+    ended: bool = False
+    batches: int = 0  # event batches received so far
+
+
+def _shape(event: Event) -> tuple[object, ...]:
+    if isinstance(event, Done):
+        s = event.stats
+        return ("done", event.finish_reason, s.prompt_tokens, s.completion_tokens, s.forced_tokens, s.forward_passes)
+    assert isinstance(event, TextDelta)
+    return ("text", event.text, event.tokens)
+
+
+def make_job(engine: Engine, name: str, run: Run) -> Job:
+    def sink(item: list[Event] | BaseException | None) -> None:
+        if item is None:
+            run.ended = True
+        elif isinstance(item, BaseException):
+            run.error = f"{type(item).__name__}: {item}"
+        else:
+            run.events += [_shape(e) for e in item]
+            run.batches += 1
+            if name == "grammar error" and run.batches == 2:  # the matcher fails from the next step on
+                matcher = job.state.matcher
+                assert matcher is not None
+                matcher.consume_token(0)  # a NUL byte is nowhere in the schema's language
+
+    cancelled: Callable[[], bool] = (lambda: run.batches >= 4) if name == "cancelled" else (lambda: False)
+    job = engine.job(engine.prepare(TURNS[name]), sink, cancelled)
+    return job
+
+
+def run_alone(name: str) -> Run:
+    engine = Engine(BatchByteModel())
+    loop = BatchLoop(engine.model)  # type: ignore[arg-type]
+    run = Run()
+    loop.submit(make_job(engine, name, run))
+    while loop.busy:
+        loop.step()
+    return run
+
+
+def test_a_batch_gives_each_request_exactly_what_it_gives_alone() -> None:
+    alone = {name: run_alone(name) for name in TURNS}
+    assert alone["cancelled"].events[-1][:2] == ("done", "cancelled")
+    assert alone["grammar error"].error is not None and "grammar" in alone["grammar error"].error
+    assert alone["short budget"].events[-1][:2] == ("done", "length")
+
+    engine = Engine(BatchByteModel(n_seq=4))
+    model = engine.model
+    loop = BatchLoop(model)  # type: ignore[arg-type]
+    together = {name: Run() for name in TURNS}
+    names = list(TURNS)
+    for name in names[:3]:
+        loop.submit(make_job(engine, name, together[name]))
+    steps = 0
+    while loop.busy or names[3:]:
+        if steps % 3 == 2 and names[3:]:  # the rest arrive while others decode, and join the running batch
+            name = names.pop(3)
+            loop.submit(make_job(engine, name, together[name]))
+        loop.step()
+        steps += 1
+    for name in TURNS:
+        assert together[name] == alone[name], name
+        assert together[name].ended or together[name].error is not None
+    assert max(len({f.seq for f in p}) for p in model.passes) == 4  # it did batch: four sequences in a pass
+
+
+def test_long_prompts_are_chunked_and_never_stall_decoding() -> None:
+    engine = Engine(BatchByteModel(n_batch=16))
+    model = engine.model
+    loop = BatchLoop(model)  # type: ignore[arg-type]
+    first, second = Run(), Run()
+    loop.submit(make_job(engine, "free greedy", first))
+    while not first.events:
+        loop.step()
+    decoding = loop.slots[0].seq
+    loop.submit(make_job(engine, "long prompt", second))
+    passes_before = len(model.passes)
+    while loop.busy:
+        loop.step()
+    later = model.passes[passes_before:]
+    assert all(sum(len(f.tokens) for f in p) <= 16 for p in model.passes)
+    prefill = [p for p in later if any(f.seq != decoding and len(f.tokens) > 2 for f in p)]
+    assert len(prefill) >= 10  # the 150-byte prompt took many passes ...
+    assert all(any(f.seq == decoding for f in p) for p in prefill if not first.ended)  # ... none without the other
+    assert first == run_alone("free greedy") and second == run_alone("long prompt")
+
+
+def test_a_new_request_takes_the_slot_with_the_longest_common_prefix() -> None:
+    engine = Engine(BatchByteModel(n_seq=2))
+    loop = BatchLoop(engine.model)  # type: ignore[arg-type]
+
+    def finish(text: str) -> Done:
+        done: list[Done] = []
+        loop.submit(engine.job(engine.prepare(turn(text, max_tokens=5, temperature=0)),
+                               lambda item: done.extend(e for e in item or [] if isinstance(e, Done))
+                               if not isinstance(item, BaseException) else None, lambda: False))
+        while loop.busy:
+            loop.step()
+        return done[0]
+
+    assert finish("the shared system prompt, then question one").stats.cached_tokens == 0
+    assert finish("something else entirely").stats.cached_tokens == 0
+    held = [list(s.tokens) for s in loop.slots]
+    prompt = engine.prepare(turn("the shared system prompt, then question two", max_tokens=5)).prompt
+    expected = max(reusable_prefix(h, prompt) for h in held)
+    assert expected > 20
+    assert finish("the shared system prompt, then question two").stats.cached_tokens == expected
+
+
+def test_a_full_cache_pauses_the_newest_request_and_cuts_nothing() -> None:
+    names = ["free greedy", "penalties", "json object"]
+    engine = Engine(BatchByteModel(n_seq=3, n_ctx=120))
+    loop = BatchLoop(engine.model)  # type: ignore[arg-type]
+    runs = {name: Run() for name in names}
+    for name in names:
+        loop.submit(make_job(engine, name, runs[name]))
+    while loop.busy:
+        loop.step()
+    for name in names:
+        small = Engine(BatchByteModel(n_seq=1, n_ctx=120))
+        alone, one = Run(), BatchLoop(small.model)  # type: ignore[arg-type]
+        one.submit(make_job(small, name, alone))
+        while one.busy:
+            one.step()
+        assert runs[name] == alone, name
+
+
+def test_seeded_requests_evaluate_their_whole_prompt() -> None:
+    engine = Engine(BatchByteModel(n_seq=1))
+    loop = BatchLoop(engine.model)  # type: ignore[arg-type]
+    dones: list[Done] = []
+    for _ in range(2):
+        loop.submit(engine.job(engine.prepare(turn("same prompt", max_tokens=5, seed=1)),
+                               lambda item: dones.extend(e for e in item or [] if isinstance(e, Done))
+                               if not isinstance(item, BaseException) else None, lambda: False))
+        while loop.busy:
+            loop.step()
+    assert [d.stats.cached_tokens for d in dones] == [0, 0]
+
+
+def test_the_engine_thread_bounds_its_queue() -> None:
+    engine = Engine(BatchByteModel(n_seq=1), max_queue=1)
+    runner = BatchEngine(engine.model, max_queue=1)  # type: ignore[arg-type]
+    release = threading.Event()
+    runner.submit(engine.job(engine.prepare(turn("hold", max_tokens=4000, temperature=0)),
+                             lambda item: None, release.is_set))
+    waiting = engine.job(engine.prepare(turn("wait", max_tokens=5)), lambda item: None, lambda: False)
+    while runner.waiting() != 0:  # until the first holds the only sequence
+        time.sleep(0.001)
+    runner.submit(waiting)
+    with pytest.raises(QueueFull):
+        runner.submit(engine.job(engine.prepare(turn("one too many", max_tokens=5)), lambda item: None,
+                                 lambda: False))
+    release.set()
+    runner.close()
+
+
+def test_an_engine_failure_reaches_every_request_and_the_thread_lives() -> None:
+    class Broken(BatchByteModel):
+        fail = True
+
+        def decode(self, feeds):  # type: ignore[no-untyped-def]
+            if self.fail:
+                self.fail = False
+                raise RuntimeError("device lost")
+            return super().decode(feeds)
+
+    engine = Engine(Broken())
+    events = list(_collect(engine, "free greedy", expect_error=True))
+    assert events == ["GenerationFailed: generation failed: RuntimeError: device lost"]
+    again = [e for e in engine.generate(engine.prepare(TURNS["free greedy"])) if isinstance(e, Done)]
+    assert _shape(again[0]) == run_alone("free greedy").events[-1]  # the next request is served as usual
+    engine.close()
+
+
+def _collect(engine: Engine, name: str, expect_error: bool) -> list[str]:
+    try:
+        list(engine.generate(engine.prepare(TURNS[name])))
+    except GenerationFailed as exc:
+        assert expect_error
+        return [f"GenerationFailed: {exc}"]
+    return []
