@@ -194,7 +194,8 @@ class BatchByteModel:
             raise KVFull("full")
         out = []
         for feed in feeds:
-            assert feed.pos == len(self.kv[feed.seq]), f"sequence {feed.seq} fed at {feed.pos}, holds {len(self.kv[feed.seq])}"
+            held = len(self.kv[feed.seq])
+            assert feed.pos == held, f"sequence {feed.seq} fed at {feed.pos}, holds {held}"
             self.kv[feed.seq] += feed.tokens
             if feed.logits:
                 out.append(self._logits(self.kv[feed.seq]))

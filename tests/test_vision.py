@@ -11,11 +11,13 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import numpy as np
+import numpy.typing as npt
 import openai
 import pytest
 
@@ -30,7 +32,7 @@ from smolrun.backends.transformers import TransformersModel  # noqa: E402
 from smolrun.backends.vision import SmolVLMVision  # noqa: E402
 from smolrun.cli import main  # noqa: E402
 from smolrun.config import Settings  # noqa: E402
-from smolrun.engine import Engine  # noqa: E402
+from smolrun.engine import Engine, Prepared  # noqa: E402
 from smolrun.errors import InvalidRequest  # noqa: E402
 from smolrun.runner import observation  # noqa: E402
 from smolrun.sandbox.container import Execution  # noqa: E402
@@ -209,17 +211,33 @@ def test_picture_to_schema_json_always_validates(vlm: Engine, seed: int) -> None
     jsonschema.validate(json.loads(text), RECEIPT)
 
 
-def test_prefix_reuse_keeps_equal_pictures_and_redoes_changed_ones(vlm: Engine) -> None:
-    model = vlm.model
+def test_prefix_reuse_keeps_equal_pictures_and_redoes_changed_ones(vlm: Engine, tiny_smolvlm_gguf: Path) -> None:
     red = vlm.prepare(ask(Image(picture(color="red")), "Say the colour."))
     blue = vlm.prepare(ask(Image(picture(color="blue")), "Say the colour."))
     assert red.prompt == blue.prompt  # equal tokens: only the pixels differ
-    fresh_red = model.prefill(red.prompt, reuse=False, pixels=red.pixels).copy()
-    fresh_blue = model.prefill(blue.prompt, reuse=False, pixels=blue.pixels).copy()
+    if vlm.batches:  # llama.cpp: the batch loop's prefix cache, as cached_tokens reports it, on one sequence
+        one = Engine.load(Settings(model=str(tiny_smolvlm_gguf), threads=2, n_ctx=4096, parallel=1))
+
+        def cached(color: str) -> int:
+            prepared = one.prepare(ask(Image(picture(color=color)), "Say the colour."))
+            done = [e for e in one.generate(replace(prepared, params=SamplingParams(max_tokens=1, temperature=0)))
+                    if isinstance(e, Done)][0]
+            return done.stats.cached_tokens
+
+        cached("red")
+        assert cached("red") == len(red.prompt) - 1  # all of it, less the last token (evaluated for fresh logits)
+        assert cached("blue") == blue.pixels[0].start  # the text before the picture, not the other picture
+        one.close()
+        return
+    # transformers: reused logits are those of a full prefill (SmolVLM's cache cannot drop a suffix, so this
+    # engine recomputes such prompts whole)
+    model = vlm.model
+    fresh_red = model.prefill(red.prompt, reuse=False, pixels=red.pixels).copy()  # type: ignore[union-attr]
+    fresh_blue = model.prefill(blue.prompt, reuse=False, pixels=blue.pixels).copy()  # type: ignore[union-attr]
     assert not np.allclose(fresh_red, fresh_blue)
-    model.prefill(red.prompt, reuse=False, pixels=red.pixels)
-    np.testing.assert_allclose(model.prefill(red.prompt, pixels=red.pixels), fresh_red, atol=1e-4)
-    np.testing.assert_allclose(model.prefill(blue.prompt, pixels=blue.pixels), fresh_blue, atol=1e-4)
+    model.prefill(red.prompt, reuse=False, pixels=red.pixels)  # type: ignore[union-attr]
+    np.testing.assert_allclose(model.prefill(red.prompt, pixels=red.pixels), fresh_red, atol=1e-4)  # type: ignore[union-attr]
+    np.testing.assert_allclose(model.prefill(blue.prompt, pixels=blue.pixels), fresh_blue, atol=1e-4)  # type: ignore[union-attr]
 
 
 def test_a_marker_typed_in_the_text_is_refused(vlm: Engine) -> None:
@@ -393,8 +411,8 @@ def test_llama_cpp_and_transformers_agree_on_a_picture(hf_vlm: Engine, gguf_vlm:
     ours, theirs = gguf_vlm.prepare(turn), hf_vlm.prepare(turn)
     assert ours.prompt == theirs.prompt
     assert [(p.start, p.end) for p in ours.pixels] == [(p.start, p.end) for p in theirs.pixels]
-    logits = np.array(gguf_vlm.model.prefill(ours.prompt, reuse=False, pixels=ours.pixels))
-    expected = hf_vlm.model.prefill(theirs.prompt, reuse=False, pixels=theirs.pixels)
+    logits = logits_alone(gguf_vlm, ours)
+    expected = hf_vlm.model.prefill(theirs.prompt, reuse=False, pixels=theirs.pixels)  # type: ignore[union-attr]
     np.testing.assert_allclose(logits, expected, atol=2e-3)
 
 
@@ -403,8 +421,8 @@ def test_llama_cpp_and_transformers_agree_on_a_video(hf_vlm: Engine, gguf_vlm: E
     turn = ask(clip, "What happens?")
     ours, theirs = gguf_vlm.prepare(turn), hf_vlm.prepare(turn)
     assert ours.prompt == theirs.prompt
-    np.testing.assert_allclose(np.array(gguf_vlm.model.prefill(ours.prompt, reuse=False, pixels=ours.pixels)),
-                               hf_vlm.model.prefill(theirs.prompt, reuse=False, pixels=theirs.pixels), atol=2e-3)
+    np.testing.assert_allclose(logits_alone(gguf_vlm, ours),
+                               hf_vlm.model.prefill(theirs.prompt, reuse=False, pixels=theirs.pixels), atol=2e-3)  # type: ignore[union-attr]
 
 
 def test_the_video_prompt_strings_are_smolvlms_own() -> None:
@@ -418,11 +436,62 @@ def test_the_video_prompt_strings_are_smolvlms_own() -> None:
 
 
 def test_llama_cpp_drops_a_pictures_tiles_once_its_embeddings_are_cached(gguf_vlm: Engine) -> None:
-    prepared = gguf_vlm.prepare(ask(Image(picture()), "What?"))
-    gguf_vlm.model.prefill(prepared.prompt, reuse=False, pixels=prepared.pixels)
-    held = gguf_vlm.model._pixels  # type: ignore[attr-defined]
-    assert [(p.start, p.end, p.digest, p.values) for p in held] == [
-        (p.start, p.end, p.digest, None) for p in prepared.pixels]
+    prepared = gguf_vlm.prepare(ask(Image(picture(color="purple")), "What?"))
+    list(gguf_vlm.generate(replace(prepared, params=SamplingParams(max_tokens=1, temperature=0))))
+    held = [p for slot in gguf_vlm._runner._loop.slots for p in slot.pixels]  # type: ignore[union-attr]
+    assert [(p.start, p.end, p.values) for p in held if p.digest == prepared.pixels[0].digest] == [
+        (p.start, p.end, None) for p in prepared.pixels]
+
+
+def test_pictures_are_read_on_any_sequence(gguf_vlm: Engine) -> None:
+    """Two requests with different pictures at once each get a sequence (logits_alone checks a picture's
+    logits on the last sequence against transformers)."""
+    import threading
+
+    turns = {c: replace(gguf_vlm.prepare(ask(Image(picture(color=c)), "Colour?")),
+                        params=SamplingParams(max_tokens=8, temperature=0)) for c in ("teal", "olive")}
+    answers: dict[str, str] = {}
+    threads = [threading.Thread(target=lambda c=c: answers.__setitem__(c, answer_prepared(gguf_vlm, turns[c])))
+               for c in turns]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert set(answers) == set(turns)
+    where = {p.digest: slot.seq for slot in gguf_vlm._runner._loop.slots for p in slot.pixels}  # type: ignore[union-attr]
+    seqs = {where[t.pixels[0].digest] for t in turns.values()}
+    assert len(seqs) == 2  # two sequences held the two pictures
+
+
+def answer_prepared(engine: Engine, prepared: Prepared) -> str:
+    return "".join(e.text for e in engine.generate(prepared) if isinstance(e, TextDelta))
+
+
+def logits_alone(engine: Engine, prepared: Prepared) -> npt.NDArray[np.float32]:
+    """The logits after a prepared prompt, evaluated from an empty cache on llama.cpp's last sequence (not 0:
+    pictures work on any), its text in passes and its tiles through mtmd, as the batch loop does."""
+    from smolrun.backends.base import Feed
+
+    model = engine.model
+    seq = model.n_seq - 1  # type: ignore[union-attr]
+    if engine._runner is not None:  # the batch loop must forget what it cached on that sequence
+        slot = engine._runner._loop.slots[seq]  # type: ignore[union-attr]
+        assert slot.job is None
+        slot.tokens, slot.pixels = [], []
+    model.forget(seq, 0)  # type: ignore[union-attr]
+    prompt, at = prepared.prompt, 0
+    tiles = sorted((start, tile) for p in prepared.pixels for start, tile in p.values.at)
+    logits: list[npt.NDArray[np.float32]] = []
+    for start, tile in [*tiles, (len(prompt), None)]:
+        while at < start:
+            end = min(start, at + model.n_batch)  # type: ignore[union-attr]
+            logits = model.decode([Feed(seq, at, prompt[at:end], end == len(prompt))])  # type: ignore[union-attr]
+            at = end
+        if tile is not None:
+            model.evaluate_tile(seq, tile, start)  # type: ignore[union-attr]
+            at = start + tile[1]
+    model.forget(seq, 0)  # type: ignore[union-attr]
+    return np.array(logits[0])
 
 
 def test_a_text_gguf_with_a_projector_that_is_not_smolvlms_is_refused(tiny_smolvlm_gguf: Path) -> None:

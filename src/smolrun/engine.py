@@ -171,8 +171,11 @@ class Engine:
         return 0 if self._runner is None else self._runner.waiting()
 
     def close(self) -> None:
-        if self._runner is not None:
-            self._runner.close()
+        """Stop the runner's thread; a later turn starts a new one."""
+        with self._runner_lock:
+            runner, self._runner = self._runner, None
+        if runner is not None:
+            runner.close()
 
     @staticmethod
     def _matcher(prepared: Prepared) -> LLMatcher | None:

@@ -86,6 +86,7 @@ class Finished:
     output_tokens: int
     incomplete_reason: str | None = None
     reasoning_tokens: int = 0
+    cached_tokens: int = 0  # of input_tokens, those the KV cache already held
 
 
 RunEvent = ItemAdded | Delta | Interpreting | ItemDone | Finished
@@ -151,10 +152,10 @@ async def run(spec: RunSpec, engine: Engine, generate: Generate, execute: Execut
     if spec.code:
         conversation = _with_instructions(conversation, code_instructions(engine.profile.code))
     budget = spec.params.max_tokens
-    used_in = used_out = used_thinking = calls = index = 0
+    used_in = used_out = used_thinking = used_cached = calls = index = 0
 
     def finished(status: Literal["completed", "incomplete"], reason: str | None = None) -> Finished:
-        return Finished(status, used_in, used_out, reason, used_thinking)
+        return Finished(status, used_in, used_out, reason, used_thinking, used_cached)
 
     while True:
         allow_code = spec.code and calls < spec.max_tool_calls
@@ -195,6 +196,7 @@ async def run(spec: RunSpec, engine: Engine, generate: Generate, execute: Execut
         used_in += done.stats.prompt_tokens
         used_out += done.stats.completion_tokens
         used_thinking += done.stats.reasoning_tokens
+        used_cached += done.stats.cached_tokens
         if thought is not None:  # the turn ended while thinking: cut by the token budget
             yield ItemDone(index, _reasoning_done(thought, thought_text, "incomplete"))
             yield finished("incomplete", "max_output_tokens")

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from smolrun.backends.batch import BatchEngine, BatchLoop, Job
 from smolrun.backends.base import reusable_prefix
+from smolrun.backends.batch import BatchEngine, BatchLoop, Job
 from smolrun.engine import Engine
 from smolrun.errors import GenerationFailed, QueueFull
 from smolrun.turn import Done, Event, Message, ResponseFormat, SamplingParams, TextDelta, Tool, ToolUse, Turn

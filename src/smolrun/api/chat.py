@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +19,8 @@ from smolrun.api.wire import ChatCompletionRequest
 from smolrun.errors import GenerationFailed, SchemaError, SmolrunError
 from smolrun.prompt.tools import OPEN as TOOL_OPEN
 from smolrun.prompt.tools import parse_calls
-from smolrun.turn import DecodeStats, Done, Event, ReasoningDelta, TextDelta, ToolCall
+from smolrun.scheduler import EventStream
+from smolrun.turn import DecodeStats, Done, ReasoningDelta, TextDelta, ToolCall
 
 router = APIRouter()
 FINGERPRINT = f"smolrun-{__version__}"
@@ -64,7 +65,7 @@ def usage(stats: DecodeStats) -> dict[str, Any]:
         "prompt_tokens": stats.prompt_tokens,
         "completion_tokens": stats.completion_tokens,
         "total_tokens": stats.prompt_tokens + stats.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        "prompt_tokens_details": {"cached_tokens": stats.cached_tokens, "audio_tokens": 0},
         "completion_tokens_details": {
             "reasoning_tokens": stats.reasoning_tokens, "audio_tokens": 0,
             "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0,
@@ -72,7 +73,7 @@ def usage(stats: DecodeStats) -> dict[str, Any]:
     }
 
 
-async def _complete(events: AsyncGenerator[Event, None], meta: _Meta, request: Request) -> dict[str, Any]:
+async def _complete(events: EventStream, meta: _Meta, request: Request) -> dict[str, Any]:
     parts: list[str] = []
     thoughts: list[str] = []
     done: Done | None = None
@@ -126,7 +127,7 @@ def _wire_call(call: ToolCall, index: int | None = None) -> dict[str, Any]:
     return wire if index is None else {"index": index, **wire}
 
 
-async def _sse(events: AsyncGenerator[Event, None], meta: _Meta, include_usage: bool) -> AsyncIterator[str]:
+async def _sse(events: EventStream, meta: _Meta, include_usage: bool) -> AsyncIterator[str]:
     yield _data(_chunk(meta, {"role": "assistant", "content": "", "refusal": None}, None))
     calls: list[str] | None = None  # the text of a turn of function calls, sent once it is complete
     first = True

@@ -219,7 +219,7 @@ def _response(call: _Call, status: str, output: list[dict[str, Any]], usage: dic
 
 def _usage(finished: Finished) -> dict[str, Any]:
     return {"input_tokens": finished.input_tokens,
-            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            "input_tokens_details": {"cached_tokens": finished.cached_tokens, "cache_write_tokens": 0},
             "output_tokens": finished.output_tokens,
             "output_tokens_details": {"reasoning_tokens": finished.reasoning_tokens},
             "total_tokens": finished.input_tokens + finished.output_tokens}

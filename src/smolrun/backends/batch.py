@@ -17,9 +17,11 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
+import numpy as np
+import numpy.typing as npt
 from llguidance import LLExecutor
 from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask_par
 
@@ -28,7 +30,6 @@ from smolrun.backends.decode import SequenceState
 from smolrun.errors import GenerationFailed, QueueFull
 from smolrun.scheduler import Sink
 from smolrun.turn import FinishReason
-
 
 
 @dataclass(eq=False)
@@ -65,6 +66,7 @@ class BatchLoop:
         self._executor = LLExecutor()
         self._clock = 0
         self._held = False  # a request was paused for room: admit nothing until a running one ends
+        self.peak = 0  # the most sequences one pass has carried
         self.on_dequeue: Callable[[Job], None] = lambda job: None  # a submitted job left the queue for good
 
     @property
@@ -85,6 +87,7 @@ class BatchLoop:
         if not self._fit(sum(len(feed.tokens) for _, feed in plan)):
             self._make_room()
             return
+        self.peak = max(self.peak, len(plan))
         try:
             logits = self.model.decode([feed for _, feed in plan])
         except KVFull:  # llama.cpp found no room for the pass (a fragmented cache): the same remedy
@@ -249,7 +252,7 @@ class BatchLoop:
         self.model.forget(slot.seq, 0)
         slot.tokens, slot.pixels = [], []
 
-    def _sample(self, slots: list[Slot], logits: list[object]) -> None:
+    def _sample(self, slots: list[Slot], logits: Sequence[npt.NDArray[np.float32]]) -> None:
         jobs = [s.job for s in slots]
         masked = [(job.state.matcher, i) for i, job in enumerate(jobs) if job is not None and job.state.matcher]
         spent = 0.0
@@ -264,7 +267,7 @@ class BatchLoop:
             try:
                 if state.matcher is not None:
                     state.mask_us.append(spent)
-                more = state.step(row, self._bitmask[i:i + 1] if state.matcher is not None else None)  # type: ignore[arg-type]
+                more = state.step(row, self._bitmask[i:i + 1] if state.matcher is not None else None)
             except Exception as exc:  # noqa: BLE001 - a grammar error ends only its own request
                 self._fail(slot, exc)
                 continue
