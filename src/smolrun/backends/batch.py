@@ -135,7 +135,9 @@ class BatchLoop:
                 for slot in self.slots:
                     self._empty(slot)
             slot, common = self._best_slot(free, job)
-            if common < len(slot.tokens) and not self.model.forget(slot.seq, common):
+            # Always drop past `common`: after a failure midway (a picture half encoded) the cache may hold more
+            # than the slot records.
+            if not self.model.forget(slot.seq, common):
                 self.model.forget(slot.seq, 0)  # sliding-window caches cannot drop a suffix: start over
                 common = 0
             slot.tokens = slot.tokens[:common]

