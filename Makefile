@@ -75,6 +75,7 @@ test: setup
 bench: setup
 	$(BIN)/python bench/structured.py $(ARGS)
 	$(BIN)/python bench/sandbox.py
+	$(BIN)/python bench/concurrency.py
 	$(BIN)/python bench/vision.py
 
 lint: setup

@@ -93,9 +93,8 @@ async def one(client: httpx.AsyncClient, url: str, payload: dict[str, object]) -
     return time.perf_counter() - started, first, tokens
 
 
-async def measure(url: str, workload: str, clients: int) -> Cell:
-    """`clients` concurrent clients, each sending requests back to back; 2 x 8 requests in all."""
-    total = 16
+async def measure(url: str, workload: str, clients: int, total: int = 8) -> Cell:
+    """`clients` concurrent clients sending `total` requests, each client its next one as soon as one ends."""
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(total):
         queue.put_nowait(i)
@@ -167,7 +166,7 @@ def main() -> None:
         url, process = start()
         try:
             for workload in ("free text", "json_schema"):
-                asyncio.run(measure(url, workload, 1))  # warm: weights paged in, grammar compiled
+                asyncio.run(measure(url, workload, 1, total=2))  # warm: weights paged in, grammar compiled
                 for clients in LEVELS:
                     cell = asyncio.run(measure(url, workload, clients))
                     results[(name, workload, clients)] = cell
@@ -206,7 +205,7 @@ def main() -> None:
 
 Written by `python bench/concurrency.py --threads {args.threads} --parallel {args.parallel}`, one run: the bundled
 SmolLM2-135M Q4_1 GGUF, {args.threads} CPU threads and {args.parallel} parallel sequences on both servers, each
-in its own process. 16 streamed `/v1/chat/completions` requests per cell (up to {MAX_TOKENS} tokens, temperature
+in its own process. 8 streamed `/v1/chat/completions` requests per cell (up to {MAX_TOKENS} tokens, temperature
 0.7, frequency_penalty 0.5), shared by 1-8 concurrent clients; aggregate tok/s = completion tokens
 / wall time. llama.cpp's server is `xllamacpp` (its own continuous batching over slots and its own json_schema
 grammar).

@@ -102,11 +102,19 @@ def decode_rate(done: Done) -> float:
     return done.stats.completion_tokens / done.stats.decode_s
 
 
+_LLAMAS: dict[str, Any] = {}  # one llama-cpp-python Llama per model, made at its first GBNF row
+
+
 def gbnf(engine: Engine, prompt_text: str, schema: dict[str, Any]) -> tuple[str, float]:
     """llama-cpp-python's own grammar path on the same model, prompt and schema: text and decode tok/s."""
-    from llama_cpp import LlamaGrammar
+    from llama_cpp import Llama, LlamaGrammar
 
-    llama = engine.model.llama  # type: ignore[attr-defined]
+    model = engine.model
+    llama = _LLAMAS.get(model.name)
+    if llama is None:  # llama-cpp-python's own Llama on the same file, threads and context (smolrun keeps none)
+        threads = model.n_threads  # type: ignore[union-attr]
+        llama = Llama(model_path=str(model.path), n_ctx=model.n_ctx, n_threads=threads, verbose=False)  # type: ignore[union-attr]
+        _LLAMAS[model.name] = llama
     grammar = LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
     kwargs = dict(max_tokens=MAX_TOKENS, temperature=0, top_k=1, grammar=grammar, frequency_penalty=PENALTY)
     llama.create_completion(prompt_text, **kwargs)  # warm: prompt in the KV cache, like ours

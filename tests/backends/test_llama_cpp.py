@@ -25,7 +25,8 @@ def test_our_greedy_loop_matches_llama_cpp_python(engine: Engine) -> None:
     ours = "".join(e.text for e in engine.generate(engine.prepare(turn)) if isinstance(e, TextDelta))
     prompt = engine.render(turn)
     model = engine.model
-    llama = Llama(model_path=str(model.path), n_ctx=model.n_ctx, n_threads=2, verbose=False)  # type: ignore[attr-defined]
+    llama = Llama(model_path=str(model.path), n_ctx=model.n_ctx, n_threads=2, flash_attn=True,  # type: ignore[attr-defined]
+                  verbose=False)
     theirs = llama.create_completion(prompt, max_tokens=24, temperature=0, top_k=1)["choices"][0]["text"]
     assert ours == theirs
 
@@ -56,3 +57,18 @@ def test_gemma3_270m_loads_and_follows_a_schema() -> None:
         text = "".join(e.text for e in engine.generate(engine.prepare(turn)) if isinstance(e, TextDelta))
         data = json.loads(text)
         assert set(data) == {"name", "age"} and 0 <= data["age"] <= 120
+
+
+def test_gpu_layers_reach_llama_cpp() -> None:
+    import llama_cpp
+
+    from smolrun.backends.llama_cpp import LlamaCppModel, default_gpu_layers
+    from smolrun.models import resolve
+
+    path = resolve("smollm2-135m", offline=True).path
+    # This build is CPU-only, so the default offloads nothing; a CUDA or Metal build offloads every layer.
+    assert default_gpu_layers() == (-1 if llama_cpp.llama_supports_gpu_offload() else 0)
+    model = LlamaCppModel(path, name="smollm2-135m", n_ctx=512, n_threads=1, n_seq=2, gpu_layers=3)
+    assert model._model.params.n_gpu_layers == 3  # the parameters the model was loaded with
+    assert (model.gpu_layers, model.n_seq, model.n_ctx) == (3, 2, 512)
+    assert llama_cpp.llama_n_seq_max(model.ctx) == 2

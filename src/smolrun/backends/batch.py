@@ -151,18 +151,19 @@ class BatchLoop:
 
     def _best_slot(self, free: list[Slot], job: Job) -> tuple[Slot, int]:
         """The free slot to use and the prefix it keeps: one whose whole cache the prompt extends (a follow-up,
-        the code loop's next turn), longest first; else an empty one, which keeps the other caches; else the
-        one sharing the longest prefix; ties go to the least recently used."""
+        the code loop's next turn), else one holding at least half of the prompt, longest first (a repeated
+        prompt or system prompt); else an empty one, which keeps the other caches; else the one sharing the
+        longest prefix. Ties go to the least recently used."""
         def reusable(slot: Slot) -> int:
             if not job.reuse:
                 return 0
             common = reusable_prefix(slot.tokens, job.tokens)
             return reusable_with_pixels(common, slot.pixels, job.pixels)
 
-        def rank(slot: Slot) -> tuple[bool, bool, int, int]:
+        def rank(slot: Slot) -> tuple[bool, bool, bool, int, int]:
             kept = reusable(slot)
             extends = bool(slot.tokens) and kept >= len(slot.tokens) - 1
-            return extends, not slot.tokens, kept, -slot.used
+            return extends, 2 * kept >= len(job.tokens), not slot.tokens, kept, -slot.used
 
         best = max(free, key=rank)
         return best, reusable(best)
@@ -181,7 +182,7 @@ class BatchLoop:
             try:
                 self._evaluate_tiles(slot)
             except Exception as exc:  # noqa: BLE001 - a picture that cannot be encoded ends only its request
-                self._fail(slot, exc)
+                self._release(slot, exc)
                 continue
             start = len(slot.tokens)
             end = min([len(job.tokens), *(at for at in self._tile_starts(job) if at > start)])
@@ -239,7 +240,7 @@ class BatchLoop:
             return
         live = [s for s in self.slots if s.job is not None]
         if len(live) == 1:
-            self._fail(live[0], GenerationFailed(f"the KV cache of {self.model.n_ctx} tokens cannot hold this "
+            self._release(live[0], GenerationFailed(f"the KV cache of {self.model.n_ctx} tokens cannot hold this "
                                                  "request"))
             return
         newest = max(live, key=lambda s: s.job.admitted)  # type: ignore[union-attr]
@@ -271,14 +272,14 @@ class BatchLoop:
                     state.mask_us.append(spent)
                 more = state.step(row, self._bitmask[i:i + 1] if state.matcher is not None else None)
             except Exception as exc:  # noqa: BLE001 - a grammar error ends only its own request
-                self._fail(slot, exc)
+                self._release(slot, exc)
                 continue
             job.tokens += more
             events = state.take()
             if events:
                 job.sink(events)
             if state.done:
-                self._retire(slot)
+                self._release(slot)
 
     # -- the end of a request -----------------------------------------------------------------------------
 
@@ -287,17 +288,10 @@ class BatchLoop:
         assert job is not None
         job.state.finish(reason)
         job.sink(job.state.take())
-        self._retire(slot)
+        self._release(slot)
 
-    def _retire(self, slot: Slot) -> None:
-        job = slot.job
-        assert job is not None
-        slot.job = None
-        self._held = False
-        slot.used = self._clock
-        job.sink(None)
-
-    def _fail(self, slot: Slot, error: BaseException) -> None:
+    def _release(self, slot: Slot, error: BaseException | None = None) -> None:
+        """The request leaves its slot, whose tokens stay as cache; its sink hears the end, or the error."""
         job = slot.job
         assert job is not None
         slot.job = None
