@@ -151,6 +151,30 @@ def start_llama_server(model: Path, threads: int, parallel: int) -> tuple[str, s
     return url, process
 
 
+def pass_ceiling(model_path: Path, threads: int, parallel: int) -> tuple[float, float]:
+    """Milliseconds of one decoding pass for 1 and for `parallel` sequences (one token and its logits each):
+    how much batching can gain at most on this machine."""
+    from smolrun.backends.base import Feed
+    from smolrun.backends.llama_cpp import LlamaCppModel
+
+    model = LlamaCppModel(model_path, name="ceiling", n_ctx=8192, n_threads=threads, n_seq=parallel)
+    prompt = list(range(1000, 1060))
+    for seq in range(parallel):
+        model.decode([Feed(seq, 0, prompt, True)])
+    position = [len(prompt)] * parallel
+    out = []
+    for n in (1, parallel):
+        times = []
+        for _ in range(9):
+            started = time.perf_counter()
+            model.decode([Feed(seq, position[seq], [1100], True) for seq in range(n)])
+            times.append((time.perf_counter() - started) * 1000)
+            for seq in range(n):
+                position[seq] += 1
+        out.append(statistics.median(times))
+    return out[0], out[1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -160,6 +184,9 @@ def main() -> None:
     from smolrun.models import resolve
 
     model = resolve("smollm2-135m", offline=True).path
+    one_ms, many_ms = pass_ceiling(model, args.threads, args.parallel)
+    ceiling = args.parallel * one_ms / many_ms
+    print(f"one pass: {one_ms:.1f} ms for 1 sequence, {many_ms:.1f} ms for {args.parallel}: at most {ceiling:.2f}x")
     results: dict[tuple[str, str, int], Cell] = {}
     for name, start in (("smolrun", lambda: start_smolrun(args.threads, args.parallel)),
                         ("llama.cpp server", lambda: start_llama_server(model, args.threads, args.parallel))):
@@ -209,6 +236,10 @@ in its own process. 8 streamed `/v1/chat/completions` requests per cell (up to {
 0.7, frequency_penalty 0.5), shared by 1-8 concurrent clients; aggregate tok/s = completion tokens
 / wall time. llama.cpp's server is `xllamacpp` (its own continuous batching over slots and its own json_schema
 grammar).
+
+One decoding pass (a token and its logits per sequence) takes {one_ms:.1f} ms for 1 sequence and {many_ms:.1f} ms for
+{args.parallel} on this machine, so decoding {args.parallel} sequences together yields at most **{ceiling:.2f}x** the
+tokens of one; prompts, sampling and requests that end early take from that.
 
 {table}
 

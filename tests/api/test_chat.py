@@ -46,7 +46,11 @@ def test_plain_text_and_streaming_give_the_same_greedy_text(server: Server) -> N
     assert chunks[0].choices[0].delta.role == "assistant"
     finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finals == [full.choices[0].finish_reason]
-    assert chunks[-1].choices == [] and chunks[-1].usage == full.usage
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage is not None and full.usage is not None
+    assert (usage.prompt_tokens, usage.completion_tokens) == (full.usage.prompt_tokens, full.usage.completion_tokens)
+    assert usage.prompt_tokens_details is not None  # the same prompt again: all of it cached but its last token
+    assert usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 1
     assert all(c.usage is None for c in chunks[:-1])
 
 
