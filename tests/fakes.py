@@ -215,3 +215,27 @@ class BatchByteModel:
 
     def evaluate_tile(self, seq: int, tile: object, at: int) -> None:
         raise AssertionError("the byte model cannot see")
+
+
+class BatchThinkingModel(BatchByteModel):
+    """The batch byte model with think tokens and a SmolLM3-style template, as ThinkingModel is for one sequence;
+    its random thoughts never close by themselves (only the budget ends them)."""
+
+    name = "batch-thinking-model"
+    n_vocab = 259
+    chat_template = ThinkingModel.chat_template
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(favour=b"ab ", **kwargs)  # type: ignore[arg-type]
+        self.lltokenizer = LLTokenizer(TokenizerWrapper(_ThinkingTokenizer()))
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.lltokenizer.tokenize_str(text, parse_special=True)
+
+    def token_bytes(self, token: int) -> bytes:
+        return {THINK: b"<think>", UNTHINK: b"</think>"}.get(token) or super().token_bytes(token)
+
+    def _logits(self, history: list[int]) -> npt.NDArray[np.float32]:
+        logits = super()._logits(history)
+        logits[UNTHINK] = -10.0
+        return logits

@@ -234,3 +234,37 @@ def _collect(engine: Engine, name: str, expect_error: bool) -> list[str]:
         assert expect_error
         return [f"GenerationFailed: {exc}"]
     return []
+
+
+def test_thinking_budgets_hold_in_a_batch_as_alone() -> None:
+    from smolrun.turn import Reasoning
+    from tests.fakes import THINK, UNTHINK, BatchThinkingModel
+
+    def think(budget: int, seed: int) -> Turn:
+        return Turn((Message("user", "think first"),), ResponseFormat("json_schema", PERSON, strict=True),
+                    SamplingParams(max_tokens=120, seed=seed), reasoning=Reasoning(budget=budget))
+
+    turns = [think(8, 1), think(20, 2), think(40, 3), turn("plain", max_tokens=20, seed=4)]
+
+    def run(batch: list[Turn]) -> list[Run]:
+        engine = Engine(BatchThinkingModel())
+        loop = BatchLoop(engine.model)  # type: ignore[arg-type]
+        runs = [Run() for _ in batch]
+        for t, r in zip(batch, runs, strict=True):
+            def sink(item, r=r):  # type: ignore[no-untyped-def]
+                if item is None:
+                    r.ended = True
+                elif isinstance(item, BaseException):
+                    r.error = str(item)
+                else:
+                    r.events += [_shape(e) for e in item]
+            loop.submit(engine.job(engine.prepare(t), sink, lambda: False))
+        while loop.busy:
+            loop.step()
+        return runs
+
+    together = run(turns)
+    assert together == [run([t])[0] for t in turns]
+    for budget, r in zip((8, 20, 40), together, strict=False):
+        tokens = [t for e in r.events if e[0] == "text" for t in e[2]]  # type: ignore[union-attr]
+        assert tokens[0] == THINK and tokens.index(UNTHINK) + 1 == budget  # the block, tags included, at its budget
