@@ -10,6 +10,7 @@ import numpy.typing as npt
 import openai
 import pytest
 
+from smolrun.backends.base import Pixels
 from smolrun.engine import Engine
 from tests.fakes import ByteModel
 
@@ -30,6 +31,12 @@ class SlowModel(ByteModel):
         time.sleep(0.02)
         logits = super().extend(tokens)
         logits[256] = -np.inf
+        return logits
+
+    def prefill(self, tokens: Sequence[int], reuse: bool = True,
+                pixels: Sequence[Pixels] = ()) -> npt.NDArray[np.float32]:
+        logits = super().prefill(tokens, reuse, pixels)
+        logits[256] = -np.inf  # not as the first token either
         return logits
 
 
