@@ -100,6 +100,7 @@ class BatchLoop:
 
     def fail_all(self, error: BaseException) -> None:
         """After an engine failure: every request gets the error and every slot is emptied."""
+        self._held = False
         for slot in self.slots:
             if slot.job is not None:
                 slot.job.sink(error)
