@@ -31,17 +31,28 @@ def byte_tokenizer() -> LLTokenizer:
     return LLTokenizer(TokenizerWrapper(_ByteTokenizer()))
 
 
-class ByteModel:
+class _ByteVocab:
+    """What both byte-level fakes share: the byte tokenizer's vocabulary, no template, no eyes."""
+
+    n_vocab = 257
+    eog_tokens = frozenset({EOS})
+    chat_template: str | None = None
+    bos_token = ""
+    eos_token = "<eos>"
+    vision = None
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(text.encode())
+
+    def token_bytes(self, token: int) -> bytes:
+        return bytes([token]) if token < 256 else b""
+
+
+class ByteModel(_ByteVocab):
     """Implements backends.base.Model. Logits are seeded noise plus a bias towards closing bytes, so random
     outputs under a grammar still end; `script` forces exact outputs instead (one token per step)."""
 
     name = "byte-model"
-    n_vocab = 257
-    eog_tokens = frozenset({EOS})
-    chat_template = None
-    bos_token = ""
-    eos_token = "<eos>"
-    vision = None
     reused = 0
 
     def __init__(self, seed: int = 0, n_ctx: int = 8192, script: bytes | None = None, favour: bytes = b'"]}0') -> None:
@@ -51,12 +62,6 @@ class ByteModel:
         self.script = list(script) + [EOS] if script is not None else None
         self.favour = list(favour)
         self.calls: list[list[int]] = []  # every batch given to prefill/extend
-
-    def tokenize(self, text: str) -> list[int]:
-        return list(text.encode())
-
-    def token_bytes(self, token: int) -> bytes:
-        return bytes([token]) if token < 256 else b""
 
     def _logits(self) -> npt.NDArray[np.float32]:
         if self.script is not None:
@@ -159,18 +164,12 @@ class ThinkingModel(ByteModel):
         return logits
 
 
-class BatchByteModel:
+class BatchByteModel(_ByteVocab):
     """Implements backends.base.BatchModel over the byte tokenizer. A sequence's logits are a pure function
     of the tokens its cache holds (seeded noise plus a bias towards closing bytes and EOS), so a request
     decodes the same alone or in any batch; it checks every position the loop feeds and the cache's size."""
 
     name = "batch-byte-model"
-    n_vocab = 257
-    eog_tokens = frozenset({EOS})
-    chat_template = None
-    bos_token = ""
-    eos_token = "<eos>"
-    vision = None
 
     def __init__(self, n_seq: int = 4, n_ctx: int = 4096, n_batch: int = 32, seed: int = 0,
                  favour: bytes = b'"]}0') -> None:
@@ -180,12 +179,6 @@ class BatchByteModel:
         self.favour = list(favour)
         self.kv: list[list[int]] = [[] for _ in range(n_seq)]
         self.passes: list[list[Feed]] = []  # every forward pass, as fed
-
-    def tokenize(self, text: str) -> list[int]:
-        return list(text.encode())
-
-    def token_bytes(self, token: int) -> bytes:
-        return bytes([token]) if token < 256 else b""
 
     def decode(self, feeds: Sequence[Feed]) -> list[npt.NDArray[np.float32]]:
         assert sum(len(f.tokens) for f in feeds) <= self.n_batch

@@ -212,7 +212,6 @@ def ask(prompt: str, model: str | None, backend: str | None, schema_file: Path |
 async def _ask_with_code(engine: Any, turn: Turn, files: tuple[Path, ...], max_tool_calls: int) -> None:
     """The Responses loop, locally: stream each code cell, its output, then the answer."""
     import asyncio
-    from collections.abc import AsyncIterator
 
     from smolrun.runner import Delta, Finished, Interpreting, ItemAdded, ItemDone, RunSpec, run
     from smolrun.sandbox import Container, Execution, default_config
@@ -220,10 +219,6 @@ async def _ask_with_code(engine: Any, turn: Turn, files: tuple[Path, ...], max_t
     container: Container | None = None
     names = [f"/mnt/data/{p.name}" for p in files]
     messages = turn.messages + ((Message("user", "Files available: " + ", ".join(names)),) if names else ())
-
-    async def generate(prepared: Any) -> AsyncIterator[Any]:
-        for event in engine.generate(prepared):
-            yield event
 
     async def execute(code: str) -> tuple[str, Execution]:
         nonlocal container
@@ -239,7 +234,7 @@ async def _ask_with_code(engine: Any, turn: Turn, files: tuple[Path, ...], max_t
     answer: list[str] = []
     finished: Finished | None = None
     try:
-        async for event in run(spec, engine, generate, execute):
+        async for event in run(spec, engine, engine.stream, execute):
             if isinstance(event, ItemAdded) and event.item["type"] == "code_interpreter_call":
                 click.secho("── python ──", fg="cyan", err=True)
             elif isinstance(event, Delta) and event.kind == "code":

@@ -41,9 +41,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
                  prepared.think is not None)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_sse(state.generate(engine, prepared), meta, include_usage),
+        return StreamingResponse(_sse(engine.stream(prepared), meta, include_usage),
                                  media_type="text/event-stream")
-    return JSONResponse(await _complete(state.generate(engine, prepared), meta, request))
+    return JSONResponse(await _complete(engine.stream(prepared), meta, request))
 
 
 @dataclass(frozen=True)

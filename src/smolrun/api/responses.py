@@ -27,11 +27,11 @@ from smolrun.api.responses_wire import (
     parse_tools,
 )
 from smolrun.api.state import AUTO, AppState, get_state
-from smolrun.engine import Engine, Prepared
+from smolrun.engine import Engine
 from smolrun.errors import InvalidRequest, NotFound, SmolrunError
 from smolrun.runner import Delta, Finished, Interpreting, ItemAdded, ItemDone, RunEvent, RunSpec, run
 from smolrun.sandbox.container import Execution
-from smolrun.turn import Event, Image, Message, Part, SamplingParams, ToolCall, Video
+from smolrun.turn import Image, Message, Part, SamplingParams, ToolCall, Video
 
 router = APIRouter()
 DEFAULT_MAX_TOOL_CALLS = 4
@@ -245,11 +245,7 @@ async def _run(call: _Call, spec: RunSpec) -> AsyncIterator[dict[str, Any]]:
     ids: dict[int, str] = {}  # output index -> item id
     event: RunEvent
     engine = call.engine
-
-    def generate(prepared: Prepared) -> AsyncIterator[Event]:
-        return call.state.generate(engine, prepared)
-
-    async for event in run(spec, engine, generate, call.execute):
+    async for event in run(spec, engine, engine.stream, call.execute):
         if isinstance(event, ItemAdded):
             item = event.item
             ids[event.index] = item["id"]

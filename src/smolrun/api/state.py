@@ -7,12 +7,11 @@ from dataclasses import dataclass
 from fastapi import Request
 
 from smolrun.config import Settings
-from smolrun.engine import Engine, Prepared
+from smolrun.engine import Engine
 from smolrun.errors import InvalidRequest, ModelNotFound
 from smolrun.files import FileStore
 from smolrun.models import REGISTRY
 from smolrun.sandbox.manager import ContainerManager
-from smolrun.scheduler import EventStream
 
 AUTO = "auto"  # the model alias that routes by content: the vision model for pictures, else the text model
 
@@ -28,11 +27,6 @@ class AppState:
     @property
     def engines(self) -> tuple[Engine, ...]:
         return (self.engine,) if self.vision is None else (self.engine, self.vision)
-
-    def generate(self, engine: Engine, prepared: Prepared) -> EventStream:
-        """One model turn, admitted now by its engine (QueueFull, a 429, when too many wait); leaving early
-        cancels it."""
-        return engine.stream(prepared)
 
     def _named(self, requested: str) -> Engine | None:
         if requested in {self.engine.name, self.settings.model}:

@@ -28,14 +28,14 @@ class SequenceState:
     """
 
     def __init__(self, prompt_tokens: int, n_ctx: int, params: SamplingParams, matcher: LLMatcher | None,
-                 eog_tokens: frozenset[int], token_bytes: Callable[[int], bytes], cached_tokens: int = 0) -> None:
+                 eog_tokens: frozenset[int], token_bytes: Callable[[int], bytes]) -> None:
         self.budget = token_budget(n_ctx, prompt_tokens, params.max_tokens)
         self.params = params
         self.matcher = matcher
         self.eog_tokens = eog_tokens
         self.token_bytes = token_bytes
         self.prompt_tokens = prompt_tokens
-        self.cached_tokens = cached_tokens
+        self.cached_tokens = 0  # set by the loop once it knows how much of the prompt the cache held
         self.rng = np.random.default_rng(params.seed)
         self.text = _TextStream(params.stop)
         self.penalties = _Penalties(params.frequency_penalty, params.presence_penalty)
@@ -51,11 +51,11 @@ class SequenceState:
     def done(self) -> bool:
         return self.reason is not None
 
-    def fill_mask(self, bitmask: Bitmask, index: int = 0) -> None:
-        """The grammar's mask for the next token into row `index` (batches fill all rows in one call instead)."""
+    def fill_mask(self, bitmask: Bitmask) -> None:
+        """The grammar's mask for the next token (the batch loop fills all its rows in one call instead)."""
         assert self.matcher is not None
         started = time.perf_counter()
-        fill_next_token_bitmask(self.matcher, bitmask, index)
+        fill_next_token_bitmask(self.matcher, bitmask)
         self.mask_us.append((time.perf_counter() - started) * 1e6)
 
     def step(self, logits: npt.NDArray[np.float32], bitmask: Bitmask | None) -> list[int]:
