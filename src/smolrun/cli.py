@@ -30,7 +30,9 @@ from smolrun.turn import (
 
 MODEL_HELP = ("registry name, path to a .gguf file, or owner/repo:file.gguf (on transformers also a Hub id or a "
               "directory)")
-BACKEND_HELP = "llama (llama.cpp, GGUF, the default) or transformers (Hugging Face models, GPUs)"
+BACKEND_HELP = ("llama (llama.cpp, GGUF, the default), transformers (Hugging Face models), or vllm (vLLM servers: "
+                "GPUs, replicas, many nodes)")
+BACKENDS = click.Choice(["llama", "transformers", "vllm"])
 MMPROJ_HELP = ("llama.cpp: the vision projector GGUF (path or owner/repo:file.gguf) of the model that sees; "
                "default: the registry's, or the one mmproj*.gguf beside the model")
 
@@ -55,8 +57,7 @@ def main() -> None:
 @main.command()
 @click.option("--model", default=None, help=f"model to serve ({MODEL_HELP}); default {DEFAULT_MODEL}, "
               f"or {DEFAULT_TRANSFORMERS_MODEL} on transformers")
-@click.option("--backend", type=click.Choice(["llama", "transformers"]), default=None,
-              help=BACKEND_HELP)
+@click.option("--backend", type=BACKENDS, default=None, help=BACKEND_HELP)
 @click.option("--device", default=None, help="transformers only: cuda, cuda:1, cpu ... (default: CUDA when present)")
 @click.option("--vision-model", default=None,
               help=f"also serve this model for requests with images (e.g. {DEFAULT_VISION_MODEL}); the model name "
@@ -73,6 +74,16 @@ def main() -> None:
 @click.option("--gpu-layers", type=int, default=None,
               help="llama.cpp: layers offloaded to the GPU, -1 for all (default: all when this llama.cpp build "
                    "has CUDA or Metal, else 0)")
+@click.option("--vllm-url", "vllm_urls", multiple=True,
+              help="vllm: a running vLLM server of --model, e.g. http://gpu1:8000 (repeat for replicas); none: "
+                   "smolrun launches `vllm serve` here and stops it on exit")
+@click.option("--vllm-arg", "vllm_args", multiple=True,
+              help="vllm: one more argument for the launched `vllm serve` (repeatable), e.g. "
+                   "--vllm-arg=--tensor-parallel-size=2")
+@click.option("--vllm-python", default=None,
+              help="vllm: the Python whose vLLM to launch (default: the one `make vllm` installs)")
+@click.option("--max-inflight", type=click.IntRange(min=1), default=None,
+              help="vllm: requests on its servers at once; --max-queue more wait (default 64)")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="uploaded files and the metadata database (default /var/lib/smolrun as root, else "
                    "~/.local/share/smolrun)")
@@ -86,6 +97,7 @@ def serve(**options: Any) -> None:
     from smolrun.api import create_app
     from smolrun.engine import Engine
 
+    options = {k: (v or None) if isinstance(v, tuple) else v for k, v in options.items()}  # unset: no ()
     settings = Settings.from_env(**options)
     click.echo(f"smolrun: loading {settings.model} on {settings.backend} ...", err=True)
     engine = Engine.load(settings, mmproj=None if settings.vision_model else settings.mmproj)
@@ -105,7 +117,12 @@ def serve(**options: Any) -> None:
 
     reason = unavailable_reason(default_config())
     click.echo(f"code execution: {'ready' if reason is None else 'unavailable, ' + reason}\n", err=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+    try:
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+    finally:
+        for served in (engine, vision):
+            if served is not None:
+                served.shutdown()
 
 
 def _banner(settings: Settings, model: str) -> str:
@@ -129,7 +146,7 @@ smolrun is serving {model} at {base}
 @main.command()
 @click.argument("prompt")
 @click.option("--model", default=None, help=f"{MODEL_HELP}; default {DEFAULT_MODEL}")
-@click.option("--backend", type=click.Choice(["llama", "transformers"]), default=None, help=BACKEND_HELP)
+@click.option("--backend", type=BACKENDS, default=None, help=BACKEND_HELP)
 @click.option("--schema", "schema_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSON Schema file the answer must match")
 @click.option("--json", "json_mode", is_flag=True, help="answer with any JSON object")
@@ -181,11 +198,18 @@ def ask(prompt: str, model: str | None, backend: str | None, schema_file: Path |
     if images and model is None:
         model = settings.vision_model or DEFAULT_VISION_MODEL
     engine = Engine.load(settings, model, settings.mmproj)
-    if files or code:
-        import asyncio
+    try:
+        if files or code:
+            import asyncio
 
-        asyncio.run(_ask_with_code(engine, turn, files, max_tool_calls))
-        return
+            asyncio.run(_ask_with_code(engine, turn, files, max_tool_calls))
+        else:
+            _answer(engine, turn, stream, fmt is not None)
+    finally:
+        engine.shutdown()
+
+
+def _answer(engine: Any, turn: Turn, stream: bool, typed: bool) -> None:
     parts: list[str] = []
     done: Done | None = None
     for event in engine.generate(engine.prepare(turn)):
@@ -200,7 +224,7 @@ def ask(prompt: str, model: str | None, backend: str | None, schema_file: Path |
     text = "".join(parts)
     if stream:
         click.echo()
-    elif fmt is not None and done is not None and done.finish_reason == "stop":
+    elif typed and done is not None and done.finish_reason == "stop":
         click.echo(json.dumps(json.loads(text), indent=2, ensure_ascii=False))
     else:
         click.echo(text)

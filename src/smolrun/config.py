@@ -9,7 +9,7 @@ from typing import Literal
 
 from smolrun.models import DEFAULT_MODEL, DEFAULT_TRANSFORMERS_MODEL
 
-Backend = Literal["llama", "transformers"]
+Backend = Literal["llama", "transformers", "vllm"]
 
 
 def default_data_dir() -> Path:
@@ -23,7 +23,7 @@ def default_data_dir() -> Path:
 @dataclass(frozen=True)
 class Settings:
     model: str = DEFAULT_MODEL
-    backend: Backend = "llama"  # llama.cpp for GGUF files; transformers for Hugging Face models (and GPUs)
+    backend: Backend = "llama"  # llama.cpp for GGUF files; transformers for Hugging Face models; vllm for GPUs
     device: str | None = None  # transformers only: None picks CUDA when present, else the CPU
     vision_model: str | None = None  # a second model that sees, for requests with images
     mmproj: str | None = None  # llama.cpp: the vision projector GGUF of the model that sees (default: its own)
@@ -35,6 +35,10 @@ class Settings:
     max_queue: int = 16  # requests waiting for the model before new ones get 429
     parallel: int = 4  # llama.cpp: sequences decoded together (continuous batching); their KV cache is shared
     gpu_layers: int | None = None  # llama.cpp: layers offloaded to a GPU; None: all where the build can, else 0
+    vllm_urls: tuple[str, ...] = ()  # vllm: running servers of the model (replicas); none: launch one here
+    vllm_args: tuple[str, ...] = ()  # vllm: more arguments for the `vllm serve` that smolrun launches
+    vllm_python: str | None = None  # vllm: the Python whose vLLM smolrun launches (default: where `make vllm` puts it)
+    max_inflight: int = 64  # vllm: requests in flight on its servers; --max-queue more wait before 429
     offline: bool | None = None  # None: follow HF_HUB_OFFLINE
     data_dir: Path = field(default_factory=lambda: default_data_dir())  # files and the metadata database
     max_file_mb: int = 512  # largest upload to /v1/files or a container
@@ -63,6 +67,10 @@ class Settings:
             values["backend"] = env["SMOLRUN_BACKEND"]
         if env.get("SMOLRUN_VISION_MODEL"):
             values["vision_model"] = env["SMOLRUN_VISION_MODEL"]
+        if env.get("SMOLRUN_VLLM_URLS"):
+            values["vllm_urls"] = tuple(u for u in env["SMOLRUN_VLLM_URLS"].split(",") if u.strip())
+        if env.get("SMOLRUN_VLLM_PYTHON"):
+            values["vllm_python"] = env["SMOLRUN_VLLM_PYTHON"]
         if env.get("SMOLRUN_MMPROJ"):
             values["mmproj"] = env["SMOLRUN_MMPROJ"]
         values.update({k: v for k, v in overrides.items() if v is not None})

@@ -1,8 +1,10 @@
 """A loaded model with its grammar cache and its runner: Turn -> prompt tokens + grammar -> stream of events.
 
 The engine owns how turns share the hardware: a model with many sequences (llama.cpp) batches them
-continuously (backends/batch.py); a model with one (transformers) runs one turn at a time (scheduler.py).
-Either way a turn is admitted when it is submitted, so a full queue is a 429 before any byte is streamed.
+continuously (backends/batch.py); a model with one (transformers) runs one turn at a time (scheduler.py);
+a model on vLLM servers sends each turn there at once and replays its tokens (backends/vllm.py), vLLM
+batching them. Every way a turn is admitted when it is submitted, so a full queue is a 429 before any
+byte is streamed.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from llguidance import LLMatcher
 from smolrun.backends.base import BatchModel, Model, Pixels
 from smolrun.backends.batch import BatchEngine, Job
 from smolrun.backends.decode import SequenceState, decode, never, token_budget
+from smolrun.backends.vllm import RemoteJob, VllmModel, VllmRunner, completion_body
 from smolrun.config import Settings
 from smolrun.constraints.grammar import Grammar, GrammarCache
 from smolrun.errors import InvalidRequest
@@ -43,10 +46,11 @@ class Prepared:
 
 
 class Engine:
-    def __init__(self, model: Model | BatchModel, max_queue: int = 16) -> None:
+    def __init__(self, model: Model | BatchModel | VllmModel, max_queue: int = 16, max_inflight: int = 64) -> None:
         self.model = model
         self.max_queue = max_queue  # turns waiting for the model before QueueFull
-        self._runner: BatchEngine | Scheduler | None = None  # started at the first turn (the CLI may need none)
+        self.max_inflight = max_inflight  # vLLM: turns on its servers at once
+        self._runner: BatchEngine | Scheduler | VllmRunner | None = None  # started by the first turn
         self._runner_lock = threading.Lock()
         self.grammars = GrammarCache(model.lltokenizer)
         self.profile: Profile = detect(model.chat_template)
@@ -60,6 +64,13 @@ class Engine:
         """The engine for `model` (default: settings.model), with the vision projector `mmproj` on llama.cpp
         (see models.resolve). Hugging Face directories load on transformers whatever the backend setting."""
         name = model or settings.model
+        if settings.backend == "vllm":
+            if mmproj is not None:
+                raise InvalidRequest("--mmproj is for GGUF models on llama.cpp; the vLLM engine takes no pictures",
+                                     param="mmproj")
+            from smolrun.backends.vllm_server import connect
+
+            return cls(connect(settings, name), max_queue=settings.max_queue, max_inflight=settings.max_inflight)
         if settings.backend == "transformers" or (name not in REGISTRY and Path(name).expanduser().is_dir()):
             if mmproj is not None:
                 raise InvalidRequest("--mmproj is for GGUF models on llama.cpp; on transformers a vision model "
@@ -108,6 +119,10 @@ class Engine:
         pixels: tuple[Pixels, ...] = ()
         if vision is not None and self.profile.content_parts:  # text alone too: an image token typed in it is a 400
             prompt, pixels = vision.prompt(text, media)
+        elif media and isinstance(self.model, VllmModel):
+            raise InvalidRequest("the vLLM engine takes no pictures yet (smolrun's picture layout is not what vLLM's "
+                                 "image processor builds); serve vision models on llama.cpp or transformers",
+                                 param="messages")
         elif media:
             raise InvalidRequest(f"the model '{self.name}' cannot see images; send text only, or use a vision "
                                  "model (smolrun serve --vision-model ...)", param="messages")
@@ -154,16 +169,26 @@ class Engine:
 
     def _submit(self, prepared: Prepared, sink: Sink, cancelled: Callable[[], bool]) -> None:
         runner = self._start()
-        if isinstance(runner, BatchEngine):
+        if isinstance(runner, VllmRunner):
+            state = SequenceState(len(prepared.prompt), self.model.n_ctx, prepared.params, self._matcher(prepared),
+                                  self.model.eog_tokens, self.model.token_bytes)
+            source = prepared.grammar.source if prepared.grammar is not None else None
+            body = completion_body(runner.model, prepared.prompt, source, prepared.params, state.budget)
+            runner.submit(RemoteJob(body, state, sink, cancelled))
+        elif isinstance(runner, BatchEngine):
             runner.submit(self.job(prepared, sink, cancelled))
         else:
             runner.submit(lambda stop: self._decode(prepared, stop), sink, cancelled)
 
-    def _start(self) -> BatchEngine | Scheduler:
+    def _start(self) -> BatchEngine | Scheduler | VllmRunner:
         with self._runner_lock:
             if self._runner is None:
-                self._runner = (BatchEngine(cast(BatchModel, self.model), self.max_queue) if self.batches
-                                else Scheduler(self.max_queue))
+                if isinstance(self.model, VllmModel):
+                    self._runner = VllmRunner(self.model, self.max_queue, self.max_inflight)
+                elif self.batches:
+                    self._runner = BatchEngine(cast(BatchModel, self.model), self.max_queue)
+                else:
+                    self._runner = Scheduler(self.max_queue)
             return self._runner
 
     def waiting(self) -> int:
@@ -176,6 +201,12 @@ class Engine:
             runner, self._runner = self._runner, None
         if runner is not None:
             runner.close()
+
+    def shutdown(self) -> None:
+        """Close, and stop the vLLM server launched for the model, if any: the engine is done."""
+        self.close()
+        if isinstance(self.model, VllmModel):
+            self.model.close()
 
     @staticmethod
     def _matcher(prepared: Prepared) -> LLMatcher | None:

@@ -10,6 +10,7 @@
     │   └── PayloadTooLarge           413 (code file_too_large)
     ├── ModelUnavailable              503 server_error: known model, weights not on this machine
     ├── SandboxUnavailable            503 server_error: no sandbox here, so no code execution
+    ├── EngineUnavailable             503 server_error: no server of a remote engine (vLLM) answers
     ├── QueueFull                     429 rate_limit_error
     ├── BackendMissing                500 server_error: an optional extra is not installed
     └── GenerationFailed              500 server_error: the grammar matcher failed mid-generation
@@ -80,6 +81,11 @@ class ModelUnavailable(SmolrunError):
 class SandboxUnavailable(SmolrunError):
     """Code is never run unsandboxed instead."""
 
+    status = 503
+    exit_code = 2
+
+
+class EngineUnavailable(SmolrunError):
     status = 503
     exit_code = 2
 

@@ -61,23 +61,40 @@ class SequenceState:
     def step(self, logits: npt.NDArray[np.float32], bitmask: Bitmask | None) -> list[int]:
         """Sample from `logits` (a mask for this sequence already filled in `bitmask`) and fast-forward: the
         tokens to evaluate next, or [] when the sequence has ended. A grammar error raises GenerationFailed."""
+        self._pass()
+        if self.matcher is not None:
+            _check(self.matcher)
+        self.penalties.apply(logits)
+        token = sample(logits, bitmask if self.matcher is not None else None, self.params, self.rng)
+        return self._advance(token, fast_forward=True)
+
+    def replay(self, token: int) -> None:
+        """Take a token that another engine sampled (vLLM) as if sampled here: the grammar must allow it, or
+        GenerationFailed says so. No fast-forward: the other engine returns forced tokens as tokens too."""
+        self._pass()
+        if self.matcher is not None and not self.matcher.is_error() and not self.matcher.consume_tokens([token]):
+            raise GenerationFailed(f"the engine returned token {token} ({self.token_bytes(token)!r}) after "
+                                   f"{self.generated} tokens, which the grammar does not allow there")
+        self._advance(token, fast_forward=False, consumed=True)
+
+    def _pass(self) -> None:
         if self.prefilled is None:
             self.prefilled = time.perf_counter()
         self.passes += 1
+
+    def _advance(self, token: int, fast_forward: bool, consumed: bool = False) -> list[int]:
         matcher = self.matcher
-        if matcher is not None:
-            _check(matcher)
-        self.penalties.apply(logits)
-        token = sample(logits, bitmask if matcher is not None else None, self.params, self.rng)
         if token in self.eog_tokens:
-            if matcher is not None:
+            if matcher is not None and not consumed:
                 _consume(matcher, [token])
             self.finish("stop")
             return []
         batch = [token]
         if matcher is not None:
-            _consume(matcher, batch)
-            ff = matcher.compute_ff_tokens()[: self.budget - self.generated - 1]
+            if not consumed:
+                _consume(matcher, batch)
+            _check(matcher)
+            ff = matcher.compute_ff_tokens()[: self.budget - self.generated - 1] if fast_forward else []
             if ff:
                 _consume(matcher, ff)
                 batch += ff

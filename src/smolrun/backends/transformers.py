@@ -12,13 +12,10 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from llguidance import LLTokenizer
 
 from smolrun.backends.base import Pixels, Vision, reusable_prefix, reusable_with_pixels
+from smolrun.backends.tokenizer import HFTokenizer
 from smolrun.errors import BackendMissing, ModelUnavailable
-
-# End-of-turn tokens of common chat formats: generation stops on any of them that the vocabulary has.
-END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<end_of_turn>", "<|eot_id|>", "<end_of_utterance>")
 
 
 def _import_torch() -> tuple[Any, Any]:
@@ -78,47 +75,25 @@ class TransformersModel:
         self.name = source.name
         self.dtype = dtype
         config = self.hf.config.get_text_config()
-        self.n_vocab = int(self.hf.get_output_embeddings().weight.shape[0])
+        n_vocab = int(self.hf.get_output_embeddings().weight.shape[0])
         self.n_ctx = min(n_ctx, int(getattr(config, "max_position_embeddings", n_ctx) or n_ctx))
-        self.eog_tokens = frozenset(self._end_tokens())
-        self.lltokenizer = self._lltokenizer()
-        special = self.eog_tokens | {t for t in (self.tokenizer.bos_token_id, self.tokenizer.pad_token_id)
-                                     if t is not None}
-        self._pieces = [b"" if t in special else self.lltokenizer.decode_bytes([t]) for t in range(self.n_vocab)]
-        self.chat_template: str | None = template if isinstance(template, str) else None
-        self.bos_token = self.tokenizer.bos_token or ""
-        self.eos_token = self.tokenizer.eos_token or ""
+        self.text = HFTokenizer(self.tokenizer, n_vocab, [getattr(self.hf.generation_config, "eos_token_id", None)],
+                                template if isinstance(template, str) else None)
+        self.n_vocab = n_vocab
+        self.eog_tokens = self.text.eog_tokens
+        self.lltokenizer = self.text.lltokenizer
+        self.chat_template = self.text.chat_template
+        self.bos_token, self.eos_token = self.text.bos_token, self.text.eos_token
         self._cache: Any = None
         self._tokens: list[int] = []
         self.reused = 0
         self._pixels: list[Pixels] = []  # the pictures whose image tokens the cache holds
 
-    def _end_tokens(self) -> set[int]:
-        ids: set[int] = set()
-        for value in (self.tokenizer.eos_token_id, getattr(self.hf.generation_config, "eos_token_id", None)):
-            ids.update(value if isinstance(value, list) else [value] if value is not None else [])
-        vocab = self.tokenizer.get_vocab()
-        ids.update(vocab[t] for t in END_TOKENS if t in vocab)
-        return {t for t in ids if 0 <= t < self.n_vocab}
-
-    def _lltokenizer(self) -> LLTokenizer:
-        """llguidance's view of the tokenizer. Added tokens written as tags (`<think>`, `<tool_call>`) count
-        as special, as llguidance does for llama.cpp's user-defined tokens: the grammar then names them as
-        tokens, and a free-text lexeme cannot run over them."""
-        data = json.loads(self.tokenizer.backend_tokenizer.to_str())
-        for added in data.get("added_tokens", []):
-            content = added.get("content", "")
-            if content.startswith("<") and content.endswith(">"):
-                added["special"] = True
-        return LLTokenizer(json.dumps(data), n_vocab=self.n_vocab, eos_token=sorted(self.eog_tokens))
-
     def tokenize(self, text: str) -> list[int]:
-        # Chat templates write the BOS themselves (transformers' apply_chat_template adds no special tokens).
-        ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return ids
+        return self.text.tokenize(text)
 
     def token_bytes(self, token: int) -> bytes:
-        return self._pieces[token] if 0 <= token < self.n_vocab else b""
+        return self.text.token_bytes(token)
 
     def prefill(self, tokens: Sequence[int], reuse: bool = True,
                 pixels: Sequence[Pixels] = ()) -> npt.NDArray[np.float32]:

@@ -37,10 +37,11 @@ class Grammar:
 
 
 def grammar_source(fmt: ResponseFormat) -> str | None:
-    """The llguidance grammar for a response format (None for free text)."""
+    """The llguidance grammar for a response format (None for free text), in Lark like every turn grammar, so
+    that the vLLM engine sends each one as it is."""
     if fmt.type == "text":
         return None
-    return LLMatcher.grammar_from_json_schema(_schema(fmt), defaults=JSON_OPTIONS)
+    return "start: %json " + json.dumps({**_schema(fmt), "x-guidance": JSON_OPTIONS}) + "\n"
 
 
 def _schema(fmt: ResponseFormat) -> dict[str, Any]:

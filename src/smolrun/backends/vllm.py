@@ -1,0 +1,338 @@
+"""The vLLM engine: turns prepared here (prompt tokens, turn grammar), decoded by vLLM servers, replayed here.
+
+smolrun renders and tokenizes every prompt and compiles every grammar with the model's own tokenizer, so each
+400 comes before anything is sent. vLLM's `/v1/completions` gets the prompt as token ids and the turn grammar
+as llguidance Lark, and streams token ids back. vLLM turns a grammar failure into a plain end of text (its log
+alone says why), so every returned token goes through the local matcher: a token the grammar does not allow,
+or an end before the grammar's, is an error, never a silently cut answer.
+
+Several servers are replicas: a request goes to the one with the fewest requests in flight; one that stops
+answering is left out for a while, then tried again. The requests run on one thread of their own, on its own
+event loop, so that the CLI and the server drive this engine alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, replace
+from typing import Any
+
+from smolrun.backends.decode import SequenceState
+from smolrun.backends.tokenizer import HFTokenizer
+from smolrun.errors import BackendMissing, EngineUnavailable, GenerationFailed, QueueFull
+from smolrun.scheduler import Sink
+from smolrun.turn import Done, Event, SamplingParams
+
+GUIDANCE = '{"backend": "guidance"}'  # vLLM's --structured-outputs-config for llguidance
+READ_TIMEOUT_S = 300.0  # silence from a replica that long (a long prefill on a CPU, at worst) counts as down
+RETRY_S = 5.0  # a replica that failed is tried again after this, doubling up to a minute while it fails
+
+
+def _httpx() -> Any:
+    try:
+        import httpx
+    except ImportError as exc:
+        raise BackendMissing("the vLLM engine needs httpx and transformers: pip install 'smolrun[vllm]'") from exc
+    return httpx
+
+
+@dataclass(eq=False)
+class Replica:
+    """One vLLM server: its base URL (without /v1), the requests in flight on it, whether it is left out."""
+
+    url: str
+    outstanding: int = 0
+    failures: int = 0
+    down_until: float = 0.0
+    reason: str = ""
+
+
+class Replicas:
+    """Servers of one model; `pick` is least outstanding requests among those not left out."""
+
+    def __init__(self, urls: Sequence[str], retry_s: float = RETRY_S) -> None:
+        if not urls:
+            raise ValueError("no vLLM server URL")
+        self.all = [Replica(u.rstrip("/").removesuffix("/v1")) for u in urls]
+        self.retry_s = retry_s
+        self._next = 0  # ties go round the list
+
+    def pick(self) -> Replica:
+        now = time.monotonic()
+        up = [r for r in self.all if r.down_until <= now]
+        if not up:
+            why = "; ".join(f"{r.url}: {r.reason}" for r in self.all)
+            raise EngineUnavailable(f"no vLLM server answers ({why}); each is tried again within "
+                                    f"{int(self._backoff(1))} s")
+        self._next = (self._next + 1) % len(self.all)
+        return min(up, key=lambda r: (r.outstanding, (self.all.index(r) - self._next) % len(self.all)))
+
+    def failed(self, replica: Replica, reason: str) -> None:
+        replica.failures += 1
+        replica.reason = reason
+        replica.down_until = time.monotonic() + self._backoff(replica.failures)
+
+    def answered(self, replica: Replica) -> None:
+        replica.failures, replica.reason = 0, ""
+
+    def _backoff(self, failures: int) -> float:
+        return float(min(self.retry_s * 2 ** (failures - 1), 60.0))
+
+
+class VllmModel:
+    """A model whose weights a vLLM server holds: its tokenizer here (to render, tokenize and constrain), the
+    decoding there. No pictures: smolrun's own prompt layout for them is not what vLLM's processor builds."""
+
+    vision = None
+    reused = 0
+
+    def __init__(self, text: HFTokenizer, name: str, served: str, n_ctx: int, replicas: Replicas,
+                 on_close: Callable[[], None] | None = None) -> None:
+        self.text = text
+        self.name = name
+        self.served = served  # the model's id on the vLLM servers
+        self.n_ctx = n_ctx
+        self.replicas = replicas
+        self.n_vocab = text.n_vocab
+        self.eog_tokens = text.eog_tokens
+        self.lltokenizer = text.lltokenizer
+        self.chat_template = text.chat_template
+        self.bos_token, self.eos_token = text.bos_token, text.eos_token
+        self._on_close = on_close
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.text.tokenize(text)
+
+    def token_bytes(self, token: int) -> bytes:
+        return self.text.token_bytes(token)
+
+    def close(self) -> None:
+        """Stop the vLLM server this process launched, if any."""
+        if self._on_close is not None:
+            self._on_close()
+
+
+def completion_body(model: VllmModel, prompt: Sequence[int], grammar: str | None, params: SamplingParams,
+                    max_tokens: int) -> dict[str, Any]:
+    """The `/v1/completions` request for one turn: the prompt as token ids, the turn grammar as Lark."""
+    body: dict[str, Any] = {
+        "model": model.served, "prompt": list(prompt), "max_tokens": max_tokens, "n": 1,
+        "temperature": params.temperature, "top_p": params.top_p,
+        "frequency_penalty": params.frequency_penalty, "presence_penalty": params.presence_penalty,
+        "stop": list(params.stop), "stop_token_ids": sorted(model.eog_tokens),
+        "stream": True, "return_token_ids": True, "stream_options": {"include_usage": True},
+    }
+    if params.top_k > 0:
+        body["top_k"] = params.top_k
+    if params.seed is not None:
+        body["seed"] = params.seed
+    if grammar is not None:
+        body["structured_outputs"] = {"grammar": grammar}
+    return body
+
+
+@dataclass(eq=False)
+class RemoteJob:
+    """One turn for a vLLM server: its request body, and its local decoding state that replays the tokens."""
+
+    body: dict[str, Any]
+    state: SequenceState
+    sink: Sink
+    cancelled: Callable[[], bool]
+
+
+class _Unreachable(Exception):
+    """The replica did not answer (refused, reset, timed out, 5xx): another replica may."""
+
+
+class VllmRunner:
+    """Requests to the replicas of one model, at most `max_inflight` at a time and `max_queue` more waiting
+    (then QueueFull, a 429). Batching is vLLM's: nothing here serialises requests."""
+
+    def __init__(self, model: VllmModel, max_queue: int, max_inflight: int = 64) -> None:
+        self.model = model
+        self.max_queue = max_queue
+        self.max_inflight = max_inflight
+        self._admitted = 0  # in flight or waiting for a place
+        self._inflight = 0
+        self._lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="smolrun-vllm", daemon=True)
+        self._thread.start()
+        self._places = asyncio.run_coroutine_threadsafe(self._setup(), self._loop).result()
+
+    async def _setup(self) -> asyncio.Semaphore:
+        httpx = _httpx()
+        self._client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=READ_TIMEOUT_S),
+                                         limits=httpx.Limits(max_connections=None, max_keepalive_connections=32))
+        return asyncio.Semaphore(self.max_inflight)
+
+    def submit(self, job: RemoteJob) -> Future[None]:
+        with self._lock:
+            if self._admitted >= self.max_inflight + self.max_queue:
+                raise QueueFull("the vLLM engine is busy: too many requests are waiting; retry shortly")
+            self._admitted += 1
+        return asyncio.run_coroutine_threadsafe(self._run(job), self._loop)
+
+    def waiting(self) -> int:
+        with self._lock:
+            return max(0, self._admitted - self._inflight)
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        asyncio.run_coroutine_threadsafe(self._client.aclose(), self._loop).result(timeout=5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        self._loop.close()
+
+    async def _run(self, job: RemoteJob) -> None:
+        try:
+            async with self._places:
+                with self._lock:
+                    self._inflight += 1
+                try:
+                    await self._serve(job)
+                finally:
+                    with self._lock:
+                        self._inflight -= 1
+        except Exception as exc:  # handed to the waiting request, which re-raises it
+            job.sink(exc)
+        finally:
+            with self._lock:
+                self._admitted -= 1
+            job.sink(None)
+
+    async def _serve(self, job: RemoteJob) -> None:
+        """Stream the turn, and close the upstream request (vLLM then aborts it) as soon as the client leaves,
+        even while no token comes (a long prefill)."""
+        if job.cancelled():
+            return
+        task = asyncio.ensure_future(self._attempts(job))
+        while not task.done():
+            await asyncio.wait({task}, timeout=0.05)
+            if not task.done() and job.cancelled():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                job.state.finish("cancelled")
+                job.sink(job.state.take())
+                return
+        task.result()
+
+    async def _attempts(self, job: RemoteJob) -> None:
+        """One replica after another until one answers; a request that already has tokens cannot move."""
+        while True:
+            replica = self.model.replicas.pick()
+            replica.outstanding += 1
+            try:
+                await self._stream(replica, job)
+                self.model.replicas.answered(replica)
+                return
+            except _Unreachable as exc:
+                self.model.replicas.failed(replica, str(exc))
+                if job.state.passes:
+                    raise GenerationFailed(
+                        f"the vLLM server at {replica.url} stopped answering after {job.state.generated} tokens of "
+                        f"this answer ({exc}); later requests go to the other servers") from exc
+            finally:
+                replica.outstanding -= 1
+
+    async def _stream(self, replica: Replica, job: RemoteJob) -> None:
+        httpx = _httpx()
+        state = job.state
+        try:
+            async with self._client.stream("POST", f"{replica.url}/v1/completions", json=job.body) as response:
+                if response.status_code != 200:
+                    detail = _message(await response.aread())
+                    if response.status_code >= 500:
+                        raise _Unreachable(f"HTTP {response.status_code}: {detail}")
+                    raise GenerationFailed(f"the vLLM server at {replica.url} refused the request "
+                                           f"(HTTP {response.status_code}): {detail}")
+                finish: str | None = None
+                done: Done | None = None  # held back until vLLM's last chunk says how much of the prompt it cached
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    if line == "data: [DONE]":
+                        break
+                    chunk = _chunk(replica, line[6:], state.generated)
+                    choices = chunk.get("choices") or ()
+                    if done is not None:
+                        usage = chunk.get("usage") or {}
+                        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+                        if cached:
+                            done = Done(done.finish_reason, replace(done.stats, cached_tokens=int(cached)))
+                        if any(c.get("token_ids") for c in choices):
+                            break  # vLLM goes on past the local end (a stop sequence): closing aborts it
+                        continue
+                    for choice in choices:
+                        for token in choice.get("token_ids") or ():
+                            if not state.done:
+                                state.replay(int(token))
+                        finish = choice.get("finish_reason") or finish
+                    events = state.take()
+                    if state.done:
+                        events, done = _hold_done(events)
+                    if events:
+                        job.sink(events)
+                if done is None:
+                    self._end(replica, state, finish)
+                    events, done = _hold_done(state.take())
+                    job.sink(events)
+                job.sink([done])
+        except httpx.TransportError as exc:
+            raise _Unreachable(f"{type(exc).__name__}: {exc}".rstrip(": ")) from exc
+
+    def _end(self, replica: Replica, state: SequenceState, finish: str | None) -> None:
+        """The stream ended before the local state did: vLLM's reason must agree with the grammar."""
+        matcher = state.matcher
+        if finish == "length":
+            state.finish("length")
+        elif finish == "stop" and (matcher is None or matcher.is_accepting()):
+            state.finish("stop")
+        elif finish is None:
+            raise _Unreachable("the stream ended without a finish reason")
+        else:
+            raise GenerationFailed(
+                f"the vLLM server at {replica.url} ended the answer after {state.generated} tokens "
+                f"(finish_reason {finish!r}) where the grammar does not allow it to end: its structured-output "
+                "backend failed (its log says why; it must run with --structured-outputs-config "
+                f"'{GUIDANCE}')")
+
+
+def _message(body: bytes) -> str:
+    """vLLM's error message, from OpenAI's error shape, else the start of the body."""
+    try:
+        data = json.loads(body)
+        error = data.get("error", data) if isinstance(data, dict) else data
+        message = error.get("message") if isinstance(error, dict) else None
+        if isinstance(message, str):
+            return message[:500]
+    except ValueError:
+        pass
+    return body[:500].decode("utf-8", "replace")
+
+
+def _hold_done(events: list[Event]) -> tuple[list[Event], Done]:
+    """A finished state's events, less its last one: the Done."""
+    done = events[-1]
+    assert isinstance(done, Done)
+    return events[:-1], done
+
+
+def _chunk(replica: Replica, data: str, generated: int) -> dict[str, Any]:
+    try:
+        chunk = json.loads(data)
+    except ValueError:
+        chunk = None
+    if not isinstance(chunk, dict):
+        raise GenerationFailed(f"the vLLM server at {replica.url} sent a malformed stream after {generated} tokens")
+    if "error" in chunk:
+        raise GenerationFailed(f"the vLLM server at {replica.url} failed mid-answer after {generated} tokens: "
+                               f"{_message(json.dumps(chunk).encode())}")
+    return chunk
