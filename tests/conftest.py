@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import uvicorn
@@ -16,6 +17,8 @@ from smolrun.api import create_app
 from smolrun.config import Settings
 from smolrun.engine import Engine
 from smolrun.errors import SmolrunError
+from smolrun.models import resolve
+from tests.fakes import SMOLLM3_TAGS, TEMPLATES
 
 
 def _load_real_engine() -> Engine:
@@ -28,6 +31,35 @@ def _load_real_engine() -> Engine:
 @pytest.fixture(scope="session")
 def engine() -> Engine:
     return _load_real_engine()
+
+
+def bundled_gguf() -> Path:
+    try:
+        return resolve("smollm2-135m").path
+    except Exception as exc:  # noqa: BLE001 - any failure means the bundled model is not installed
+        pytest.skip(f"bundled model unavailable ({exc}); run `make test` to install it")
+
+
+@pytest.fixture(scope="session")
+def tiny_smollm3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised SmolLM3ForCausalLM saved with a real tokenizer: SmolLM2's (from the bundled
+    GGUF) plus SmolLM3's tags as added tokens (the transformers and vLLM engines' tests)."""
+    torch = pytest.importorskip("torch", reason="a tiny SmolLM3 needs torch: pip install 'smolrun[transformers]'")
+    from transformers import AutoTokenizer, SmolLM3Config, SmolLM3ForCausalLM
+
+    gguf = bundled_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tokenizer.add_tokens(SMOLLM3_TAGS)
+    tokenizer.chat_template = (TEMPLATES / "smollm3.jinja").read_text()
+    torch.manual_seed(0)
+    config = SmolLM3Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.eos_token_id)
+    path = tmp_path_factory.mktemp("tiny-smollm3")
+    SmolLM3ForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
 
 
 @dataclass

@@ -102,6 +102,7 @@ class TurnsModel(ByteModel):
 
 
 TEMPLATES = Path(__file__).parent / "templates"
+SMOLLM3_TAGS = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<code>", "</code>"]  # added tokens
 
 
 THINK, UNTHINK = 257, 258

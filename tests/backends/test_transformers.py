@@ -19,7 +19,6 @@ from smolrun.backends.transformers import HFSource, TransformersModel, hf_source
 from smolrun.config import Settings  # noqa: E402
 from smolrun.engine import Engine  # noqa: E402
 from smolrun.errors import ModelUnavailable  # noqa: E402
-from smolrun.models import resolve  # noqa: E402
 from smolrun.turn import (  # noqa: E402
     Done,
     Message,
@@ -31,41 +30,10 @@ from smolrun.turn import (  # noqa: E402
     Turn,
 )
 from tests.conftest import Server  # noqa: E402
-from tests.fakes import TEMPLATES  # noqa: E402
 
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
                                            "days": {"type": "integer", "minimum": 1, "maximum": 9}},
           "required": ["city", "days"], "additionalProperties": False}
-TAGS = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<code>", "</code>"]
-
-
-def bundled_gguf() -> Path:
-    try:
-        return resolve("smollm2-135m").path
-    except Exception as exc:  # noqa: BLE001 - any failure means the bundled model is not installed
-        pytest.skip(f"bundled model unavailable ({exc}); run `make test` to install it")
-
-
-@pytest.fixture(scope="session")
-def tiny_smollm3(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A randomly initialised SmolLM3ForCausalLM saved with a real tokenizer: SmolLM2's (from the bundled
-    GGUF) plus SmolLM3's tags as added tokens."""
-    import torch
-    from transformers import AutoTokenizer, SmolLM3Config, SmolLM3ForCausalLM
-
-    gguf = bundled_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    tokenizer.add_tokens(TAGS)
-    tokenizer.chat_template = (TEMPLATES / "smollm3.jinja").read_text()
-    torch.manual_seed(0)
-    config = SmolLM3Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                           pad_token_id=tokenizer.eos_token_id)
-    path = tmp_path_factory.mktemp("tiny-smollm3")
-    SmolLM3ForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -23,9 +23,9 @@ from smolrun.backends.vllm_server import DEFAULT_VLLM_PYTHON
 from smolrun.config import Settings
 from smolrun.engine import Engine
 from smolrun.errors import EngineUnavailable, GenerationFailed, InvalidRequest, QueueFull
-from smolrun.turn import Image, Message, ResponseFormat, SamplingParams, Turn
-from tests.conftest import Server, _free_port, serve
+from smolrun.turn import Image, Message, Reasoning, ResponseFormat, SamplingParams, Turn
 from tests.api.test_files_containers import needs_sandbox
+from tests.conftest import Server, _free_port, serve
 
 VLLM_PYTHON = os.environ.get("SMOLRUN_VLLM_PYTHON", DEFAULT_VLLM_PYTHON)
 if not Path(VLLM_PYTHON).exists():
@@ -273,3 +273,25 @@ def test_two_replicas_with_one_killed_midway(vllm: Engine) -> None:
         two.close()
         a.kill()
         b.kill()
+
+
+@pytest.fixture(scope="module")
+def tiny_smollm3_on_vllm(tiny_smollm3: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
+    """vLLM serves a tiny random SmolLM3 (through its Transformers modelling backend) as well."""
+    engine = Engine.load(Settings(backend="vllm", model=str(tiny_smollm3), n_ctx=2048,
+                                  data_dir=tmp_path_factory.mktemp("vllm-tiny"), vllm_python=VLLM_PYTHON))
+    yield engine
+    engine.shutdown()
+
+
+@pytest.mark.parametrize("budget", [8, 30])
+def test_a_thinking_budget_holds_on_vllm_then_the_answer_validates(tiny_smollm3_on_vllm: Engine,
+                                                                   budget: int) -> None:
+    from tests.backends.test_transformers import ASK, SCHEMA, run
+
+    turn = Turn(ASK, ResponseFormat("json_schema", SCHEMA), SamplingParams(max_tokens=150, seed=1),
+                reasoning=Reasoning("low", budget=budget))
+    thought, answer, done = run(tiny_smollm3_on_vllm, turn)
+    assert done.finish_reason == "stop" and thought
+    assert 0 < done.stats.reasoning_tokens <= budget
+    jsonschema.validate(json.loads(answer), SCHEMA)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -67,8 +68,8 @@ class Replicas:
         up = [r for r in self.all if r.down_until <= now]
         if not up:
             why = "; ".join(f"{r.url}: {r.reason}" for r in self.all)
-            raise EngineUnavailable(f"no vLLM server answers ({why}); each is tried again within "
-                                    f"{int(self._backoff(1))} s")
+            soonest = math.ceil(min(r.down_until for r in self.all) - now)
+            raise EngineUnavailable(f"no vLLM server answers ({why}); the first is tried again in {soonest} s")
         self._next = (self._next + 1) % len(self.all)
         return min(up, key=lambda r: (r.outstanding, (self.all.index(r) - self._next) % len(self.all)))
 
