@@ -40,10 +40,9 @@ def bundled_gguf() -> Path:
         pytest.skip(f"bundled model unavailable ({exc}); run `make test` to install it")
 
 
-@pytest.fixture(scope="session")
-def tiny_smollm3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def make_tiny_smollm3(path: Path, hidden: int = 64, heads: int = 4, kv_heads: int = 2) -> Path:
     """A randomly initialised SmolLM3ForCausalLM saved with a real tokenizer: SmolLM2's (from the bundled
-    GGUF) plus SmolLM3's tags as added tokens (the transformers and vLLM engines' tests)."""
+    GGUF) plus SmolLM3's tags as added tokens."""
     torch = pytest.importorskip("torch", reason="a tiny SmolLM3 needs torch: pip install 'smolrun[transformers]'")
     from transformers import AutoTokenizer, SmolLM3Config, SmolLM3ForCausalLM
 
@@ -52,14 +51,18 @@ def tiny_smollm3(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tokenizer.add_tokens(SMOLLM3_TAGS)
     tokenizer.chat_template = (TEMPLATES / "smollm3.jinja").read_text()
     torch.manual_seed(0)
-    config = SmolLM3Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                           pad_token_id=tokenizer.eos_token_id)
-    path = tmp_path_factory.mktemp("tiny-smollm3")
+    config = SmolLM3Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                           num_hidden_layers=4, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                           max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
+                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
     SmolLM3ForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_smollm3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_smollm3(tmp_path_factory.mktemp("tiny-smollm3"))
 
 
 @dataclass

@@ -61,3 +61,23 @@ def test_ask_with_a_file_runs_the_code_loop_and_ends_cleanly(tmp_path: Path) -> 
                          capture_output=True, text=True, timeout=300)
     assert out.returncode in (0, 1), out.stderr  # 1 only when the token budget cut the answer
     assert "── answer ──" in out.stderr and "Traceback (most recent call last)" not in out.stderr
+
+
+def test_ask_progress_shows_tokens_and_rate_then_clears(capsys: pytest.CaptureFixture[str]) -> None:
+    from smolrun.cli import _Progress
+
+    now = [100.0]
+    progress = _Progress()
+    progress._clock = lambda: now[0]
+    progress.started = progress.shown = 100.0
+    progress.add(3)  # under a quarter of a second: nothing drawn yet
+    now[0] = 102.0
+    progress.add(97)
+    progress.clear()
+    line = "\rsmolrun: 100 tokens, 50 tokens/s"
+    assert capsys.readouterr().err == line + " " * (60 - len(line)) + "\r" + " " * 60 + "\r"
+
+
+def test_ask_stops_at_512_tokens_by_default() -> None:
+    option = next(p for p in main.commands["ask"].params if p.name == "max_tokens")
+    assert option.default == 512

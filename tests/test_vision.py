@@ -37,8 +37,7 @@ from smolrun.errors import InvalidRequest  # noqa: E402
 from smolrun.runner import observation  # noqa: E402
 from smolrun.sandbox.container import Execution  # noqa: E402
 from smolrun.turn import TEXT, Done, Image, Message, ResponseFormat, SamplingParams, TextDelta, Turn, Video  # noqa: E402
-from tests.backends.test_transformers import bundled_gguf  # noqa: E402
-from tests.conftest import Server  # noqa: E402
+from tests.conftest import Server, bundled_gguf  # noqa: E402
 from tests.fakes import ByteModel  # noqa: E402
 from tests.test_media import data_url, pdf, picture, video  # noqa: E402
 

@@ -153,7 +153,8 @@ smolrun is serving {model} at {base}
 @click.option("--strict/--no-strict", default=False, help="apply OpenAI's strict-mode schema rules")
 @click.option("--system", default=None, help="system message")
 @click.option("--stream", is_flag=True, help="print the answer as it is generated")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=None)
+@click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True,
+              help="the most tokens the answer may take")
 @click.option("--temperature", type=click.FloatRange(0, 2), default=0.0, show_default=True)
 @click.option("--seed", type=int, default=None)
 @click.option("--frequency-penalty", type=click.FloatRange(-2, 2), default=0.0, show_default=True,
@@ -212,15 +213,20 @@ def ask(prompt: str, model: str | None, backend: str | None, schema_file: Path |
 def _answer(engine: Any, turn: Turn, stream: bool, typed: bool) -> None:
     parts: list[str] = []
     done: Done | None = None
+    progress = _Progress() if not stream and sys.stderr.isatty() else None
     for event in engine.generate(engine.prepare(turn)):
         if isinstance(event, TextDelta):
             parts.append(event.text)
+            if progress is not None:
+                progress.add(len(event.tokens))
             if stream:
                 click.echo(event.text, nl=False)
         elif isinstance(event, ReasoningDelta):  # thoughts on stderr: stdout stays the answer alone
             click.secho(event.text, nl=False, err=True, dim=True)
         else:
             done = event
+    if progress is not None:
+        progress.clear()
     text = "".join(parts)
     if stream:
         click.echo()
@@ -231,6 +237,31 @@ def _answer(engine: Any, turn: Turn, stream: bool, typed: bool) -> None:
     if done is not None and done.finish_reason == "length":
         click.echo("smolrun: the answer was cut at the token limit (--max-tokens)", err=True)
         sys.exit(1)
+
+
+class _Progress:
+    """Tokens so far and their rate, on one stderr line redrawn a few times a second (a terminal only)."""
+
+    def __init__(self) -> None:
+        import time
+
+        self._clock = time.perf_counter
+        self.started = self.shown = self._clock()
+        self.tokens = 0
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+        now = self._clock()
+        if now - self.shown >= 0.25:
+            self.shown = now
+            rate = self.tokens / max(now - self.started, 1e-9)
+            sys.stderr.write(f"\rsmolrun: {self.tokens} tokens, {rate:.0f} tokens/s".ljust(60))
+            sys.stderr.flush()
+
+    def clear(self) -> None:
+        if self.shown > self.started:
+            sys.stderr.write("\r" + " " * 60 + "\r")
+            sys.stderr.flush()
 
 
 async def _ask_with_code(engine: Any, turn: Turn, files: tuple[Path, ...], max_tool_calls: int) -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from smolrun.engine import Engine
 from smolrun.sandbox import default_config, unavailable_reason
-from tests.fakes import ByteModel
+from tests.fakes import ByteModel, TurnsModel
 
 needs_sandbox = pytest.mark.skipif(unavailable_reason(default_config()) is not None,
                                    reason=f"no sandbox here: {unavailable_reason(default_config())}")
@@ -241,3 +241,21 @@ def test_calls_to_a_busy_container_wait_without_holding_threads(api, monkeypatch
 
     assert asyncio.run(calls()) == ["0", "1", "2", "3", "4", "5"]
     assert peak == 1  # the other five waited on the event loop, not on sandbox threads
+
+
+@pytest.mark.parametrize(("name", "header"), [
+    ("日本.txt", "attachment; filename=\"__.txt\"; filename*=UTF-8''%E6%97%A5%E6%9C%AC.txt"),
+    ('say "hi".txt', "attachment; filename=\"say _hi_.txt\"; filename*=UTF-8''say%20%22hi%22.txt"),
+    ("a\x00b.txt", "attachment; filename=\"a_b.txt\"; filename*=UTF-8''a%00b.txt"),
+])
+def test_any_file_name_downloads_with_an_rfc_6266_header(make_server, name: str, header: str) -> None:  # type: ignore[no-untyped-def]
+    server = make_server(Engine(TurnsModel(b"ok")))
+    # By hand: httpx would percent-encode the quote and the NUL in the name, as browsers do.
+    body = (b'--b\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nassistants\r\n--b\r\n'
+            b'Content-Disposition: form-data; name="file"; filename="' + name.replace('"', '\\"').encode() +
+            b'"\r\nContent-Type: text/plain\r\n\r\ndata\r\n--b--\r\n')
+    uploaded = httpx.post(f"{server.url}/files", content=body, timeout=30,
+                          headers={"content-type": "multipart/form-data; boundary=b"})
+    assert uploaded.status_code == 200, uploaded.text
+    reply = httpx.get(f"{server.url}/files/{uploaded.json()['id']}/content", timeout=30)
+    assert (reply.status_code, reply.content, reply.headers["content-disposition"]) == (200, b"data", header)

@@ -51,6 +51,14 @@ def test_api_key_is_required_when_set(make_server) -> None:  # type: ignore[no-u
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=base, api_key="nope", max_retries=0).models.list()
     assert [m.id for m in server.client().models.list()] == ["byte-model"]
+    root = base.removesuffix("/v1")
+    for path in ("/docs", "/redoc", "/openapi.json"):  # no route stays open under the key
+        assert (path, httpx.get(root + path).status_code) == (path, 404)
+
+
+def test_the_api_description_is_served_without_a_key(make_server) -> None:  # type: ignore[no-untyped-def]
+    root = make_server(Engine(ByteModel())).url.removesuffix("/v1")
+    assert [httpx.get(root + p).status_code for p in ("/docs", "/redoc", "/openapi.json")] == [200, 200, 200]
 
 
 def test_full_queue_answers_429_and_nothing_accepted_is_lost(make_server) -> None:  # type: ignore[no-untyped-def]

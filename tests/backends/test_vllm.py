@@ -25,7 +25,7 @@ from smolrun.engine import Engine
 from smolrun.errors import EngineUnavailable, GenerationFailed, InvalidRequest, QueueFull
 from smolrun.turn import Image, Message, Reasoning, ResponseFormat, SamplingParams, Turn
 from tests.api.test_files_containers import needs_sandbox
-from tests.conftest import Server, _free_port, serve
+from tests.conftest import Server, _free_port, make_tiny_smollm3, serve
 
 VLLM_PYTHON = os.environ.get("SMOLRUN_VLLM_PYTHON", DEFAULT_VLLM_PYTHON)
 if not Path(VLLM_PYTHON).exists():
@@ -194,6 +194,8 @@ class Proxy:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
         self.sockets: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.killed = False
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -203,7 +205,12 @@ class Proxy:
             except OSError:
                 return
             upstream = socket.create_connection(self.target)
-            self.sockets += [client, upstream]
+            with self.lock:
+                if self.killed:
+                    client.close()
+                    upstream.close()
+                    return
+                self.sockets += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
@@ -222,6 +229,8 @@ class Proxy:
                     pass
 
     def kill(self) -> None:
+        with self.lock:
+            self.killed = True
         try:
             self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread; close alone would not
         except OSError:
@@ -276,9 +285,11 @@ def test_two_replicas_with_one_killed_midway(vllm: Engine) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_smollm3_on_vllm(tiny_smollm3: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
-    """vLLM serves a tiny random SmolLM3 (through its Transformers modelling backend) as well."""
-    engine = Engine.load(Settings(backend="vllm", model=str(tiny_smollm3), n_ctx=2048,
+def tiny_smollm3_on_vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
+    """vLLM serves a tiny random SmolLM3 (through its Transformers modelling backend) as well; its CPU attention
+    wants heads of 32 dimensions or more."""
+    tiny = make_tiny_smollm3(tmp_path_factory.mktemp("tiny-smollm3-vllm"), hidden=128, heads=2, kv_heads=1)
+    engine = Engine.load(Settings(backend="vllm", model=str(tiny), n_ctx=2048,
                                   data_dir=tmp_path_factory.mktemp("vllm-tiny"), vllm_python=VLLM_PYTHON))
     yield engine
     engine.shutdown()

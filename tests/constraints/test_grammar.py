@@ -119,3 +119,31 @@ def test_code_in_tags_is_one_lazy_lexeme() -> None:
     assert accepts("The answer is 42.")
     assert not accepts("<code>print(1)</code> and more")  # the code call is the whole turn
     assert not accepts("<b>bold</b>")  # free text may not start like a code call
+
+
+def test_unbounded_integers_are_capped_at_the_largest_exact_double() -> None:
+    from smolrun.constraints.grammar import MAX_SAFE_INTEGER, bounded_integers
+
+    schema = {"type": "object", "properties": {
+        "n": {"type": "integer"}, "own": {"type": "integer", "maximum": 10**20}, "maybe": {"type": ["integer", "null"]},
+        "enum": {"type": "integer", "exclusiveMinimum": 0}, "x": {"type": "number"}},
+        "$defs": {"k": {"type": "integer", "const": 5}}}
+    assert bounded_integers(schema) == {"type": "object", "properties": {
+        "n": {"type": "integer", "minimum": -MAX_SAFE_INTEGER, "maximum": MAX_SAFE_INTEGER},
+        "own": {"type": "integer", "maximum": 10**20, "minimum": -MAX_SAFE_INTEGER},
+        "maybe": {"type": ["integer", "null"], "minimum": -MAX_SAFE_INTEGER, "maximum": MAX_SAFE_INTEGER},
+        "enum": {"type": "integer", "exclusiveMinimum": 0, "maximum": MAX_SAFE_INTEGER},
+        "x": {"type": "number"}},
+        "$defs": {"k": {"type": "integer", "const": 5, "minimum": -MAX_SAFE_INTEGER, "maximum": MAX_SAFE_INTEGER}}}
+    grammar = GrammarCache(byte_tokenizer()).get(ResponseFormat("json_schema", {
+        "type": "object", "properties": {"n": {"type": "integer"}, "own": {"type": "integer", "maximum": 10**18}},
+        "required": ["n", "own"], "additionalProperties": False}))
+    assert grammar is not None
+
+    def accepts(text: str) -> bool:
+        matcher = grammar.matcher()
+        return matcher.consume_tokens(list(text.encode())) and matcher.is_accepting()
+
+    assert accepts('{"n":9007199254740991,"own":1}') and accepts('{"n":-9007199254740991,"own":1}')
+    assert not accepts('{"n":9007199254740992,"own":1}')  # one past the cap
+    assert accepts('{"n":1,"own":1000000000000000000}')  # the schema's own bound wins

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -31,6 +32,20 @@ from smolrun.store import Store
 log = logging.getLogger("smolrun")
 
 
+def wire_param(loc: tuple[int | str, ...]) -> str | None:
+    """A pydantic error location as OpenAI names parameters (`messages[0].content`), up to where pydantic adds
+    the name of a union's member (`literal['none','auto']`, a class name), which is no parameter."""
+    parts: list[str] = []
+    for p in loc:
+        if isinstance(p, int):
+            parts.append(f"[{p}]")
+        elif p != "body" or parts:
+            if not re.fullmatch(r"[a-z_$][a-z0-9_]*", p):
+                break
+            parts.append(f".{p}" if parts else p)
+    return "".join(parts) or None
+
+
 def create_app(engine: Engine, settings: Settings, vision: Engine | None = None) -> FastAPI:
     """The server for a text model and, optionally, a vision model beside it (each with its own queue)."""
     store = Store(settings.data_dir / "smolrun.db")
@@ -49,7 +64,10 @@ def create_app(engine: Engine, settings: Settings, vision: Engine | None = None)
         containers.close()
         store.close()
 
-    app = FastAPI(title="smolrun", version=__version__, lifespan=lifespan)
+    # Under --api-key the API description is not served: it would be the one route open without the key.
+    open_docs = not settings.api_key
+    app = FastAPI(title="smolrun", version=__version__, lifespan=lifespan, docs_url="/docs" if open_docs else None,
+                  redoc_url="/redoc" if open_docs else None, openapi_url="/openapi.json" if open_docs else None)
     app.state.smolrun = state
 
     async def check_api_key(request: Request) -> None:
@@ -72,8 +90,7 @@ def create_app(engine: Engine, settings: Settings, vision: Engine | None = None)
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        param = ".".join(loc) or None
+        param = wire_param(first.get("loc", ()))
         message = f"Invalid request: {first.get('msg', 'malformed body')}" + (f" at '{param}'" if param else "")
         return JSONResponse(InvalidRequest(message, param=param).to_dict(), status_code=400)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from typing import Annotated, Any, Literal
+from urllib.parse import quote
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import Response
@@ -39,7 +40,15 @@ async def retrieve_file(file_id: str, request: Request) -> dict[str, Any]:
 async def file_content(file_id: str, request: Request) -> Response:
     meta, data = await asyncio.to_thread(get_state(request).files.content, file_id)
     return Response(data, media_type="application/octet-stream",
-                    headers={"Content-Disposition": f'attachment; filename="{meta["filename"]}"'})
+                    headers={"Content-Disposition": content_disposition(meta["filename"])})
+
+
+def content_disposition(filename: str) -> str:
+    """An attachment header for any file name (RFC 6266): a plain-ASCII `filename` with anything unsafe in a
+    quoted string replaced, and the exact name, percent-encoded UTF-8, in `filename*`."""
+    fallback = "".join(c if " " <= c <= "~" and c not in '"\\' else "_" for c in filename) or "file"
+    exact = quote(filename.encode("utf-8", "surrogateescape"), safe="")
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{exact}"
 
 
 @router.delete("/v1/files/{file_id}")

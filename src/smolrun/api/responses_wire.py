@@ -6,9 +6,9 @@ import json
 import re
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from smolrun import media
 from smolrun.constraints import check_schema
@@ -17,6 +17,69 @@ from smolrun.prompt.profiles import FENCE, CodeFormat
 from smolrun.turn import EFFORTS, TEXT, Message, Part, Reasoning, ResponseFormat, Role, Tool, ToolCall, ToolUse
 
 INCLUDE_OUTPUTS = "code_interpreter_call.outputs"
+T = TypeVar("T")
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="allow")  # OpenAI adds optional fields often: ignored, as it does
+
+
+class _FormatText(_Wire):
+    type: Literal["text"]
+
+
+class _FormatJsonObject(_Wire):
+    type: Literal["json_object"]
+
+
+class _FormatJsonSchema(_Wire):
+    type: Literal["json_schema"]
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+
+class _TextParam(_Wire):
+    format: Annotated[_FormatText | _FormatJsonObject | _FormatJsonSchema, Field(discriminator="type")] | None = None
+
+
+class _FunctionChoice(_Wire):
+    type: Literal["function"]
+    name: str
+
+
+class _LogsOutput(_Wire):
+    type: Literal["logs"]
+    logs: str
+
+
+class _ImageOutput(_Wire):
+    type: Literal["image"]
+    url: str | None = None
+
+
+class _CodeCallItem(_Wire):
+    code: str | None = None
+    outputs: list[Annotated[_LogsOutput | _ImageOutput, Field(discriminator="type")]] | None = None
+
+
+_TEXT = TypeAdapter(_TextParam | None)
+_CHOICE = TypeAdapter(Literal["none", "auto", "required"] | _FunctionChoice | None)
+_CODE_CALL = TypeAdapter(_CodeCallItem)
+
+
+def checked(adapter: TypeAdapter[T], value: Any, param: str, expected: str | None = None) -> T:
+    """`value` validated by pydantic; the first problem is a 400 naming the parameter (or, for a union whose
+    members pydantic would each report, what is `expected`)."""
+    try:
+        return adapter.validate_python(value)
+    except ValidationError as exc:
+        if expected is not None:
+            raise InvalidRequest(f"Invalid value for '{param}': expected {expected}", param=param) from None
+        first = exc.errors()[0]
+        where = "".join([param, *(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first.get("loc", ()))])
+        raise InvalidRequest(f"Invalid value at '{where}': {first.get('msg', 'malformed')}", param=where) from None
 NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 ROLES: dict[str, Role] = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
 
@@ -80,21 +143,19 @@ class ParsedInput:
 
 
 def parse_format(text: dict[str, Any] | None) -> ResponseFormat:
-    fmt = (text or {}).get("format") or {"type": "text"}
-    kind = fmt.get("type")
-    if kind == "text":
+    param = checked(_TEXT, text, "text")
+    fmt = param.format if param is not None else None
+    if fmt is None or isinstance(fmt, _FormatText):
         return TEXT
-    if kind == "json_object":
+    if isinstance(fmt, _FormatJsonObject):
         return ResponseFormat("json_object", name="json_object")
-    if kind == "json_schema":
-        name = fmt.get("name") or "response"
-        strict = bool(fmt.get("strict"))
-        try:
-            schema = check_schema(fmt.get("schema") or {}, strict=strict, what=f"text.format {name!r}")
-        except SchemaError as exc:
-            raise SchemaError(exc.message, param="text.format.schema") from exc
-        return ResponseFormat("json_schema", schema, name, strict)
-    raise InvalidRequest(f"unsupported text.format type {kind!r}", param="text.format.type")
+    name = fmt.name or "response"
+    strict = bool(fmt.strict)
+    try:
+        schema = check_schema(fmt.schema_ or {}, strict=strict, what=f"text.format {name!r}")
+    except SchemaError as exc:
+        raise SchemaError(exc.message, param="text.format.schema") from exc
+    return ResponseFormat("json_schema", schema, name, strict)
 
 
 def parse_tools(tools: list[dict[str, Any]], choice: Any,
@@ -135,20 +196,18 @@ def _function(tool: dict[str, Any], i: int, taken: set[str]) -> Tool:
     return Tool(name, parameters, str(tool.get("description") or ""), strict)
 
 
-def _choice(choice: Any, functions: list[Tool]) -> str:
+def _choice(raw: Any, functions: list[Tool]) -> str:
+    choice = checked(_CHOICE, raw, "tool_choice",
+                     "'none', 'auto', 'required' or {\"type\": \"function\", \"name\": \"...\"}")
     if choice is None or choice == "auto":
         return "auto" if functions else "none"
-    if choice in ("none", "required"):
+    if isinstance(choice, str):
         if choice == "required" and not functions:
             raise InvalidRequest("tool_choice 'required' needs function tools", param="tool_choice")
-        return str(choice)
-    if isinstance(choice, dict) and choice.get("type") == "function":
-        if choice.get("name") not in {f.name for f in functions}:
-            raise InvalidRequest(f"tool_choice names no function of 'tools': {choice.get('name')!r}",
-                                 param="tool_choice")
-        return str(choice["name"])
-    raise InvalidRequest("tool_choice must be 'none', 'auto', 'required' or {\"type\": \"function\", "
-                         "\"name\": ...}", param="tool_choice")
+        return choice
+    if choice.name not in {f.name for f in functions}:
+        raise InvalidRequest(f"tool_choice names no function of 'tools': {choice.name!r}", param="tool_choice")
+    return choice.name
 
 
 def parse_input(raw: str | list[dict[str, Any]], code: CodeFormat = FENCE,
@@ -172,7 +231,7 @@ def parse_input(raw: str | list[dict[str, Any]], code: CodeFormat = FENCE,
             file_ids += ids
             messages.append(media.message(role, parts, f"input[{i}].content"))
         elif kind == "code_interpreter_call":
-            messages += replay_code_call(item, code)
+            messages += replay_code_call(item, code, f"input[{i}]")
         elif kind == "function_call":
             messages.append(replay_function_call(item, i))
         elif kind == "reasoning":
@@ -220,10 +279,11 @@ def _image_bytes(part: dict[str, Any], files: media.Files | None, where: str) ->
     raise InvalidRequest("input_image needs 'image_url' (a data URL) or 'file_id'", param=where)
 
 
-def replay_code_call(item: dict[str, Any], code: CodeFormat = FENCE) -> list[Message]:
+def replay_code_call(item: dict[str, Any], code: CodeFormat = FENCE, where: str = "input") -> list[Message]:
     """A past code call, as the model saw it: its code, then the output it got back."""
-    logs = "\n".join(o.get("logs", "") for o in item.get("outputs") or [] if o.get("type") == "logs")
-    return [Message("assistant", code.wrap(item.get("code") or "")),
+    call = checked(_CODE_CALL, item, where)
+    logs = "\n".join(o.logs for o in call.outputs or () if isinstance(o, _LogsOutput))
+    return [Message("assistant", code.wrap(call.code or "")),
             Message("user", f"Output of the code:\n{logs or '(no output)'}")]
 
 

@@ -121,6 +121,15 @@ class JsonSchemaFormat(_Wire):
 AnyFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
 
 
+class NamedFunction(_Wire):
+    name: str
+
+
+class NamedToolChoice(_Wire):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class StreamOptions(_Wire):
     include_usage: bool = False
 
@@ -135,7 +144,7 @@ class ChatCompletionRequest(_Wire):
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # OpenAI's int64
     n: int | None = Field(default=None, ge=1)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -143,7 +152,7 @@ class ChatCompletionRequest(_Wire):
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     logprobs: bool | None = None
     tools: list[FunctionTool] | None = None
-    tool_choice: Any = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     reasoning_effort: Effort | None = None  # no effect on models without a thinking mode
     thinking_token_budget: int | None = Field(default=None, ge=1)  # extension, as in vLLM
@@ -163,7 +172,7 @@ class ChatCompletionRequest(_Wire):
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=self.top_k or 0,
-            seed=self.seed,
+            seed=None if self.seed is None else self.seed % 2**63,  # the engines take non-negative seeds
             stop=stop,
             frequency_penalty=self.frequency_penalty or 0.0,
             presence_penalty=self.presence_penalty or 0.0,
@@ -249,20 +258,17 @@ def _tools(tools: list[FunctionTool]) -> tuple[Tool, ...]:
     return tuple(out)
 
 
-def _tool_choice(choice: Any, tools: list[FunctionTool]) -> str:
+def _tool_choice(choice: str | NamedToolChoice | None, tools: list[FunctionTool]) -> str:
     if choice is None:
         return "auto" if tools else "none"
-    if choice in ("none", "auto", "required"):
+    if isinstance(choice, str):
         if choice == "required" and not tools:
             raise InvalidRequest("tool_choice 'required' needs tools", param="tool_choice")
-        return str(choice)
-    if isinstance(choice, dict) and choice.get("type") == "function":
-        name = (choice.get("function") or {}).get("name")
-        if name not in {t.function.name for t in tools}:
-            raise InvalidRequest(f"tool_choice names no function of 'tools': {name!r}", param="tool_choice")
-        return str(name)
-    raise InvalidRequest("tool_choice must be 'none', 'auto', 'required' or {\"type\": \"function\", ...}",
-                         param="tool_choice")
+        return choice
+    name = choice.function.name
+    if name not in {t.function.name for t in tools}:
+        raise InvalidRequest(f"tool_choice names no function of 'tools': {name!r}", param="tool_choice")
+    return name
 
 
 def _format(fmt: AnyFormat | None) -> ResponseFormat:

@@ -198,8 +198,11 @@ def _probe_grammar(model: VllmModel, url: str, prompt: list[int], grammar: str) 
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    raise ModelUnavailable(f"{refused} (the probe failed: {chunk['error']})")
+                if "error" in chunk:  # a grammar backend that gives up, or an engine that died: its log says which
+                    raise ModelUnavailable(f"the vLLM server at {url} failed smolrun's grammar probe "
+                                           f"({chunk['error']}): its engine failed (its log says why), or it does "
+                                           f"not enforce smolrun's grammars (--structured-outputs-config "
+                                           f"'{GUIDANCE}')")
                 for choice in chunk.get("choices") or ():
                     for token in choice.get("token_ids") or ():
                         if not state.done:

@@ -45,7 +45,35 @@ def grammar_source(fmt: ResponseFormat) -> str | None:
 
 
 def _schema(fmt: ResponseFormat) -> dict[str, Any]:
-    return {"type": "object"} if fmt.type == "json_object" else (fmt.schema or {})
+    return {"type": "object"} if fmt.type == "json_object" else bounded_integers(fmt.schema or {})
+
+
+# Integers without bounds of their own stay within what a double holds exactly: most JSON parsers keep no more,
+# and a tiny model left greedy may otherwise write digits until max_tokens. A schema's own bounds win.
+MAX_SAFE_INTEGER = 2**53 - 1
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_VALUES = ("const", "enum", "default", "examples")
+
+
+def bounded_integers(node: Any) -> Any:
+    """`node` with every integer schema in it that has no bound of its own bounded to +-MAX_SAFE_INTEGER."""
+    if isinstance(node, list):
+        return [bounded_integers(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in _SCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: bounded_integers(sub) for name, sub in value.items()}
+        else:
+            out[key] = value if key in _VALUES else bounded_integers(value)
+    kind = out.get("type")
+    if kind == "integer" or (isinstance(kind, list) and "integer" in kind and "number" not in kind):
+        if "minimum" not in out and "exclusiveMinimum" not in out:
+            out["minimum"] = -MAX_SAFE_INTEGER
+        if "maximum" not in out and "exclusiveMaximum" not in out:
+            out["maximum"] = MAX_SAFE_INTEGER
+    return out
 
 
 # A fenced python block is one lexeme closed by the fence, because llguidance's lexer does not backtrack out
@@ -121,6 +149,7 @@ def turn_source(fmt: ResponseFormat, allow_code: bool = False, tools: ToolUse = 
 def _call_schema(name: str, parameters: dict[str, Any]) -> dict[str, Any]:
     """{"name": <const>, "arguments": <parameters>} with the parameters' definitions kept at the root, so
     their "#/$defs/..." references still resolve."""
+    parameters = bounded_integers(parameters)
     defs = {k: parameters[k] for k in ("$defs", "definitions") if k in parameters}
     arguments = _rebase({k: v for k, v in parameters.items() if k not in defs})
     return {"type": "object", "properties": {"name": {"const": name}, "arguments": arguments},

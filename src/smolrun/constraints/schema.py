@@ -41,9 +41,27 @@ _DATE = (
 _TIME = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]{1,6})?(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
 STRICT_FORMATS = {"date": f"^{_DATE}$", "time": f"^{_TIME}$", "date-time": f"^{_DATE}T{_TIME}$"}
 
+# JSON nesting a schema may have (a property's schema is two levels below its object's: "properties", its
+# name): about 50 schema levels, five times what OpenAI's strict mode allows, and far from the recursion limit.
+MAX_NESTING = 100
+
 _SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
 _SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 _SUBSCHEMA_SINGLE = ("additionalProperties", "items")
+
+
+def _nesting(value: Any) -> int:
+    """How deep JSON objects and arrays nest in `value`, counted without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        if depth <= MAX_NESTING:
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def check_schema(raw: Any, *, strict: bool, what: str) -> dict[str, Any]:
@@ -55,6 +73,8 @@ def check_schema(raw: Any, *, strict: bool, what: str) -> dict[str, Any]:
     """
     if not isinstance(raw, dict):
         raise SchemaError(f"Invalid schema for {what}: the schema must be a JSON object.")
+    if _nesting(raw) > MAX_NESTING:
+        raise SchemaError(f"Invalid schema for {what}: it is nested more than {MAX_NESTING} levels deep.")
     schema: dict[str, Any] = copy.deepcopy(raw)
     if strict and (schema.get("type") != "object" or "anyOf" in schema):
         _fail(what, (), "the root schema must be an object (\"type\": \"object\") and not use 'anyOf'")
