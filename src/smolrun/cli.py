@@ -74,6 +74,8 @@ def main() -> None:
 @click.option("--gpu-layers", type=int, default=None,
               help="llama.cpp: layers offloaded to the GPU, -1 for all (default: all when this llama.cpp build "
                    "has CUDA or Metal, else 0)")
+@click.option("--max-calls-per-turn", type=click.IntRange(min=1), default=None,
+              help="function calls one model turn may make with parallel_tool_calls (default 8)")
 @click.option("--vllm-url", "vllm_urls", multiple=True,
               help="vllm: a running vLLM server of --model, e.g. http://gpu1:8000 (repeat for replicas); none: "
                    "smolrun launches `vllm serve` here and stops it on exit")

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from smolrun.engine import Engine, Prepared
 from smolrun.prompt.profiles import CodeFormat
 from smolrun.prompt.tools import OPEN as TOOL_OPEN
-from smolrun.prompt.tools import parse_calls
+from smolrun.prompt.tools import read_calls
 from smolrun.sandbox.container import Execution
 from smolrun.turn import (
     DEFAULT_REASONING,
@@ -203,17 +203,16 @@ async def run(spec: RunSpec, engine: Engine, generate: Generate, execute: Execut
             return
         cut = done.finish_reason == "length"
         if split.kind == "calls":
-            if cut:
-                yield finished("incomplete", "max_output_tokens")
-                return
-            for call in parse_calls(split.raw):
+            turn_calls = read_calls(split.raw)
+            for call in turn_calls.all:  # cut by max_output_tokens: the last one as far as it got, incomplete
                 item = {"id": f"fc_{uuid.uuid4().hex}", "type": "function_call", "call_id": call.id,
                         "name": call.name, "arguments": "", "status": "in_progress"}
                 yield ItemAdded(index, item)
                 yield Delta(index, "arguments", call.arguments)
-                yield ItemDone(index, {**item, "arguments": call.arguments, "status": "completed"})
+                done_as = "incomplete" if call is turn_calls.partial else "completed"
+                yield ItemDone(index, {**item, "arguments": call.arguments, "status": done_as})
                 index += 1
-            yield finished("completed")
+            yield finished("incomplete", "max_output_tokens") if cut else finished("completed")
             return
         if item is None:  # the model ended at once: an empty answer
             split.kind = "text"

@@ -82,6 +82,7 @@ class ToolUse:
     tools: tuple[Tool, ...] = ()
     choice: str = "auto"
     parallel: bool = True
+    max_calls: int = 8  # calls one turn may make with `parallel` (a tiny model may repeat one until max_tokens)
 
     @property
     def active(self) -> tuple[Tool, ...]:

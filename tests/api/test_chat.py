@@ -147,7 +147,7 @@ def test_strict_schema_must_follow_openai_rules(server: Server) -> None:
          "model"),  # the text model cannot see: the 400 names the model
         ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]},
          "messages[0].content[0]"),
-        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
     ],
 )
 def test_bad_requests_get_400_in_openai_shape(server: Server, extra: dict, param: str) -> None:
@@ -155,7 +155,7 @@ def test_bad_requests_get_400_in_openai_shape(server: Server, extra: dict, param
     with pytest.raises(openai.BadRequestError) as err:
         server.client().chat.completions.create(**body)
     assert isinstance(err.value.body, dict)
-    assert err.value.body["param"].startswith(param)
+    assert err.value.body["param"] == param
     assert err.value.body["type"] == "invalid_request_error"
 
 

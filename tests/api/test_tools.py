@@ -144,3 +144,60 @@ def test_real_model_round_trip_and_none(server: Server) -> None:
     assert second.choices[0].finish_reason in ("stop", "tool_calls", "length")
     never = client.chat.completions.create(messages=ASK, tools=[WEATHER], tool_choice="none", **REAL)
     assert never.choices[0].message.tool_calls is None
+
+
+PICK = {"type": "function", "function": {"name": "pick", "strict": True, "parameters": {
+    "type": "object", "properties": {"v": {"type": "string", "enum": ["a</tool_call>b", "c"]}}, "required": ["v"],
+    "additionalProperties": False}}}
+TAGGED = b'<tool_call>{"name":"pick","arguments":{"v":"a</tool_call>b"}}</tool_call>'
+
+
+def test_a_closing_tag_inside_an_argument_is_only_a_string(make_server) -> None:  # type: ignore[no-untyped-def]
+    server, _ = scripted(make_server, TAGGED)
+    client = server.client()
+    r = client.chat.completions.create(model="byte-model", messages=ASK, tools=[PICK], tool_choice="required")  # type: ignore[list-item]
+    calls = r.choices[0].message.tool_calls
+    assert r.choices[0].finish_reason == "tool_calls" and calls is not None
+    assert [(c.function.name, c.function.arguments) for c in calls] == [("pick", '{"v":"a</tool_call>b"}')]  # type: ignore[union-attr]
+    out = client.responses.create(model="byte-model", input="x", tool_choice="required",
+                                  tools=[{"type": "function", **PICK["function"]}])  # type: ignore[list-item, dict-item]
+    assert [(o.type, o.arguments) for o in out.output] == [("function_call", '{"v":"a</tool_call>b"}')]  # type: ignore[union-attr]
+
+
+CUT = (b'<tool_call>{"name":"GetWeather","arguments":{"city":"Paris","days":3}}</tool_call>\n'
+       b'<tool_call>{"name":"note","arguments":{"text":"a long note"}}</tool_call>')
+
+
+def test_calls_cut_by_max_tokens_come_back_as_calls_never_markup(make_server) -> None:  # type: ignore[no-untyped-def]
+    server, _ = scripted(make_server, CUT)
+    client = server.client()
+    budget = CUT.index(b"long") + 2  # one byte a token: the second call stops inside its text
+    r = client.chat.completions.create(model="byte-model", messages=ASK, tools=[WEATHER, NOTE], max_tokens=budget)
+    choice = r.choices[0]
+    assert (choice.finish_reason, choice.message.content) == ("length", None)
+    assert [(c.function.name, c.function.arguments) for c in choice.message.tool_calls or ()] == [  # type: ignore[union-attr]
+        ("GetWeather", '{"city":"Paris","days":3}'), ("note", '{"text":"a lo')]
+    stream = client.chat.completions.create(model="byte-model", messages=ASK, tools=[WEATHER, NOTE],
+                                            max_tokens=budget, stream=True)
+    chunks = list(stream)
+    assert all(c.choices[0].delta.content in (None, "") for c in chunks if c.choices)
+    pieces: dict[int, list[str]] = {}
+    for chunk in chunks:
+        for delta in chunk.choices[0].delta.tool_calls or ():
+            pieces.setdefault(delta.index, []).append(delta.function.arguments or "")  # type: ignore[union-attr]
+    assert {i: "".join(p) for i, p in pieces.items()} == {0: '{"city":"Paris","days":3}', 1: '{"text":"a lo'}
+    assert len(pieces[0]) > 3  # the arguments stream as they are generated, not in one piece at the end
+    assert chunks[-1].choices[0].finish_reason == "length"
+    out = client.responses.create(model="byte-model", input="x", max_output_tokens=budget,
+                                  tools=[{"type": "function", **t["function"], "strict": True}  # type: ignore[dict-item]
+                                         for t in (WEATHER, NOTE)])
+    assert (out.status, out.incomplete_details.reason) == ("incomplete", "max_output_tokens")  # type: ignore[union-attr]
+    assert [(o.name, o.arguments, o.status) for o in out.output] == [  # type: ignore[union-attr]
+        ("GetWeather", '{"city":"Paris","days":3}', "completed"), ("note", '{"text":"a lo', "incomplete")]
+
+
+def test_calls_per_turn_are_bounded(make_server) -> None:  # type: ignore[no-untyped-def]
+    call = b'<tool_call>{"name":"note","arguments":{"text":"hi"}}</tool_call>'
+    server, _ = scripted(make_server, b"\n".join([call] * 12))
+    r = server.client().chat.completions.create(model="byte-model", messages=ASK, tools=[NOTE], max_tokens=2000)
+    assert (r.choices[0].finish_reason, len(r.choices[0].message.tool_calls or ())) == ("tool_calls", 8)

@@ -7,7 +7,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -18,7 +18,7 @@ from smolrun.api.state import get_state
 from smolrun.api.wire import ChatCompletionRequest
 from smolrun.errors import GenerationFailed, SchemaError, SmolrunError
 from smolrun.prompt.tools import OPEN as TOOL_OPEN
-from smolrun.prompt.tools import parse_calls
+from smolrun.prompt.tools import read_calls
 from smolrun.scheduler import EventStream
 from smolrun.turn import DecodeStats, Done, ReasoningDelta, TextDelta, ToolCall
 
@@ -32,6 +32,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
     engine = state.engine_for(body.model, body.has_pictures())  # before reading pictures: 400s come cheap
     try:
         turn = await asyncio.to_thread(body.to_turn, state.file_bytes)
+        turn = replace(turn, tools=replace(turn.tools, max_calls=state.settings.max_calls_per_turn))
         prepared = await asyncio.to_thread(engine.prepare, turn)
     except SchemaError as exc:
         if exc.param is not None:
@@ -96,10 +97,12 @@ async def _complete(events: EventStream, meta: _Meta, request: Request) -> dict[
     if meta.thinks:
         message["reasoning_content"] = "".join(thoughts)
     finish: str = done.finish_reason
-    if meta.tools and text.startswith(TOOL_OPEN) and finish == "stop":
+    if meta.tools and text.startswith(TOOL_OPEN):  # the grammar's free text never starts with "<"
+        calls = read_calls(text)
+        # Cut by max_tokens, as at OpenAI: finish_reason "length", the last call's arguments as far as they got.
         message["content"] = None
-        message["tool_calls"] = [_wire_call(c) for c in parse_calls(text)]
-        finish = "tool_calls"
+        message["tool_calls"] = [_wire_call(c) for c in calls.all]
+        finish = "tool_calls" if finish == "stop" else finish
     choice = {"index": 0, "message": message, "finish_reason": finish, "logprobs": None}
     return {**meta.envelope("chat.completion"), "choices": [choice], "usage": usage(done.stats),
             "service_tier": "default"}
@@ -127,9 +130,34 @@ def _wire_call(call: ToolCall, index: int | None = None) -> dict[str, Any]:
     return wire if index is None else {"index": index, **wire}
 
 
+class _CallStream:
+    """A turn of function calls as OpenAI streams them: each call announced once its name is whole (index, id,
+    name), then its arguments as they are generated."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.ids: list[str] = []
+        self.sent: list[int] = []  # characters of each call's arguments already sent
+
+    def push(self, text: str) -> list[dict[str, Any]]:
+        self.text += text
+        calls = read_calls(self.text, tuple(self.ids))
+        deltas: list[dict[str, Any]] = []
+        for index, call in enumerate(calls.all):
+            if index == len(self.ids):
+                self.ids.append(call.id)
+                self.sent.append(0)
+                deltas.append({"index": index, "id": call.id, "type": "function",
+                               "function": {"name": call.name, "arguments": ""}})
+            if len(call.arguments) > self.sent[index]:
+                deltas.append({"index": index, "function": {"arguments": call.arguments[self.sent[index]:]}})
+                self.sent[index] = len(call.arguments)
+        return deltas
+
+
 async def _sse(events: EventStream, meta: _Meta, include_usage: bool) -> AsyncIterator[str]:
     yield _data(_chunk(meta, {"role": "assistant", "content": "", "refusal": None}, None))
-    calls: list[str] | None = None  # the text of a turn of function calls, sent once it is complete
+    calls: _CallStream | None = None  # set when the turn is function calls
     first = True
     try:
         async for event in events:
@@ -138,20 +166,17 @@ async def _sse(events: EventStream, meta: _Meta, include_usage: bool) -> AsyncIt
                 continue
             if isinstance(event, TextDelta):
                 if first and meta.tools and event.text.startswith("<"):  # the grammar's choice of branch
-                    calls = []
+                    calls = _CallStream()
                 first = False
                 if calls is not None:
-                    calls.append(event.text)
+                    for delta in calls.push(event.text):
+                        yield _data(_chunk(meta, {"tool_calls": [delta]}, None))
                 else:
                     yield _data(_chunk(meta, {"content": event.text}, None))
                 continue
             finish: str = event.finish_reason
             if calls is not None and finish == "stop":
-                tool_calls = [_wire_call(c, i) for i, c in enumerate(parse_calls("".join(calls)))]
-                yield _data(_chunk(meta, {"tool_calls": tool_calls}, None))
                 finish = "tool_calls"
-            elif calls is not None:  # cut by max_tokens: what was generated, as text
-                yield _data(_chunk(meta, {"content": "".join(calls)}, None))
             yield _data(_chunk(meta, {}, finish))
             if include_usage:
                 yield _data({**meta.envelope("chat.completion.chunk"), "choices": [], "usage": usage(event.stats)})

@@ -8,7 +8,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -90,6 +90,7 @@ async def _prepare(call: _Call) -> RunSpec:
     fmt = parse_format(body.text)
     reasoning, call.summary = body.parsed_reasoning()
     call.code, tools = parse_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
+    tools = replace(tools, max_calls=state.settings.max_calls_per_turn)
     engine = call.engine
     parsed = await asyncio.to_thread(parse_input, body.input, engine.profile.code, state.file_bytes)
     history: list[Message] = []

@@ -303,7 +303,7 @@ def output_messages(output: list[dict[str, Any]], code: CodeFormat = FENCE) -> l
     for item in output:
         if item["type"] == "code_interpreter_call":
             messages += replay_code_call(item, code)
-        elif item["type"] == "function_call":
+        elif item["type"] == "function_call" and item.get("status") != "incomplete":  # a cut call has no result
             messages.append(replay_function_call(item))
         elif item["type"] == "message":
             messages.append(Message("assistant", "".join(p.get("text", "") for p in item["content"])))

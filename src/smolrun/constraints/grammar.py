@@ -120,7 +120,8 @@ def turn_source(fmt: ResponseFormat, allow_code: bool = False, tools: ToolUse = 
     if active:
         several = tools.parallel and tools.choice in ("auto", "required")
         branches.append("calls")
-        rules.append('calls: call ("\\n" call)*' if several else "calls: call")
+        more = max(tools.max_calls - 1, 0)
+        rules.append(f'calls: call ("\\n" call){{0,{more}}}' if several and more else "calls: call")
         names = [f"fn_{i}" for i in range(len(active))]
         # SmolLM3's template shows the call's JSON on a line of its own: newlines allowed, never forced.
         rules.append(f'call: {term(TOOL_OPEN)} NL? ({" | ".join(names)}) NL? {term(TOOL_CLOSE)}')

@@ -10,11 +10,14 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from dataclasses import dataclass
 
 from smolrun.turn import Message, ToolCall, ToolUse
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
-_CALL = re.compile(re.escape(OPEN) + r"(.*?)" + re.escape(CLOSE), re.S)
+# A call's JSON as the grammar writes it: compact, "name" first (a constant), then "arguments".
+_HEAD = re.compile(r'\{"name":("(?:[^"\\]|\\.)*"),"arguments":')
+_JSON = json.JSONDecoder()
 
 
 def describe(tools: ToolUse) -> str:
@@ -50,11 +53,47 @@ def render_history(messages: tuple[Message, ...], tools: ToolUse, describe_tools
     return tuple(out)
 
 
-def parse_calls(text: str) -> tuple[ToolCall, ...]:
-    """The calls in a model turn that the grammar made a sequence of complete tool calls."""
-    calls = []
-    for body in _CALL.findall(text):
-        data = json.loads(body)
-        calls.append(ToolCall(f"call_{uuid.uuid4().hex[:24]}", data["name"],
-                              json.dumps(data["arguments"], ensure_ascii=False, separators=(",", ":"))))
-    return tuple(calls)
+@dataclass(frozen=True)
+class Calls:
+    """A turn of function calls read from its text: the complete ones, and the last one if it is cut short
+    (max_tokens): its name, and its arguments so far, a prefix of their JSON text."""
+
+    complete: tuple[ToolCall, ...]
+    partial: ToolCall | None = None
+
+    @property
+    def all(self) -> tuple[ToolCall, ...]:
+        return self.complete if self.partial is None else (*self.complete, self.partial)
+
+
+def read_calls(text: str, ids: tuple[str, ...] = ()) -> Calls:
+    """The calls in a turn the grammar made of tool calls, read by the structure the grammar gave them (tags,
+    then JSON whose extent the JSON itself tells), so a string holding a closing tag is only a string. `ids`
+    are the ids of calls already announced (streaming), kept in order; new calls get new ones."""
+    complete: list[ToolCall] = []
+    at = 0
+    while True:
+        at = _skip_newlines(text, at)
+        if not text.startswith(OPEN, at):
+            return Calls(tuple(complete))
+        head = _HEAD.match(text, _skip_newlines(text, at + len(OPEN)))
+        if head is None:  # cut before its name was whole
+            return Calls(tuple(complete))
+        call_id = ids[len(complete)] if len(complete) < len(ids) else f"call_{uuid.uuid4().hex[:24]}"
+        name = json.loads(head.group(1))
+        try:
+            _, end = _JSON.raw_decode(text, head.end())
+        except json.JSONDecodeError:
+            return Calls(tuple(complete), ToolCall(call_id, name, text[head.end():]))
+        call = ToolCall(call_id, name, text[head.end():end])
+        after = _skip_newlines(text, end + 1) if text.startswith("}", end) else -1
+        if after < 0 or not text.startswith(CLOSE, after):  # its JSON is whole, its closing tag not yet
+            return Calls(tuple(complete), call)
+        complete.append(call)
+        at = after + len(CLOSE)
+
+
+def _skip_newlines(text: str, at: int) -> int:
+    while text.startswith("\n", at):
+        at += 1
+    return at

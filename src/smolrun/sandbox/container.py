@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import os
 import select
@@ -22,6 +23,7 @@ from smolrun.sandbox.launch import MiB, SandboxConfig, start, unavailable_reason
 
 PRELOAD = ("numpy", "pandas", "matplotlib", "matplotlib.pyplot")
 _FIRST_UID = 100_000
+_UID_COUNT = 10_000
 MAX_FRAME = 32 * MiB  # the largest reply the host reads: clipped texts and at most 16 MiB of images
 MAX_IMAGES = 32
 QUOTA_POLL_S = 0.1
@@ -49,23 +51,37 @@ class Execution:
 
 
 class _Uids:
-    """One host uid per live container, so RLIMIT_NPROC and file ownership are never shared."""
+    """One host uid per live container, so RLIMIT_NPROC and file ownership are never shared, across every
+    smolrun process on the host too: a uid is taken by an exclusive lock on its file in `directory`, which the
+    kernel releases when the holder closes it or dies."""
 
-    def __init__(self) -> None:
-        self._used: set[int] = set()
+    def __init__(self, directory: Path = Path("/run/smolrun/uids"), first: int = _FIRST_UID,
+                 count: int = _UID_COUNT) -> None:
+        self.directory, self.first, self.count = directory, first, count
+        self._held: dict[int, int] = {}  # uid -> the descriptor holding its lock
         self._lock = threading.Lock()
 
     def take(self) -> int:
         with self._lock:
-            uid = _FIRST_UID
-            while uid in self._used:
-                uid += 1
-            self._used.add(uid)
-            return uid
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            for uid in range(self.first, self.first + self.count):
+                if uid in self._held:
+                    continue
+                fd = os.open(self.directory / f"{uid}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:  # another smolrun process has it
+                    os.close(fd)
+                    continue
+                self._held[uid] = fd
+                return uid
+        raise SandboxUnavailable(f"all {self.count} sandbox uids from {self.first} are in use on this host")
 
     def give_back(self, uid: int) -> None:
         with self._lock:
-            self._used.discard(uid)
+            fd = self._held.pop(uid, None)
+        if fd is not None:
+            os.close(fd)
 
 
 _uids = _Uids()
