@@ -147,10 +147,24 @@ class _Split:
         return body[self.sent :] if len(body) >= self.sent else ""
 
 
-async def run(spec: RunSpec, engine: Engine, generate: Generate, execute: Execute) -> AsyncIterator[RunEvent]:
+def _conversation(spec: RunSpec, engine: Engine) -> list[Message]:
     conversation = list(spec.messages)
     if spec.code:
         conversation = _with_instructions(conversation, code_instructions(engine.profile.code))
+    return conversation
+
+
+def first_turn(spec: RunSpec, engine: Engine) -> tuple[Turn, bool]:
+    """The loop's first model turn and whether it may call code: a route prepares and admits it before its
+    response starts, so that its 400s and 429s are HTTP statuses (see `run`'s `first`)."""
+    turn = Turn(tuple(_conversation(spec, engine)), spec.format, spec.params, spec.tools, spec.reasoning)
+    return turn, spec.code and spec.max_tool_calls > 0
+
+
+async def run(spec: RunSpec, engine: Engine, generate: Generate, execute: Execute,
+              first: Prepared | None = None) -> AsyncIterator[RunEvent]:
+    """The loop; `first`, when given, is `first_turn` already prepared (and `generate` already admitted it)."""
+    conversation = _conversation(spec, engine)
     budget = spec.params.max_tokens
     used_in = used_out = used_thinking = used_cached = calls = index = 0
 
@@ -165,8 +179,10 @@ async def run(spec: RunSpec, engine: Engine, generate: Generate, execute: Execut
             return
         turn = Turn(tuple(conversation), spec.format, replace(spec.params, max_tokens=remaining), spec.tools,
                     spec.reasoning)
-        # Off the event loop: rendering, tokenizing and cutting pictures into tiles can take a while.
-        prepared = await asyncio.to_thread(engine.prepare, turn, allow_code)
+        if first is not None:
+            prepared, first = first, None
+        else:  # off the event loop: rendering, tokenizing and cutting pictures into tiles can take a while
+            prepared = await asyncio.to_thread(engine.prepare, turn, allow_code)
         split = _Split(allow_code, bool(spec.tools.active), engine.profile.code)
         item: dict[str, Any] | None = None
         thought: dict[str, Any] | None = None  # the turn's reasoning item, while it streams

@@ -1,5 +1,6 @@
 """Server behaviour that needs no real model: API keys, the queue, cancellation, error shapes."""
 
+import json
 import threading
 import time
 from collections.abc import Sequence
@@ -86,6 +87,33 @@ def test_full_queue_answers_429_and_nothing_accepted_is_lost(make_server) -> Non
     running.join()
     waiting.join()
     assert results == [200, 200]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_full_queue_is_429_before_any_byte_on_responses(make_server, stream: bool) -> None:  # type: ignore[no-untyped-def]
+    model = SlowModel()
+    server = make_server(Engine(model), max_queue=1)
+    body = {"model": "byte-model", "input": "x", "max_output_tokens": 60}
+    results: list[int] = []
+
+    def post() -> None:
+        results.append(httpx.post(f"{server.url}/responses", json=body, timeout=60).status_code)
+
+    threads = [threading.Thread(target=post), threading.Thread(target=post)]
+    threads[0].start()
+    assert model.started.wait(10)
+    threads[1].start()
+    engine = server.app.state.smolrun.engine
+    deadline = time.monotonic() + 10
+    while engine.waiting() < 1 and time.monotonic() < deadline:  # until it holds the one queue slot
+        time.sleep(0.01)
+    assert model.steps < 60, "the first request ended before the queue filled; the test proves nothing"
+    with httpx.stream("POST", f"{server.url}/responses", json={**body, "stream": stream}, timeout=60) as rejected:
+        status, payload = rejected.status_code, json.loads(rejected.read())
+    assert (status, payload["error"]["type"]) == (429, "rate_limit_error")
+    for thread in threads:
+        thread.join()
+    assert results == [200, 200]  # nothing accepted is lost
 
 
 def test_a_client_that_disconnects_cancels_its_generation(make_server) -> None:  # type: ignore[no-untyped-def]

@@ -7,7 +7,7 @@ import base64
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -27,10 +27,11 @@ from smolrun.api.responses_wire import (
     parse_tools,
 )
 from smolrun.api.state import AUTO, AppState, get_state
-from smolrun.engine import Engine
+from smolrun.engine import Engine, Prepared
 from smolrun.errors import InvalidRequest, NotFound, SmolrunError
-from smolrun.runner import Delta, Finished, Interpreting, ItemAdded, ItemDone, RunEvent, RunSpec, run
+from smolrun.runner import Delta, Finished, Interpreting, ItemAdded, ItemDone, RunEvent, RunSpec, first_turn, run
 from smolrun.sandbox.container import Execution
+from smolrun.scheduler import EventStream
 from smolrun.turn import Image, Message, Part, SamplingParams, ToolCall, Video
 
 router = APIRouter()
@@ -71,12 +72,16 @@ async def create_response(body: ResponsesRequest, request: Request) -> JSONRespo
     pictures = body.has_pictures() or await asyncio.to_thread(_auto_needs_eyes, state, body)
     call = _Call(state, body, state.engine_for(body.model, pictures))
     spec = await _prepare(call)
+    # The first model turn is prepared and admitted here, before any byte: its 400s and 429s are statuses.
+    turn, allow_code = first_turn(spec, call.engine)
+    first = await asyncio.to_thread(call.engine.prepare, turn, allow_code)
+    admitted = _Admitted(call.engine.stream(first), call.engine.stream)
     if body.stream:
-        return StreamingResponse(_sse(call, spec), media_type="text/event-stream")
+        return StreamingResponse(_sse(call, spec, first, admitted), media_type="text/event-stream")
     final: dict[str, Any] | None = None
     watcher = asyncio.create_task(cancel_on_disconnect(request, asyncio.current_task()))
     try:
-        async for event in _run(call, spec):
+        async for event in _run(call, spec, first, admitted):
             if event["type"] in ("response.completed", "response.incomplete"):
                 final = event["response"]
     finally:
@@ -237,7 +242,19 @@ def _citations(call: _Call, text: str) -> list[dict[str, Any]]:
     return notes
 
 
-async def _run(call: _Call, spec: RunSpec) -> AsyncIterator[dict[str, Any]]:
+class _Admitted:
+    """`Engine.stream` whose first turn was already admitted: its events come first."""
+
+    def __init__(self, events: EventStream, stream: Callable[[Prepared], EventStream]) -> None:
+        self.events: EventStream | None = events
+        self.stream = stream
+
+    def __call__(self, prepared: Prepared) -> EventStream:
+        events, self.events = self.events, None
+        return events if events is not None else self.stream(prepared)
+
+
+async def _run(call: _Call, spec: RunSpec, first: Prepared, generate: _Admitted) -> AsyncIterator[dict[str, Any]]:
     """The response's events in OpenAI's streaming vocabulary (without sequence numbers)."""
     output: list[dict[str, Any]] = []
     yield {"type": "response.created", "response": _response(call, "in_progress", [], None)}
@@ -246,7 +263,7 @@ async def _run(call: _Call, spec: RunSpec) -> AsyncIterator[dict[str, Any]]:
     ids: dict[int, str] = {}  # output index -> item id
     event: RunEvent
     engine = call.engine
-    async for event in run(spec, engine, engine.stream, call.execute):
+    async for event in run(spec, engine, generate, call.execute, first):
         if isinstance(event, ItemAdded):
             item = event.item
             ids[event.index] = item["id"]
@@ -385,10 +402,10 @@ def _data(event: dict[str, Any]) -> str:
     return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"
 
 
-async def _sse(call: _Call, spec: RunSpec) -> AsyncIterator[str]:
+async def _sse(call: _Call, spec: RunSpec, first: Prepared, generate: _Admitted) -> AsyncIterator[str]:
     sequence = 0
     try:
-        async for event in _run(call, spec):
+        async for event in _run(call, spec, first, generate):
             yield _data({**event, "sequence_number": sequence})
             sequence += 1
     except Exception as exc:  # headers are sent: report in the stream, as OpenAI does
