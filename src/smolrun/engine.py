@@ -110,10 +110,11 @@ class Engine:
         return render(m.chat_template, messages, bos_token=m.bos_token, eos_token=m.eos_token,
                       parts=profile.content_parts, **profile.template_kwargs(thinks, turn.tools))
 
-    def prepare(self, turn: Turn, allow_code: bool = False) -> Prepared:
+    def prepare(self, turn: Turn, allow_code: bool = False, must_code: bool = False) -> Prepared:
+        """`allow_code`: the turn may be a code call; `must_code`: it must be one."""
         think = self.think_block(turn)
-        grammar = self.grammars.get(turn.format, allow_code=allow_code, tools=turn.tools, think=think,
-                                    code=self.profile.code)
+        grammar = self.grammars.get(turn.format, allow_code=allow_code or must_code, tools=turn.tools, think=think,
+                                    code=self.profile.code, must_code=must_code)
         text = self.render(turn, thinks=think is not None)
         media, vision = turn.media, self.model.vision
         pixels: tuple[Pixels, ...] = ()

@@ -53,6 +53,7 @@ class RunSpec:
     max_tool_calls: int = 4
     tools: ToolUse = NO_TOOLS  # function tools: a turn of calls ends the response, for the client to run
     reasoning: Reasoning = DEFAULT_REASONING
+    code_required: bool = False  # tool_choice "required" with the code interpreter alone: code at least once
 
 
 @dataclass(frozen=True)
@@ -154,11 +155,11 @@ def _conversation(spec: RunSpec, engine: Engine) -> list[Message]:
     return conversation
 
 
-def first_turn(spec: RunSpec, engine: Engine) -> tuple[Turn, bool]:
-    """The loop's first model turn and whether it may call code: a route prepares and admits it before its
-    response starts, so that its 400s and 429s are HTTP statuses (see `run`'s `first`)."""
+def prepare_first(spec: RunSpec, engine: Engine) -> Prepared:
+    """The loop's first model turn, prepared: a route prepares and admits it before its response starts, so
+    that its 400s and 429s are HTTP statuses (see `run`'s `first`)."""
     turn = Turn(tuple(_conversation(spec, engine)), spec.format, spec.params, spec.tools, spec.reasoning)
-    return turn, spec.code and spec.max_tool_calls > 0
+    return engine.prepare(turn, spec.code and spec.max_tool_calls > 0, spec.code_required)
 
 
 async def run(spec: RunSpec, engine: Engine, generate: Generate, execute: Execute,
@@ -182,7 +183,8 @@ async def run(spec: RunSpec, engine: Engine, generate: Generate, execute: Execut
         if first is not None:
             prepared, first = first, None
         else:  # off the event loop: rendering, tokenizing and cutting pictures into tiles can take a while
-            prepared = await asyncio.to_thread(engine.prepare, turn, allow_code)
+            must = spec.code_required and calls == 0
+            prepared = await asyncio.to_thread(engine.prepare, turn, allow_code, must)
         split = _Split(allow_code, bool(spec.tools.active), engine.profile.code)
         item: dict[str, Any] | None = None
         thought: dict[str, Any] | None = None  # the turn's reasoning item, while it streams

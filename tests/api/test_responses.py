@@ -223,6 +223,12 @@ def test_function_tool_choice_none_and_bad_schemas(make_server) -> None:  # type
     with pytest.raises(openai.BadRequestError) as err:  # strict by default in the Responses API
         client.responses.create(model="byte-model", input="x", tools=[loose])
     assert isinstance(err.value.body, dict) and err.value.body["param"] == "tools[0].parameters"
+    # `strict` left out (langchain's bind_tools): a schema outside strict mode's rules is taken as not strict,
+    # and its arguments still follow it.
+    unsaid = {k: v for k, v in loose.items() if k != "strict"}
+    called = client.responses.create(model="byte-model", input="x", tools=[unsaid], tool_choice="required")
+    assert [(o.type, o.name, o.arguments) for o in called.output] == [  # type: ignore[union-attr]
+        ("function_call", "get_weather", '{"city":"Paris"}')]
 
 
 @pytest.mark.model
@@ -240,3 +246,13 @@ def test_real_model_function_round_trip(server: Server) -> None:
                                              "output": '{"sky": "sunny", "celsius": 21}'}],
                                      temperature=0, max_output_tokens=150, extra_body={"frequency_penalty": 0.5})
     assert second.status in ("completed", "incomplete") and second.output
+
+
+@needs_sandbox
+@pytest.mark.parametrize("choice", ["required", {"type": "code_interpreter"}])
+def test_a_required_code_interpreter_runs_code_first(make_server, choice: object) -> None:  # type: ignore[no-untyped-def]
+    server, _ = scripted(make_server, b"```python\nprint(6 * 7)\n```", b"It is 42.")
+    r = server.client().responses.create(model="byte-model", input="6 times 7?", tools=[CODE], include=OUTPUTS,
+                                         tool_choice=choice)  # type: ignore[arg-type]
+    assert [o.type for o in r.output] == ["code_interpreter_call", "message"]
+    assert r.output_text == "It is 42."

@@ -155,3 +155,23 @@ def test_context_overflow_is_a_400(make_server) -> None:  # type: ignore[no-unty
     r = httpx.post(f"{server.url}/chat/completions",
                    json={**BODY, "messages": [{"role": "user", "content": "x" * 200}]})
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+
+
+class BrokenModel(ByteModel):
+    """A model whose every prefill fails with a bug (not a smolrun error)."""
+
+    def prefill(self, tokens: Sequence[int], reuse: bool = True,
+                pixels: Sequence[Pixels] = ()) -> npt.NDArray[np.float32]:
+        raise RuntimeError("a bug")
+
+
+def test_a_500_keeps_the_connection_for_the_next_request(make_server) -> None:  # type: ignore[no-untyped-def]
+    server = make_server(Engine(BrokenModel()))
+    with httpx.Client(timeout=30) as client:
+        failed = client.post(f"{server.url}/chat/completions", json=BODY)
+        assert (failed.status_code, failed.json()) == (500, {"error": {
+            "message": "internal error: RuntimeError", "type": "server_error", "param": None, "code": None}})
+        assert failed.headers.get("connection") != "close"
+        assert client.get(f"{server.url}/models").status_code == 200  # on the same keep-alive connection
+        pool = client._transport._pool  # type: ignore[attr-defined]
+        assert len(pool.connections) == 1

@@ -147,3 +147,15 @@ def test_unbounded_integers_are_capped_at_the_largest_exact_double() -> None:
     assert accepts('{"n":9007199254740991,"own":1}') and accepts('{"n":-9007199254740991,"own":1}')
     assert not accepts('{"n":9007199254740992,"own":1}')  # one past the cap
     assert accepts('{"n":1,"own":1000000000000000000}')  # the schema's own bound wins
+
+
+def test_a_required_code_call_leaves_no_other_branch() -> None:
+    source = turn_source(ResponseFormat(), allow_code=True, must_code=True)
+    assert source is not None
+
+    def accepts(text: str) -> bool:
+        matcher = LLMatcher(byte_tokenizer(), source, log_level=0)
+        return matcher.consume_tokens(list(text.encode())) and matcher.is_accepting()
+
+    assert accepts("```python\nprint(1)\n```")
+    assert not accepts("Hello") and not accepts("")

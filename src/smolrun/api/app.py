@@ -14,6 +14,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from smolrun import __version__
 from smolrun.api.chat import router as chat_router
@@ -30,6 +31,35 @@ from smolrun.sandbox.manager import ContainerManager
 from smolrun.store import Store
 
 log = logging.getLogger("smolrun")
+
+
+class _UnexpectedErrors:
+    """A bug's exception as a 500 in OpenAI's shape, answered like any response. Starlette's own handler for
+    `Exception` answers, then re-raises, and the server drops the keep-alive connection, so the client's next
+    request on it would fail."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking)
+        except Exception as exc:
+            if started:  # a stream already under way: nothing can be answered any more
+                raise
+            log.exception("unexpected error on %s", scope.get("path"))
+            error = SmolrunError(f"internal error: {type(exc).__name__}")
+            await JSONResponse(error.to_dict(), status_code=500)(scope, receive, send)
 
 
 def wire_param(loc: tuple[int | str, ...]) -> str | None:
@@ -106,10 +136,7 @@ def create_app(engine: Engine, settings: Settings, vision: Engine | None = None)
             error = SmolrunError(str(exc.detail))
         return JSONResponse(error.to_dict(), status_code=exc.status_code)
 
-    @app.exception_handler(Exception)
-    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s", request.url.path)
-        return JSONResponse(SmolrunError(f"internal error: {type(exc).__name__}").to_dict(), status_code=500)
+    app.add_middleware(_UnexpectedErrors)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

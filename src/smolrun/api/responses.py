@@ -29,7 +29,7 @@ from smolrun.api.responses_wire import (
 from smolrun.api.state import AUTO, AppState, get_state
 from smolrun.engine import Engine, Prepared
 from smolrun.errors import InvalidRequest, NotFound, SmolrunError
-from smolrun.runner import Delta, Finished, Interpreting, ItemAdded, ItemDone, RunEvent, RunSpec, first_turn, run
+from smolrun.runner import Delta, Finished, Interpreting, ItemAdded, ItemDone, RunEvent, RunSpec, prepare_first, run
 from smolrun.sandbox.container import Execution
 from smolrun.scheduler import EventStream
 from smolrun.turn import Image, Message, Part, SamplingParams, ToolCall, Video
@@ -73,8 +73,7 @@ async def create_response(body: ResponsesRequest, request: Request) -> JSONRespo
     call = _Call(state, body, state.engine_for(body.model, pictures))
     spec = await _prepare(call)
     # The first model turn is prepared and admitted here, before any byte: its 400s and 429s are statuses.
-    turn, allow_code = first_turn(spec, call.engine)
-    first = await asyncio.to_thread(call.engine.prepare, turn, allow_code)
+    first = await asyncio.to_thread(prepare_first, spec, call.engine)
     admitted = _Admitted(call.engine.stream(first), call.engine.stream)
     if body.stream:
         return StreamingResponse(_sse(call, spec, first, admitted), media_type="text/event-stream")
@@ -140,7 +139,7 @@ async def _prepare(call: _Call) -> RunSpec:
     )
     max_calls = DEFAULT_MAX_TOOL_CALLS if body.max_tool_calls is None else body.max_tool_calls
     return RunSpec(tuple(system + history + messages), fmt, params, call.code is not None, max_calls, tools,
-                   reasoning)
+                   reasoning, code_required=call.code is not None and call.code.required)
 
 
 def _input_file_ids(body: ResponsesRequest) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -49,6 +49,10 @@ class _FunctionChoice(_Wire):
     name: str
 
 
+class _CodeChoice(_Wire):
+    type: Literal["code_interpreter"]
+
+
 class _LogsOutput(_Wire):
     type: Literal["logs"]
     logs: str
@@ -65,7 +69,7 @@ class _CodeCallItem(_Wire):
 
 
 _TEXT = TypeAdapter(_TextParam | None)
-_CHOICE = TypeAdapter(Literal["none", "auto", "required"] | _FunctionChoice | None)
+_CHOICE = TypeAdapter(Literal["none", "auto", "required"] | _FunctionChoice | _CodeChoice | None)
 _CODE_CALL = TypeAdapter(_CodeCallItem)
 
 
@@ -133,6 +137,7 @@ class CodeTool:
     container: str | None  # an existing container's id, or None for auto mode
     file_ids: tuple[str, ...] = ()
     memory_limit: str = "1g"
+    required: bool = False  # tool_choice "required" or {"type": "code_interpreter"}: run code at least once
 
 
 @dataclass(frozen=True)
@@ -177,7 +182,17 @@ def parse_tools(tools: list[dict[str, Any]], choice: Any,
         else:
             raise InvalidRequest("'container' must be a container id or {\"type\": \"auto\"}",
                                  param=f"tools[{i}].container")
-    return code, ToolUse(tuple(functions), _choice(choice, functions), parallel is not False)
+    parsed = checked(_CHOICE, choice, "tool_choice",
+                     "'none', 'auto', 'required', {\"type\": \"function\", \"name\": \"...\"} or "
+                     "{\"type\": \"code_interpreter\"}")
+    if isinstance(parsed, _CodeChoice) or (parsed == "required" and code is not None and not functions):
+        if code is None:
+            raise InvalidRequest("tool_choice {\"type\": \"code_interpreter\"} needs the code_interpreter tool",
+                                 param="tool_choice")
+        # "Run code at least once", as at OpenAI: the first model turn must be a code call.
+        return replace(code, required=True), ToolUse(tuple(functions), "none" if isinstance(parsed, _CodeChoice)
+                                                     else "auto", parallel is not False)
+    return code, ToolUse(tuple(functions), _choice(parsed, functions), parallel is not False)
 
 
 def _function(tool: dict[str, Any], i: int, taken: set[str]) -> Tool:
@@ -186,24 +201,31 @@ def _function(tool: dict[str, Any], i: int, taken: set[str]) -> Tool:
         raise InvalidRequest("function names are unique, 1-64 characters of a-z, A-Z, 0-9, _ and -",
                              param=f"tools[{i}].name")
     raw = tool.get("parameters")
-    strict = tool.get("strict") is not False  # the Responses API makes function tools strict by default
+    schema = raw if raw is not None else {"type": "object", "properties": {}, "additionalProperties": False}
+    given = tool.get("strict")
+    # Strict by default in the Responses API. Left unsaid, a schema outside strict mode's rules (langchain's
+    # bind_tools sends such) is taken as not strict: its arguments still follow it, as every schema's do here.
+    strict = given is not False
     try:
-        parameters = check_schema(raw if raw is not None else {"type": "object", "properties": {},
-                                                               "additionalProperties": False},
-                                  strict=strict, what=f"function '{name}'")
+        try:
+            parameters = check_schema(schema, strict=strict, what=f"function '{name}'")
+        except SchemaError:
+            if given is not None:
+                raise
+            strict = False
+            parameters = check_schema(schema, strict=False, what=f"function '{name}'")
     except SchemaError as exc:
         raise SchemaError(exc.message, param=f"tools[{i}].parameters", code="invalid_function_parameters") from exc
     return Tool(name, parameters, str(tool.get("description") or ""), strict)
 
 
-def _choice(raw: Any, functions: list[Tool]) -> str:
-    choice = checked(_CHOICE, raw, "tool_choice",
-                     "'none', 'auto', 'required' or {\"type\": \"function\", \"name\": \"...\"}")
+def _choice(choice: str | _FunctionChoice | None, functions: list[Tool]) -> str:
     if choice is None or choice == "auto":
         return "auto" if functions else "none"
     if isinstance(choice, str):
         if choice == "required" and not functions:
-            raise InvalidRequest("tool_choice 'required' needs function tools", param="tool_choice")
+            raise InvalidRequest("tool_choice 'required' needs function tools or the code_interpreter tool",
+                                 param="tool_choice")
         return choice
     if choice.name not in {f.name for f in functions}:
         raise InvalidRequest(f"tool_choice names no function of 'tools': {choice.name!r}", param="tool_choice")

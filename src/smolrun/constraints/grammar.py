@@ -98,7 +98,7 @@ def _escape(text: str) -> str:
 
 def turn_source(fmt: ResponseFormat, allow_code: bool = False, tools: ToolUse = NO_TOOLS,
                 think: ThinkBlock | None = None, term: Callable[[str], str] = json.dumps,
-                code: CodeFormat = FENCE) -> str | None:
+                code: CodeFormat = FENCE, must_code: bool = False) -> str | None:
     """The grammar of one model turn: a think block when the model thinks, then a code block, function
     calls, or the answer, as allowed.
 
@@ -129,7 +129,9 @@ def turn_source(fmt: ResponseFormat, allow_code: bool = False, tools: ToolUse = 
         rules += [f"{n}: %json {json.dumps(_call_schema(t.name, t.parameters))}" for n, t in zip(names, active,
                                                                                                strict=True)]
         first_chars += "<"
-    if tools.answer_allowed:
+    if must_code:  # tool_choice "required" with the code interpreter alone: a code call, nothing else
+        branches, rules = ["code"], _code_rules(code, term)
+    elif tools.answer_allowed:
         branches.append("answer")
         if fmt.type == "text":
             firsts = "".join(sorted(set(first_chars)))
@@ -182,9 +184,9 @@ class GrammarCache:
         self._limits = LLParserLimits(verbose_errors=False)  # errors must not echo schemas into logs
 
     def get(self, fmt: ResponseFormat, allow_code: bool = False, tools: ToolUse = NO_TOOLS,
-            think: ThinkBlock | None = None, code: CodeFormat = FENCE) -> Grammar | None:
+            think: ThinkBlock | None = None, code: CodeFormat = FENCE, must_code: bool = False) -> Grammar | None:
         """The grammar for one model turn (see turn_source); None when the turn is free text."""
-        source = turn_source(fmt, allow_code, tools, think, self.term, code)
+        source = turn_source(fmt, allow_code, tools, think, self.term, code, must_code)
         if source is None:
             return None
         key = hashlib.sha256(source.encode()).hexdigest()
