@@ -90,6 +90,8 @@ def main() -> None:
               help="uploaded files and the metadata database (default /var/lib/smolrun as root, else "
                    "~/.local/share/smolrun)")
 @click.option("--max-file-mb", type=click.IntRange(min=1), default=None, help="largest upload (default 512)")
+@click.option("--max-body-mb", type=click.IntRange(min=1), default=None,
+              help="largest JSON request body, pictures as data URLs included (default 64)")
 @click.option("--warm-containers", type=click.IntRange(min=0), default=None,
               help="sandboxes kept ready with pandas imported (default 1)")
 def serve(**options: Any) -> None:

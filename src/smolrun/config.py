@@ -43,6 +43,7 @@ class Settings:
     offline: bool | None = None  # None: follow HF_HUB_OFFLINE
     data_dir: Path = field(default_factory=lambda: default_data_dir())  # files and the metadata database
     max_file_mb: int = 512  # largest upload to /v1/files or a container
+    max_body_mb: int = 64  # largest JSON request body (pictures as data URLs included)
     warm_containers: int = 1  # sandboxes kept started with pandas imported, for new containers
 
     @classmethod

@@ -24,13 +24,58 @@ from smolrun.api.responses import router as responses_router
 from smolrun.api.state import AppState, get_state
 from smolrun.config import Settings
 from smolrun.engine import Engine
-from smolrun.errors import AuthenticationFailed, InvalidRequest, NotFound, SmolrunError
+from smolrun.errors import AuthenticationFailed, InvalidRequest, NotFound, PayloadTooLarge, SmolrunError
 from smolrun.files import FileStore
 from smolrun.sandbox import default_config
 from smolrun.sandbox.manager import ContainerManager
 from smolrun.store import Store
 
 log = logging.getLogger("smolrun")
+
+
+class _BodyLimit:
+    """JSON bodies (the generation routes) larger than `limit` are a 413 before they are parsed; uploads have
+    their own limit (--max-file-mb). A JSON body is read whole here, as its route would read it anyway."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = dict(scope.get("headers") or ()) if scope["type"] == "http" else {}
+        if not headers.get(b"content-type", b"").startswith(b"application/json"):
+            await self.app(scope, receive, send)
+            return
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(scope, receive, send)
+            return
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                await self._refuse(scope, receive, send)
+                return
+            more = message.get("more_body", False)
+        body: Message | None = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        async def replay() -> Message:
+            nonlocal body
+            if body is not None:
+                message, body = body, None
+                return message
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        error = PayloadTooLarge(f"the request body is larger than {self.limit // (1024 * 1024)} MiB "
+                                "(--max-body-mb)", code="request_too_large")
+        await JSONResponse(error.to_dict(), status_code=413)(scope, receive, send)
 
 
 class _UnexpectedErrors:
@@ -62,6 +107,9 @@ class _UnexpectedErrors:
             await JSONResponse(error.to_dict(), status_code=500)(scope, receive, send)
 
 
+_UNION_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})  # pydantic's names of members
+
+
 def wire_param(loc: tuple[int | str, ...]) -> str | None:
     """A pydantic error location as OpenAI names parameters (`messages[0].content`), up to where pydantic adds
     the name of a union's member (`literal['none','auto']`, a class name), which is no parameter."""
@@ -70,7 +118,7 @@ def wire_param(loc: tuple[int | str, ...]) -> str | None:
         if isinstance(p, int):
             parts.append(f"[{p}]")
         elif p != "body" or parts:
-            if not re.fullmatch(r"[a-z_$][a-z0-9_]*", p):
+            if not re.fullmatch(r"[a-z_$][a-z0-9_]*", p) or p in _UNION_TAGS:
                 break
             parts.append(f".{p}" if parts else p)
     return "".join(parts) or None
@@ -136,7 +184,8 @@ def create_app(engine: Engine, settings: Settings, vision: Engine | None = None)
             error = SmolrunError(str(exc.detail))
         return JSONResponse(error.to_dict(), status_code=exc.status_code)
 
-    app.add_middleware(_UnexpectedErrors)
+    app.add_middleware(_BodyLimit, limit=settings.max_body_mb * 1024 * 1024)
+    app.add_middleware(_UnexpectedErrors)  # the outer one: an oversized body is the limit's to answer
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

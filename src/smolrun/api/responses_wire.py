@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from smolrun import media
+from smolrun.api.wire import MAX_MESSAGES
 from smolrun.constraints import check_schema
 from smolrun.errors import InvalidRequest, SchemaError
 from smolrun.prompt.profiles import FENCE, CodeFormat
@@ -91,7 +92,7 @@ ROLES: dict[str, Role] = {"user": "user", "assistant": "assistant", "system": "s
 class ResponsesRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str
-    input: str | list[dict[str, Any]]
+    input: str | Annotated[list[dict[str, Any]], Field(max_length=MAX_MESSAGES)]
     instructions: str | None = None
     tools: list[dict[str, Any]] = []
     tool_choice: Any = None

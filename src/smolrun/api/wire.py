@@ -27,6 +27,7 @@ from smolrun.turn import (
 )
 
 _NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+MAX_MESSAGES = 2048  # messages (Chat) or input items (Responses) in one request
 
 
 class _Wire(BaseModel):
@@ -136,7 +137,7 @@ class StreamOptions(_Wire):
 
 class ChatCompletionRequest(_Wire):
     model: str
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     response_format: AnyFormat | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
