@@ -6,8 +6,9 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvicorn
@@ -71,12 +72,15 @@ class Server:
     engine: Engine
     settings: Settings
     app: FastAPI
+    clients: list[Any] = field(default_factory=list)  # closed with the server: their sockets never leak
 
     def client(self, **kwargs: object):  # type: ignore[no-untyped-def]
         from openai import OpenAI
 
-        return OpenAI(base_url=self.url, api_key=self.settings.api_key or "unused", max_retries=0,
-                      _strict_response_validation=True, **kwargs)
+        client = OpenAI(base_url=self.url, api_key=self.settings.api_key or "unused", max_retries=0,
+                        _strict_response_validation=True, **kwargs)
+        self.clients.append(client)
+        return client
 
 
 def _free_port() -> int:
@@ -96,7 +100,10 @@ def serve(engine: Engine, settings: Settings, vision: Engine | None = None) -> I
         if time.monotonic() > deadline:
             raise RuntimeError("test server did not start")
         time.sleep(0.02)
-    yield Server(f"http://127.0.0.1:{settings.port}/v1", engine, settings, app)
+    running = Server(f"http://127.0.0.1:{settings.port}/v1", engine, settings, app)
+    yield running
+    for client in running.clients:
+        client.close()
     server.should_exit = True
     thread.join(timeout=10)
 

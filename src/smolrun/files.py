@@ -46,7 +46,9 @@ class FileStore:
         row = self.store.one("SELECT * FROM files WHERE id = ?", file_id)
         if row is None:
             raise NotFound(f"No such File object: {file_id}", param="file_id")
-        return {"object": "file", "status": "processed", "expires_at": None, "status_details": None, **row}
+        # OpenAI's spec types `expires_at` as an integer and `status_details` as a string, never null: files
+        # here do not expire and have no details, so both are left out.
+        return {"object": "file", "status": "processed", **row}
 
     def content(self, file_id: str) -> tuple[dict[str, Any], bytes]:
         meta = self.get(file_id)

@@ -259,3 +259,11 @@ def test_any_file_name_downloads_with_an_rfc_6266_header(make_server, name: str,
     assert uploaded.status_code == 200, uploaded.text
     reply = httpx.get(f"{server.url}/files/{uploaded.json()['id']}/content", timeout=30)
     assert (reply.status_code, reply.content, reply.headers["content-disposition"]) == (200, b"data", header)
+
+
+def test_file_objects_carry_no_null_the_spec_forbids(make_server) -> None:  # type: ignore[no-untyped-def]
+    server = make_server(Engine(TurnsModel(b"ok")))
+    made = httpx.post(f"{server.url}/files", files={"file": ("a.txt", b"x")}, data={"purpose": "assistants"},
+                      timeout=30).json()
+    assert set(made) == {"id", "object", "bytes", "created_at", "filename", "purpose", "status"}
+    assert server.client().files.retrieve(made["id"]).expires_at is None  # the SDK reads it as absent

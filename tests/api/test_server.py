@@ -49,8 +49,9 @@ def test_api_key_is_required_when_set(make_server) -> None:  # type: ignore[no-u
     assert missing.status_code == 401 and missing.json()["error"]["code"] == "invalid_api_key"
     wrong = httpx.get(f"{base}/models", headers={"Authorization": "Bearer nope"})
     assert wrong.status_code == 401 and "Incorrect API key" in wrong.json()["error"]["message"]
-    with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=base, api_key="nope", max_retries=0).models.list()
+    with openai.OpenAI(base_url=base, api_key="nope", max_retries=0) as wrong_key, \
+            pytest.raises(openai.AuthenticationError):
+        wrong_key.models.list()
     assert [m.id for m in server.client().models.list()] == ["byte-model"]
     root = base.removesuffix("/v1")
     for path in ("/docs", "/redoc", "/openapi.json"):  # no route stays open under the key
