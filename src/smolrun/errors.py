@@ -11,6 +11,7 @@
     ├── ModelUnavailable              503 server_error: known model, weights not on this machine
     ├── SandboxUnavailable            503 server_error: no sandbox here, so no code execution
     ├── EngineUnavailable             503 server_error: no server of a remote engine (vLLM) answers
+    ├── StorageFull                   507 server_error (code insufficient_storage): the data directory's disk
     ├── QueueFull                     429 rate_limit_error
     ├── BackendMissing                500 server_error: an optional extra is not installed
     └── GenerationFailed              500 server_error: the grammar matcher failed mid-generation
@@ -88,6 +89,13 @@ class SandboxUnavailable(SmolrunError):
 class EngineUnavailable(SmolrunError):
     status = 503
     exit_code = 2
+
+
+class StorageFull(SmolrunError):
+    """Nothing half-written stays behind, and deletes still work, so space can be freed through the API."""
+
+    status = 507
+    code = "insufficient_storage"
 
 
 class QueueFull(SmolrunError):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 import uuid
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from smolrun.errors import InvalidRequest, NotFound, PayloadTooLarge
+from smolrun.errors import InvalidRequest, NotFound, PayloadTooLarge, StorageFull
 from smolrun.store import Store
 
 PURPOSES = ("assistants", "assistants_output", "batch", "fine-tune", "fine-tune-results", "vision", "user_data",
@@ -37,9 +38,20 @@ class FileStore:
             raise InvalidRequest(f"'purpose' must be one of {', '.join(PURPOSES)}", param="purpose")
         name = os.path.basename(filename.replace("\\", "/")) or "upload"
         file_id = f"file-{uuid.uuid4().hex}"
-        (self.directory / file_id).write_bytes(data)
-        self.store.execute("INSERT INTO files VALUES (?, ?, ?, ?, ?)", file_id, name, purpose, len(data),
-                           int(time.time()))
+        blob = self.directory / file_id
+        try:
+            blob.write_bytes(data)
+            self.store.execute("INSERT INTO files VALUES (?, ?, ?, ?, ?)", file_id, name, purpose, len(data),
+                               int(time.time()))
+        except OSError as exc:  # never a blob without its row
+            blob.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StorageFull(f"{name} does not fit: the server's data directory is full; delete files or "
+                                  "responses, or free disk space") from None
+            raise
+        except StorageFull:
+            blob.unlink(missing_ok=True)
+            raise
         return self.get(file_id)
 
     def get(self, file_id: str) -> dict[str, Any]:
@@ -62,6 +74,6 @@ class FileStore:
 
     def delete(self, file_id: str) -> dict[str, Any]:
         self.get(file_id)
+        (self.directory / file_id).unlink(missing_ok=True)  # first: on a full disk this frees the room to delete
         self.store.execute("DELETE FROM files WHERE id = ?", file_id)
-        (self.directory / file_id).unlink(missing_ok=True)
         return {"id": file_id, "object": "file", "deleted": True}

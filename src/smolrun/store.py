@@ -5,9 +5,11 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
+
+from smolrun.errors import StorageFull
 
 # Append-only: each entry upgrades the schema by one version (PRAGMA user_version).
 MIGRATIONS = (
@@ -34,6 +36,18 @@ MIGRATIONS = (
 )
 
 
+@contextmanager
+def _full_disk() -> Iterator[None]:
+    """SQLite's "database or disk is full" as StorageFull (507), its other errors as they are."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc):
+            raise StorageFull("the server's data directory is full: delete files or responses, or free disk "
+                              "space") from exc
+        raise
+
+
 class Store:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -51,12 +65,13 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
+        with self._lock, _full_disk():
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
             except BaseException:
-                self._db.execute("ROLLBACK")
+                with suppress(sqlite3.Error):  # a failed write on a full disk may have rolled back already
+                    self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
 

@@ -151,6 +151,7 @@ class Container:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _seq: int = 0
     _tmpfs: bool = False  # the work dir is a quota tmpfs (see storage.py)
+    _owner: int | None = None  # the descriptor holding the directory's owner lock
 
     @property
     def workdir(self) -> Path:
@@ -166,6 +167,7 @@ class Container:
             raise SandboxUnavailable(f"code execution is unavailable: {reason}")
         self.workdir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.workdir.parent, 0o755)
+        self._owner = _hold(self.workdir.parent / OWNER_LOCK)  # held while the container lives (sweep_orphans)
         if os.geteuid() == 0:
             self._uid = _uids.take()
         limits = self.config.limits
@@ -374,6 +376,49 @@ class Container:
             if self._uid is not None:
                 _uids.give_back(self._uid)
                 self._uid = None
+            if self._owner is not None:
+                os.close(self._owner)
+                self._owner = None
+
+
+OWNER_LOCK = "owner.lock"
+ORPHAN_AGE_S = 60.0  # a directory without its lock yet is being created, unless it is older than this
+
+
+def _hold(path: Path) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def sweep_orphans(root: Path) -> int:
+    """Remove what smolrun processes that died (killed, or stopped during a warm-pool refill) left under
+    `root`: container directories whose owner lock nobody holds, their tmpfs and cgroups. Directories of
+    live containers, in this process or another, keep their locks and are left alone."""
+    removed = 0
+    for directory in sorted(root.iterdir()) if root.is_dir() else ():
+        if not directory.name.startswith("cntr_") or not directory.is_dir():
+            continue
+        try:
+            fd = os.open(directory / OWNER_LOCK, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if time.time() - directory.stat().st_mtime < ORPHAN_AGE_S:
+                continue
+            fd = None
+        try:
+            if fd is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue
+            storage.release(directory, directory / "data")
+            for controller in ("memory", "pids"):
+                remove_cgroup(Path("/sys/fs/cgroup") / controller / "smolrun" / directory.name)
+            removed += 1
+        finally:
+            if fd is not None:
+                os.close(fd)
+    return removed
 
 
 def _alive(pid: int) -> bool:

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from smolrun.errors import InvalidRequest, NotFound
 from smolrun.files import FileStore
 from smolrun.sandbox import files, storage
-from smolrun.sandbox.container import Container, Execution, remove_cgroup
+from smolrun.sandbox.container import Container, Execution, remove_cgroup, sweep_orphans
 from smolrun.sandbox.launch import SandboxConfig
 from smolrun.sandbox.pool import WarmPool
 from smolrun.store import Store
@@ -39,6 +39,7 @@ class ContainerManager:
         self._executor = ThreadPoolExecutor(SANDBOX_THREADS, thread_name_prefix="smolrun-sandbox")
         self._running: dict[str, asyncio.Lock] = {}
         self._expire_leftovers()
+        sweep_orphans(config.root)
         self._pool: WarmPool | None = WarmPool(config, size=warm) if warm > 0 else None
         self._closed = threading.Event()
         self._reaper = threading.Thread(target=self._reap_loop, name="smolrun-container-reaper", daemon=True)
