@@ -50,6 +50,7 @@ def _full_disk() -> Iterator[None]:
 
 class Store:
     def __init__(self, path: Path) -> None:
+        self.path = path.resolve()
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row

@@ -152,6 +152,7 @@ class Container:
     _seq: int = 0
     _tmpfs: bool = False  # the work dir is a quota tmpfs (see storage.py)
     _owner: int | None = None  # the descriptor holding the directory's owner lock
+    _resumed: bool = False  # started over a kept work directory: the next call reports state_lost
 
     @property
     def workdir(self) -> Path:
@@ -161,7 +162,9 @@ class Container:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def start(self) -> Container:
+    def start(self, resume: bool = False) -> Container:
+        """Start the worker; with `resume`, over the work directory an earlier process kept (see close), whose
+        files stay and whose first call reports `state_lost`."""
         reason = unavailable_reason_cached(self.config)
         if reason is not None:
             raise SandboxUnavailable(f"code execution is unavailable: {reason}")
@@ -171,12 +174,18 @@ class Container:
         if os.geteuid() == 0:
             self._uid = _uids.take()
         limits = self.config.limits
-        self._tmpfs = self.config.quota_tmpfs and storage.mount_quota(self.workdir, limits.work_files,
-                                                                      limits.work_mb, self._uid)
+        if resume and os.path.ismount(self.workdir):  # its quota tmpfs outlived the process that mounted it
+            self._tmpfs = True
+        else:
+            self._tmpfs = self.config.quota_tmpfs and storage.mount_quota(self.workdir, limits.work_files,
+                                                                          limits.work_mb, self._uid)
         if self._uid is not None:
+            if resume:  # the files belong to the uid of the process before
+                files.chown_tree(self.workdir, self._uid)
             os.chown(self.workdir, self._uid, self._uid)
             os.chmod(self.workdir, 0o700)
         self._launch()
+        self._resumed = resume
         return self
 
     def _launch(self) -> None:
@@ -197,6 +206,10 @@ class Container:
         with self._lock:
             self.last_active_at = time.time()
             notice = self._revive()
+            if self._resumed:
+                self._resumed = False
+                notice = ("smolrun was restarted since this container's last call: its files are kept, its "
+                          "variables and imports are gone")
             limits = self.config.limits
             deadline_s = limits.timeout_s if timeout is None else timeout
             before = files.listing(self.workdir, limits.work_files + 1)
@@ -368,11 +381,13 @@ class Container:
     def read_file(self, name: str, max_bytes: int = 512 * MiB) -> bytes:
         return files.read_file(self.workdir, name, max_bytes)
 
-    def close(self) -> None:
-        """Stop the worker and delete the work directory (one unmount on a quota tmpfs)."""
+    def close(self, keep_files: bool = False) -> None:
+        """Stop the worker and delete the work directory (one unmount on a quota tmpfs), or with `keep_files`
+        leave it for a later process to resume (a server shutting down)."""
         with self._lock:
             self._kill()
-            storage.release(self.workdir.parent, self.workdir)
+            if not keep_files:
+                storage.release(self.workdir.parent, self.workdir)
             if self._uid is not None:
                 _uids.give_back(self._uid)
                 self._uid = None
@@ -382,6 +397,7 @@ class Container:
 
 
 OWNER_LOCK = "owner.lock"
+OWNER_STORE = "store"  # the path of the database that registered the container, for sweep_orphans
 ORPHAN_AGE_S = 60.0  # a directory without its lock yet is being created, unless it is older than this
 
 
@@ -391,13 +407,18 @@ def _hold(path: Path) -> int:
     return fd
 
 
-def sweep_orphans(root: Path) -> int:
+def sweep_orphans(root: Path, keep: frozenset[str] = frozenset(), store: Path | None = None) -> int:
     """Remove what smolrun processes that died (killed, or stopped during a warm-pool refill) left under
-    `root`: container directories whose owner lock nobody holds, their tmpfs and cgroups. Directories of
-    live containers, in this process or another, keep their locks and are left alone."""
+    `root`: container directories whose owner lock nobody holds, their tmpfs and cgroups.
+
+    Left alone: directories of live containers (their locks are held, in this process or another), those
+    in `keep` (the caller's containers kept across its restart), and those another server's store (named
+    in their OWNER_STORE file) still exists to resume."""
     removed = 0
     for directory in sorted(root.iterdir()) if root.is_dir() else ():
-        if not directory.name.startswith("cntr_") or not directory.is_dir():
+        if not directory.name.startswith("cntr_") or not directory.is_dir() or directory.name in keep:
+            continue
+        if not _orphan_of(directory, store):
             continue
         try:
             fd = os.open(directory / OWNER_LOCK, os.O_RDWR | os.O_CLOEXEC)
@@ -419,6 +440,15 @@ def sweep_orphans(root: Path) -> int:
             if fd is not None:
                 os.close(fd)
     return removed
+
+
+def _orphan_of(directory: Path, store: Path | None) -> bool:
+    """Whether nobody may resume `directory`: it was never registered, or by this store, or by a store gone."""
+    try:
+        owner = Path((directory / OWNER_STORE).read_text())
+    except (FileNotFoundError, UnicodeDecodeError):
+        return True
+    return owner == store or not owner.exists()
 
 
 def _alive(pid: int) -> bool:

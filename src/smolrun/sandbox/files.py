@@ -256,3 +256,11 @@ def listing(workdir: Path, max_entries: int) -> Listing:
 
 def changed(before: Listing, after: Listing) -> tuple[str, ...]:
     return tuple(sorted(p for p, meta in after.files.items() if before.files.get(p) != meta))
+
+
+def chown_tree(workdir: Path, uid: int) -> None:
+    """Give every entry under `workdir` to `uid`: links themselves, never what they point to (the walk holds
+    directory descriptors and follows no link, so planted links and deep trees lead nowhere else)."""
+    for _, dirs, names, dir_fd in os.fwalk(os.fsencode(workdir), follow_symlinks=False):
+        for name in (*dirs, *names):
+            os.chown(name, uid, uid, dir_fd=dir_fd, follow_symlinks=False)

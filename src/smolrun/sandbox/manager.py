@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from smolrun.errors import InvalidRequest, NotFound
 from smolrun.files import FileStore
 from smolrun.sandbox import files, storage
-from smolrun.sandbox.container import Container, Execution, remove_cgroup, sweep_orphans
+from smolrun.sandbox.container import OWNER_STORE, Container, Execution, remove_cgroup, sweep_orphans
 from smolrun.sandbox.launch import SandboxConfig
 from smolrun.sandbox.pool import WarmPool
 from smolrun.store import Store
@@ -38,8 +38,9 @@ class ContainerManager:
         # a sandbox does can hold only these; one call at a time per container holds even one of them.
         self._executor = ThreadPoolExecutor(SANDBOX_THREADS, thread_name_prefix="smolrun-sandbox")
         self._running: dict[str, asyncio.Lock] = {}
-        self._expire_leftovers()
-        sweep_orphans(config.root)
+        self._resuming = threading.Lock()
+        kept = self._adopt_leftovers()
+        sweep_orphans(config.root, kept, store.path)
         self._pool: WarmPool | None = WarmPool(config, size=warm) if warm > 0 else None
         self._closed = threading.Event()
         self._reaper = threading.Thread(target=self._reap_loop, name="smolrun-container-reaper", daemon=True)
@@ -82,6 +83,7 @@ class ContainerManager:
         now = int(time.time())
         self.store.execute("INSERT INTO containers VALUES (?, ?, ?, ?, 'active', ?, ?)", container.id, name, now,
                            now, expires_minutes, memory_limit)
+        (self.config.root / container.id / OWNER_STORE).write_text(str(self.store.path))  # ours to resume
         with self._lock:
             self._live[container.id] = container
         for meta, data in uploads:
@@ -112,12 +114,26 @@ class ContainerManager:
                                  code="container_expired")
         with self._lock:
             container = self._live.get(container_id)
-        if container is None:  # known to the store but not to this process (a restart): its state is gone
-            self.store.execute("UPDATE containers SET status = 'expired' WHERE id = ?", container_id)
-            raise InvalidRequest(f"Container is expired: {container_id}", param="container_id",
-                                 code="container_expired")
+        if container is None:  # kept across a restart: started again over its files, at first use
+            container = self._resume(container_id, meta["memory_limit"])
         self.store.execute("UPDATE containers SET last_active_at = ? WHERE id = ?", int(time.time()), container_id)
         return container
+
+    def _resume(self, container_id: str, memory_limit: str) -> Container:
+        with self._resuming:
+            with self._lock:
+                running = self._live.get(container_id)
+            if running is not None:  # another call resumed it meanwhile
+                return running
+            if not (self.config.root / container_id / "data").is_dir():  # its files are gone: so is the container
+                self.store.execute("UPDATE containers SET status = 'expired' WHERE id = ?", container_id)
+                raise InvalidRequest(f"Container is expired: {container_id}", param="container_id",
+                                     code="container_expired")
+            limits = replace(self.config.limits, memory_mb=MEMORY_LIMITS[memory_limit])
+            container = Container(replace(self.config, limits=limits), id=container_id).start(resume=True)
+            with self._lock:
+                self._live[container_id] = container
+            return container
 
     def delete(self, container_id: str) -> dict[str, Any]:
         self.get(container_id)
@@ -147,16 +163,28 @@ class ContainerManager:
         self._running.pop(container_id, None)
         if container is not None:
             container.close()
+        else:  # kept from before a restart and not resumed: only its files are left
+            self._release(container_id)
 
-    def _expire_leftovers(self) -> None:
-        """Containers still 'active' in the store belong to a previous process: their state is gone."""
-        for row in self.store.all("SELECT id FROM containers WHERE status = 'active'"):
-            directory = self.config.root / row["id"]
-            storage.release(directory, directory / "data")
-            for controller in ("memory", "pids"):
-                remove_cgroup(Path("/sys/fs/cgroup") / controller / "smolrun" / row["id"])
+    def _release(self, container_id: str) -> None:
+        directory = self.config.root / container_id
+        storage.release(directory, directory / "data")
+        for controller in ("memory", "pids"):
+            remove_cgroup(Path("/sys/fs/cgroup") / controller / "smolrun" / container_id)
+
+    def _adopt_leftovers(self) -> frozenset[str]:
+        """Containers still 'active' in the store were kept by a previous process (see close): those within
+        their `expires_after`, counted across the restart, are resumed at first use; the others expire."""
+        now, kept = time.time(), set()
+        for row in self.store.all("SELECT id, last_active_at, expires_minutes FROM containers "
+                                  "WHERE status = 'active'"):
+            if now - row["last_active_at"] <= row["expires_minutes"] * 60:
+                kept.add(row["id"])
+                continue
+            self._release(row["id"])
             self.store.execute("DELETE FROM container_files WHERE container_id = ?", row["id"])
             self.store.execute("UPDATE containers SET status = 'expired' WHERE id = ?", row["id"])
+        return frozenset(kept)
 
     def _reap_loop(self) -> None:
         while not self._closed.wait(15):
@@ -179,8 +207,8 @@ class ContainerManager:
             self._pool.close()
         with self._lock:
             live, self._live = list(self._live.values()), {}
-        for container in live:
-            container.close()
+        for container in live:  # their files stay, for the next process to resume
+            container.close(keep_files=True)
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     # -- container files ----------------------------------------------------------------------------------
