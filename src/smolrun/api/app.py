@@ -26,6 +26,7 @@ from smolrun.config import Settings
 from smolrun.engine import Engine
 from smolrun.errors import AuthenticationFailed, InvalidRequest, NotFound, PayloadTooLarge, SmolrunError
 from smolrun.files import FileStore
+from smolrun.responses_store import ResponseStore
 from smolrun.sandbox import default_config
 from smolrun.sandbox.manager import ContainerManager
 from smolrun.store import Store
@@ -129,7 +130,7 @@ def create_app(engine: Engine, settings: Settings, vision: Engine | None = None)
     store = Store(settings.data_dir / "smolrun.db")
     file_store = FileStore(store, settings.data_dir / "files")
     containers = ContainerManager(store, default_config(), file_store, warm=settings.warm_containers)
-    state = AppState(settings, engine, file_store, containers, vision)
+    state = AppState(settings, engine, file_store, containers, ResponseStore(store), vision)
     for served in state.engines:
         served.max_queue = settings.max_queue  # before its first turn starts the runner
     created = int(time.time())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import time
 import uuid
@@ -28,11 +27,12 @@ from smolrun.api.responses_wire import (
 )
 from smolrun.api.state import AUTO, AppState, get_state
 from smolrun.engine import Engine, Prepared
-from smolrun.errors import InvalidRequest, NotFound, SmolrunError
+from smolrun.errors import InvalidRequest, SmolrunError
+from smolrun.responses_store import StoredResponse
 from smolrun.runner import Delta, Finished, Interpreting, ItemAdded, ItemDone, RunEvent, RunSpec, prepare_first, run
 from smolrun.sandbox.container import Execution
 from smolrun.scheduler import EventStream
-from smolrun.turn import Image, Message, Part, SamplingParams, ToolCall, Video
+from smolrun.turn import Message, Part, SamplingParams
 
 router = APIRouter()
 DEFAULT_MAX_TOOL_CALLS = 4
@@ -52,6 +52,7 @@ class _Call:
     file_ids: tuple[str, ...] = ()
     new_files: dict[str, dict[str, Any]] = field(default_factory=dict)  # path -> container file
     summary: str | None = None  # reasoning.summary: reasoning items then carry their text as the summary
+    input_items: list[dict[str, Any]] = field(default_factory=list)  # the input items with ids, for storing
 
     async def execute(self, code: str) -> tuple[str, Execution]:
         manager = self.state.containers
@@ -99,12 +100,12 @@ async def _prepare(call: _Call) -> RunSpec:
     parsed = await asyncio.to_thread(parse_input, body.input, engine.profile.code, state.file_bytes)
     history: list[Message] = []
     if body.previous_response_id:
-        previous = _stored(state, body.previous_response_id)
-        history = [_message_from_json(m) for m in json.loads(previous["context"])]
-        if call.code is not None and call.code.container is None and previous["container_id"]:
+        previous = state.responses.get(body.previous_response_id)
+        history = list(previous.context)
+        if call.code is not None and call.code.container is None and previous.container_id:
             try:  # auto mode reuses the container of the conversation while it is alive
-                state.containers.live(previous["container_id"])
-                call.container_id = previous["container_id"]
+                state.containers.live(previous.container_id)
+                call.container_id = previous.container_id
             except SmolrunError:
                 pass
     if call.code is not None and call.code.container is not None:
@@ -128,8 +129,8 @@ async def _prepare(call: _Call) -> RunSpec:
                 meta, data = await asyncio.to_thread(state.files.content, file_id)
                 await state.containers.call(state.containers.add_file, call.container_id, meta["filename"], data)
     system = [Message("system", body.instructions)] if body.instructions else []
-    call_items = parsed.items
-    call.request = body.model_copy(update={"input": list(call_items)})
+    call.input_items = list(parsed.items)
+    call.request = body.model_copy(update={"input": call.input_items})
     params = SamplingParams(
         max_tokens=body.max_output_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
@@ -156,8 +157,7 @@ def _auto_needs_eyes(state: AppState, body: ResponsesRequest) -> bool:
     if body.model != AUTO or state.vision is None:
         return False
     if body.previous_response_id:
-        context = json.loads(_stored(state, body.previous_response_id)["context"])
-        if any(m.get("parts") and any("text" not in p for p in m["parts"]) for m in context):
+        if any(m.media for m in state.responses.get(body.previous_response_id).context):
             return True
     return any(media.is_media(state.file_bytes(f)) for f in _input_file_ids(body))
 
@@ -185,13 +185,6 @@ def _inline_files(state: AppState, file_ids: tuple[str, ...]) -> str:
                                  "read it", param="input") from None
         parts.append(f"File {meta['filename']}:\n{text[:20000]}")
     return "\n\n".join(parts)
-
-
-def _stored(state: AppState, response_id: str) -> dict[str, Any]:
-    row = state.files.store.one("SELECT * FROM responses WHERE id = ?", response_id)
-    if row is None:
-        raise NotFound(f"Response with id '{response_id}' not found.", param="response_id")
-    return row
 
 
 def _shown(call: _Call, item: dict[str, Any]) -> dict[str, Any]:
@@ -363,38 +356,8 @@ def _save(call: _Call, spec: RunSpec, output: list[dict[str, Any]], final: dict[
     # The conversation a follow-up continues: history and input (not the instructions), then this output.
     # The code outputs the model saw live in the context, so the stored body is the response as returned.
     context = [m for m in spec.messages if m.role != "system"] + output_messages(output, call.engine.profile.code)
-    call.state.files.store.execute(
-        "INSERT INTO responses VALUES (?, ?, ?, ?, ?, ?)", call.id, call.created_at, json.dumps(final),
-        json.dumps(call.request.input), json.dumps([_message_to_json(m) for m in context]), call.container_id)
-
-
-def _message_to_json(m: Message) -> dict[str, Any]:
-    return {"role": m.role, "content": m.content, "tool_call_id": m.tool_call_id,
-            "tool_calls": [[c.id, c.name, c.arguments] for c in m.tool_calls],
-            "parts": [_part_to_json(p) for p in m.parts]}
-
-
-def _part_to_json(part: Part) -> dict[str, Any]:
-    if isinstance(part, str):
-        return {"text": part}
-    if isinstance(part, Image):
-        return {"image": base64.b64encode(part.data).decode(), "detail": part.detail}
-    return {"video": [base64.b64encode(f).decode() for f in part.frames], "seconds": list(part.seconds),
-            "duration": part.duration}
-
-
-def _part_from_json(data: dict[str, Any]) -> Part:
-    if "text" in data:
-        return str(data["text"])
-    if "image" in data:
-        return Image(base64.b64decode(data["image"]), data["detail"])
-    return Video(tuple(base64.b64decode(f) for f in data["video"]), tuple(data["seconds"]), data["duration"])
-
-
-def _message_from_json(data: dict[str, Any]) -> Message:
-    calls = tuple(ToolCall(*c) for c in data.get("tool_calls") or ())
-    parts = tuple(_part_from_json(p) for p in data.get("parts") or ())
-    return Message(data["role"], data["content"], calls, data.get("tool_call_id"), parts)
+    call.state.responses.save(StoredResponse(call.id, call.created_at, final, call.input_items, tuple(context),
+                                             call.container_id))
 
 
 def _data(event: dict[str, Any]) -> str:
@@ -415,20 +378,17 @@ async def _sse(call: _Call, spec: RunSpec, first: Prepared, generate: _Admitted)
 
 @router.get("/v1/responses/{response_id}")
 async def retrieve_response(response_id: str, request: Request) -> dict[str, Any]:
-    body: dict[str, Any] = json.loads(_stored(get_state(request), response_id)["body"])
-    return body
+    return get_state(request).responses.get(response_id).body
 
 
 @router.delete("/v1/responses/{response_id}")
 async def delete_response(response_id: str, request: Request) -> dict[str, Any]:
-    state = get_state(request)
-    _stored(state, response_id)
-    state.files.store.execute("DELETE FROM responses WHERE id = ?", response_id)
+    get_state(request).responses.delete(response_id)
     return {"id": response_id, "object": "response", "deleted": True}
 
 
 @router.get("/v1/responses/{response_id}/input_items")
 async def input_items(response_id: str, request: Request, limit: int = 20, after: str | None = None,
                       order: str = "desc") -> dict[str, Any]:
-    items = json.loads(_stored(get_state(request), response_id)["input_items"])
+    items = get_state(request).responses.get(response_id).input_items
     return page(items if order == "asc" else items[::-1], limit, after)

@@ -11,6 +11,7 @@ from smolrun.engine import Engine
 from smolrun.errors import InvalidRequest, ModelNotFound
 from smolrun.files import FileStore
 from smolrun.models import REGISTRY
+from smolrun.responses_store import ResponseStore
 from smolrun.sandbox.manager import ContainerManager
 
 AUTO = "auto"  # the model alias that routes by content: the vision model for pictures, else the text model
@@ -22,6 +23,7 @@ class AppState:
     engine: Engine  # the text model (--model), also the default
     files: FileStore
     containers: ContainerManager
+    responses: ResponseStore
     vision: Engine | None = None  # the vision model (--vision-model), if any
 
     @property
