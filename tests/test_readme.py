@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -52,4 +53,5 @@ def test_the_sdk_snippet_runs_as_shown(server: Server) -> None:
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         exec(snippet.replace("http://127.0.0.1:8000/v1", server.url), {})  # noqa: S102 - our own README
-    assert printed.getvalue().startswith("name='Paris' country=")
+    # Greedy, but a model's exact words are not the README's contract: the City it printed is.
+    assert re.fullmatch(r"name=(['\"]).*\1 country=(['\"]).*\2 population=-?\d+\n", printed.getvalue())
