@@ -95,6 +95,45 @@ Generate = Callable[[Prepared], AsyncIterator[Event]]
 Execute = Callable[[str], Awaitable[tuple[str, Execution]]]  # code -> (container id, result)
 
 
+class _CallItems:
+    """A turn of function calls as the Responses API streams them: each call's item once its name is whole,
+    its arguments as they are generated, done when the next call starts or the turn ends (a call cut by
+    max_output_tokens is done as incomplete, its arguments as far as they got)."""
+
+    def __init__(self, first: int) -> None:
+        self.first = first  # the output index of the turn's first call
+        self.items: list[dict[str, Any]] = []
+        self.sent: list[int] = []  # characters of each call's arguments already sent
+
+    def push(self, raw: str) -> list[RunEvent]:
+        calls = read_calls(raw, tuple(item["call_id"] for item in self.items)).all
+        events: list[RunEvent] = []
+        for k, call in enumerate(calls):
+            if k == len(self.items):
+                if k > 0:  # the call before is complete now
+                    events.append(self._done(k - 1, calls[k - 1].arguments, "completed"))
+                self.items.append({"id": f"fc_{uuid.uuid4().hex}", "type": "function_call", "call_id": call.id,
+                                   "name": call.name, "arguments": "", "status": "in_progress"})
+                self.sent.append(0)
+                events.append(ItemAdded(self.first + k, self.items[k]))
+            if len(call.arguments) > self.sent[k]:
+                events.append(Delta(self.first + k, "arguments", call.arguments[self.sent[k]:]))
+                self.sent[k] = len(call.arguments)
+        return events
+
+    def finish(self, raw: str) -> list[RunEvent]:
+        events = self.push(raw)
+        calls = read_calls(raw, tuple(item["call_id"] for item in self.items))
+        if self.items:
+            last = calls.all[-1]
+            events.append(self._done(len(self.items) - 1, last.arguments,
+                                     "incomplete" if last is calls.partial else "completed"))
+        return events
+
+    def _done(self, k: int, arguments: str, status: str) -> ItemDone:
+        return ItemDone(self.first + k, {**self.items[k], "arguments": arguments, "status": status})
+
+
 @dataclass
 class _Split:
     """Sorts a model turn's text into a code call or an answer as it streams, without the code fence."""
@@ -186,6 +225,7 @@ async def run(spec: RunSpec, engine: Engine, generate: Generate, execute: Execut
             must = spec.code_required and calls == 0
             prepared = await asyncio.to_thread(engine.prepare, turn, allow_code, must)
         split = _Split(allow_code, bool(spec.tools.active), engine.profile.code)
+        call_items: _CallItems | None = None  # set when the turn is function calls, after any reasoning item
         item: dict[str, Any] | None = None
         thought: dict[str, Any] | None = None  # the turn's reasoning item, while it streams
         thought_text = ""
@@ -205,6 +245,11 @@ async def run(spec: RunSpec, engine: Engine, generate: Generate, execute: Execut
                 yield ItemDone(index, _reasoning_done(thought, thought_text, "completed"))
                 thought, index = None, index + 1
             piece = split.push(event.text)
+            if split.kind == "calls":
+                call_items = call_items or _CallItems(index)
+                for call_event in call_items.push(split.raw):
+                    yield call_event
+                continue
             if item is None and split.kind in ("code", "text"):
                 item = _code_item() if split.kind == "code" else _message_item()
                 yield ItemAdded(index, item)
@@ -221,15 +266,8 @@ async def run(spec: RunSpec, engine: Engine, generate: Generate, execute: Execut
             return
         cut = done.finish_reason == "length"
         if split.kind == "calls":
-            turn_calls = read_calls(split.raw)
-            for call in turn_calls.all:  # cut by max_output_tokens: the last one as far as it got, incomplete
-                item = {"id": f"fc_{uuid.uuid4().hex}", "type": "function_call", "call_id": call.id,
-                        "name": call.name, "arguments": "", "status": "in_progress"}
-                yield ItemAdded(index, item)
-                yield Delta(index, "arguments", call.arguments)
-                done_as = "incomplete" if call is turn_calls.partial else "completed"
-                yield ItemDone(index, {**item, "arguments": call.arguments, "status": done_as})
-                index += 1
+            for call_event in (call_items or _CallItems(index)).finish(split.raw):
+                yield call_event
             yield finished("incomplete", "max_output_tokens") if cut else finished("completed")
             return
         if item is None:  # the model ended at once: an empty answer

@@ -213,6 +213,25 @@ def test_function_calls_stream_and_mix_with_the_code_interpreter(make_server) ->
     assert [o.type for o in final.output] == ["function_call"]
 
 
+def test_two_calls_stream_their_arguments_as_generated_one_item_after_the_other(make_server) -> None:  # type: ignore[no-untyped-def]
+    second = CALL.replace(b"Paris", b"Lyon")
+    server, _ = scripted(make_server, CALL + b"\n" + second)
+    with server.client().responses.stream(model="byte-model", input="x", tools=[WEATHER_FN]) as stream:
+        events = list(stream)  # the SDK checks each event against what it has accumulated
+        final = stream.get_final_response()
+    deltas: dict[int, list[str]] = {}
+    for e in events:
+        if e.type == "response.function_call_arguments.delta":
+            deltas.setdefault(e.output_index, []).append(e.delta)
+    assert {i: "".join(d) for i, d in deltas.items()} == {0: '{"city":"Paris"}', 1: '{"city":"Lyon"}'}
+    assert min(len(d) for d in deltas.values()) > 3  # streamed as generated, not in one piece at the end
+    order = [(e.type, e.output_index) for e in events if e.type.startswith("response.output_item.")]
+    assert order == [("response.output_item.added", 0), ("response.output_item.done", 0),
+                     ("response.output_item.added", 1), ("response.output_item.done", 1)]
+    assert [(o.name, o.arguments, o.status) for o in final.output] == [  # type: ignore[union-attr]
+        ("get_weather", '{"city":"Paris"}', "completed"), ("get_weather", '{"city":"Lyon"}', "completed")]
+
+
 def test_function_tool_choice_none_and_bad_schemas(make_server) -> None:  # type: ignore[no-untyped-def]
     server, _ = scripted(make_server, CALL)
     client = server.client()
