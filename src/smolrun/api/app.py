@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,6 +21,7 @@ from smolrun.api.containers import router as containers_router
 from smolrun.api.files import router as files_router
 from smolrun.api.responses import router as responses_router
 from smolrun.api.state import AppState, get_state
+from smolrun.api.wire import wire_param
 from smolrun.config import Settings
 from smolrun.engine import Engine
 from smolrun.errors import AuthenticationFailed, InvalidRequest, NotFound, PayloadTooLarge, SmolrunError
@@ -106,23 +106,6 @@ class _UnexpectedErrors:
             log.exception("unexpected error on %s", scope.get("path"))
             error = SmolrunError(f"internal error: {type(exc).__name__}")
             await JSONResponse(error.to_dict(), status_code=500)(scope, receive, send)
-
-
-_UNION_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})  # pydantic's names of members
-
-
-def wire_param(loc: tuple[int | str, ...]) -> str | None:
-    """A pydantic error location as OpenAI names parameters (`messages[0].content`), up to where pydantic adds
-    the name of a union's member (`literal['none','auto']`, a class name), which is no parameter."""
-    parts: list[str] = []
-    for p in loc:
-        if isinstance(p, int):
-            parts.append(f"[{p}]")
-        elif p != "body" or parts:
-            if not re.fullmatch(r"[a-z_$][a-z0-9_]*", p) or p in _UNION_TAGS:
-                break
-            parts.append(f".{p}" if parts else p)
-    return "".join(parts) or None
 
 
 def create_app(engine: Engine, settings: Settings, vision: Engine | None = None) -> FastAPI:

@@ -130,7 +130,6 @@ async def _prepare(call: _Call) -> RunSpec:
                 await state.containers.call(state.containers.add_file, call.container_id, meta["filename"], data)
     system = [Message("system", body.instructions)] if body.instructions else []
     call.input_items = list(parsed.items)
-    call.request = body.model_copy(update={"input": call.input_items})
     params = SamplingParams(
         max_tokens=body.max_output_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,

@@ -8,10 +8,10 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import Field, TypeAdapter, ValidationError
 
 from smolrun import media
-from smolrun.api.wire import MAX_MESSAGES
+from smolrun.api.wire import MAX_MESSAGES, WireModel, wire_param
 from smolrun.constraints import check_schema
 from smolrun.errors import InvalidRequest, SchemaError
 from smolrun.prompt.profiles import FENCE, CodeFormat
@@ -21,19 +21,15 @@ INCLUDE_OUTPUTS = "code_interpreter_call.outputs"
 T = TypeVar("T")
 
 
-class _Wire(BaseModel):
-    model_config = ConfigDict(extra="allow")  # OpenAI adds optional fields often: ignored, as it does
-
-
-class _FormatText(_Wire):
+class _FormatText(WireModel):
     type: Literal["text"]
 
 
-class _FormatJsonObject(_Wire):
+class _FormatJsonObject(WireModel):
     type: Literal["json_object"]
 
 
-class _FormatJsonSchema(_Wire):
+class _FormatJsonSchema(WireModel):
     type: Literal["json_schema"]
     name: str | None = None
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
@@ -41,30 +37,30 @@ class _FormatJsonSchema(_Wire):
     description: str | None = None
 
 
-class _TextParam(_Wire):
+class _TextParam(WireModel):
     format: Annotated[_FormatText | _FormatJsonObject | _FormatJsonSchema, Field(discriminator="type")] | None = None
 
 
-class _FunctionChoice(_Wire):
+class _FunctionChoice(WireModel):
     type: Literal["function"]
     name: str
 
 
-class _CodeChoice(_Wire):
+class _CodeChoice(WireModel):
     type: Literal["code_interpreter"]
 
 
-class _LogsOutput(_Wire):
+class _LogsOutput(WireModel):
     type: Literal["logs"]
     logs: str
 
 
-class _ImageOutput(_Wire):
+class _ImageOutput(WireModel):
     type: Literal["image"]
     url: str | None = None
 
 
-class _CodeCallItem(_Wire):
+class _CodeCallItem(WireModel):
     code: str | None = None
     outputs: list[Annotated[_LogsOutput | _ImageOutput, Field(discriminator="type")]] | None = None
 
@@ -83,14 +79,14 @@ def checked(adapter: TypeAdapter[T], value: Any, param: str, expected: str | Non
         if expected is not None:
             raise InvalidRequest(f"Invalid value for '{param}': expected {expected}", param=param) from None
         first = exc.errors()[0]
-        where = "".join([param, *(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first.get("loc", ()))])
+        inner = wire_param(tuple(first.get("loc", ())))
+        where = param if inner is None else param + (inner if inner.startswith("[") else f".{inner}")
         raise InvalidRequest(f"Invalid value at '{where}': {first.get('msg', 'malformed')}", param=where) from None
 NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 ROLES: dict[str, Role] = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
 
 
-class ResponsesRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class ResponsesRequest(WireModel):
     model: str
     input: str | Annotated[list[dict[str, Any]], Field(max_length=MAX_MESSAGES)]
     instructions: str | None = None

@@ -28,58 +28,73 @@ from smolrun.turn import (
 
 _NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 MAX_MESSAGES = 2048  # messages (Chat) or input items (Responses) in one request
+_UNION_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})  # pydantic's names of members
 
 
-class _Wire(BaseModel):
+def wire_param(loc: tuple[int | str, ...]) -> str | None:
+    """A pydantic error location as OpenAI names parameters (`messages[0].content`), up to where pydantic adds
+    the name of a union's member (`literal['none','auto']`, a class name), which is no parameter."""
+    parts: list[str] = []
+    for p in loc:
+        if isinstance(p, int):
+            parts.append(f"[{p}]")
+        elif p != "body" or parts:
+            if not re.fullmatch(r"[a-z_$][a-z0-9_]*", p) or p in _UNION_TAGS:
+                break
+            parts.append(f".{p}" if parts else p)
+    return "".join(parts) or None
+
+
+class WireModel(BaseModel):
     # OpenAI adds optional fields often; unknown ones are accepted and ignored like the real API does.
     model_config = ConfigDict(extra="allow")
 
 
-class TextPart(_Wire):
+class TextPart(WireModel):
     type: Literal["text"]
     text: str
 
 
-class ImageUrl(_Wire):
+class ImageUrl(WireModel):
     url: str
     detail: str | None = None
 
 
-class ImagePart(_Wire):
+class ImagePart(WireModel):
     type: Literal["image_url"]
     image_url: ImageUrl
 
 
-class FileRef(_Wire):
+class FileRef(WireModel):
     file_id: str | None = None
     file_data: str | None = None  # a data URL, or bare base64
     filename: str | None = None
 
 
-class FilePart(_Wire):
+class FilePart(WireModel):
     type: Literal["file"]
     file: FileRef
 
 
-class OtherPart(_Wire):
+class OtherPart(WireModel):
     type: Literal["input_audio", "refusal"]
 
 
 ContentPart = Annotated[TextPart | ImagePart | FilePart | OtherPart, Field(discriminator="type")]
 
 
-class FunctionCall(_Wire):
+class FunctionCall(WireModel):
     name: str
     arguments: str
 
 
-class ToolCallWire(_Wire):
+class ToolCallWire(WireModel):
     id: str
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class ChatMessage(_Wire):
+class ChatMessage(WireModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -87,34 +102,34 @@ class ChatMessage(_Wire):
     tool_call_id: str | None = None
 
 
-class FunctionSpec(_Wire):
+class FunctionSpec(WireModel):
     name: str
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
 
-class FunctionTool(_Wire):
+class FunctionTool(WireModel):
     type: Literal["function"]
     function: FunctionSpec
 
 
-class JsonSchemaSpec(_Wire):
+class JsonSchemaSpec(WireModel):
     name: str
     description: str | None = None
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
     strict: bool | None = None
 
 
-class TextFormat(_Wire):
+class TextFormat(WireModel):
     type: Literal["text"]
 
 
-class JsonObjectFormat(_Wire):
+class JsonObjectFormat(WireModel):
     type: Literal["json_object"]
 
 
-class JsonSchemaFormat(_Wire):
+class JsonSchemaFormat(WireModel):
     type: Literal["json_schema"]
     json_schema: JsonSchemaSpec
 
@@ -122,20 +137,20 @@ class JsonSchemaFormat(_Wire):
 AnyFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
 
 
-class NamedFunction(_Wire):
+class NamedFunction(WireModel):
     name: str
 
 
-class NamedToolChoice(_Wire):
+class NamedToolChoice(WireModel):
     type: Literal["function"]
     function: NamedFunction
 
 
-class StreamOptions(_Wire):
+class StreamOptions(WireModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(_Wire):
+class ChatCompletionRequest(WireModel):
     model: str
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     response_format: AnyFormat | None = None
