@@ -18,7 +18,7 @@ from typing import Any, Literal
 from smolrun.engine import Engine, Prepared
 from smolrun.prompt.profiles import CodeFormat
 from smolrun.prompt.tools import OPEN as TOOL_OPEN
-from smolrun.prompt.tools import read_calls
+from smolrun.prompt.tools import CallReader
 from smolrun.sandbox.container import Execution
 from smolrun.turn import (
     DEFAULT_REASONING,
@@ -102,35 +102,30 @@ class _CallItems:
 
     def __init__(self, first: int) -> None:
         self.first = first  # the output index of the turn's first call
+        self.reader = CallReader()
         self.items: list[dict[str, Any]] = []
-        self.sent: list[int] = []  # characters of each call's arguments already sent
 
-    def push(self, raw: str) -> list[RunEvent]:
-        calls = read_calls(raw, tuple(item["call_id"] for item in self.items)).all
+    def push(self, text: str) -> list[RunEvent]:
         events: list[RunEvent] = []
-        for k, call in enumerate(calls):
-            if k == len(self.items):
-                if k > 0:  # the call before is complete now
-                    events.append(self._done(k - 1, calls[k - 1].arguments, "completed"))
-                self.items.append({"id": f"fc_{uuid.uuid4().hex}", "type": "function_call", "call_id": call.id,
-                                   "name": call.name, "arguments": "", "status": "in_progress"})
-                self.sent.append(0)
-                events.append(ItemAdded(self.first + k, self.items[k]))
-            if len(call.arguments) > self.sent[k]:
-                events.append(Delta(self.first + k, "arguments", call.arguments[self.sent[k]:]))
-                self.sent[k] = len(call.arguments)
+        for p in self.reader.push(text):
+            if p.new:
+                if p.index > 0:  # the call before is complete now
+                    events.append(self._done(p.index - 1, "completed"))
+                self.items.append({"id": f"fc_{uuid.uuid4().hex}", "type": "function_call", "call_id": p.call.id,
+                                   "name": p.call.name, "arguments": "", "status": "in_progress"})
+                events.append(ItemAdded(self.first + p.index, self.items[p.index]))
+            if p.arguments:
+                events.append(Delta(self.first + p.index, "arguments", p.arguments))
         return events
 
-    def finish(self, raw: str) -> list[RunEvent]:
-        events = self.push(raw)
-        calls = read_calls(raw, tuple(item["call_id"] for item in self.items))
-        if self.items:
-            last = calls.all[-1]
-            events.append(self._done(len(self.items) - 1, last.arguments,
-                                     "incomplete" if last is calls.partial else "completed"))
-        return events
+    def finish(self) -> list[RunEvent]:
+        if not self.items:
+            return []
+        last = self.reader.calls.all[-1]
+        return [self._done(len(self.items) - 1, "incomplete" if last is self.reader.calls.partial else "completed")]
 
-    def _done(self, k: int, arguments: str, status: str) -> ItemDone:
+    def _done(self, k: int, status: str) -> ItemDone:
+        arguments = self.reader.calls.all[k].arguments
         return ItemDone(self.first + k, {**self.items[k], "arguments": arguments, "status": status})
 
 
@@ -198,12 +193,17 @@ def prepare_first(spec: RunSpec, engine: Engine) -> Prepared:
     """The loop's first model turn, prepared: a route prepares and admits it before its response starts, so
     that its 400s and 429s are HTTP statuses (see `run`'s `first`)."""
     turn = Turn(tuple(_conversation(spec, engine)), spec.format, spec.params, spec.tools, spec.reasoning)
-    return engine.prepare(turn, spec.code and spec.max_tool_calls > 0, spec.code_required)
+    return engine.prepare(turn, *_code_mode(spec, 0))
+
+
+def _code_mode(spec: RunSpec, calls: int) -> tuple[bool, bool]:
+    """Whether the next model turn may be a code call, and whether it must be, after `calls` of them."""
+    return spec.code and calls < spec.max_tool_calls, spec.code_required and calls == 0
 
 
 async def run(spec: RunSpec, engine: Engine, generate: Generate, execute: Execute,
               first: Prepared | None = None) -> AsyncIterator[RunEvent]:
-    """The loop; `first`, when given, is `first_turn` already prepared (and `generate` already admitted it)."""
+    """The loop; `first`, when given, is `prepare_first`'s turn (and `generate` already admitted it)."""
     conversation = _conversation(spec, engine)
     budget = spec.params.max_tokens
     used_in = used_out = used_thinking = used_cached = calls = index = 0
@@ -212,7 +212,7 @@ async def run(spec: RunSpec, engine: Engine, generate: Generate, execute: Execut
         return Finished(status, used_in, used_out, reason, used_thinking, used_cached)
 
     while True:
-        allow_code = spec.code and calls < spec.max_tool_calls
+        allow_code, must_code = _code_mode(spec, calls)
         remaining = None if budget is None else budget - used_out
         if remaining is not None and remaining <= 0:
             yield finished("incomplete", "max_output_tokens")
@@ -222,8 +222,7 @@ async def run(spec: RunSpec, engine: Engine, generate: Generate, execute: Execut
         if first is not None:
             prepared, first = first, None
         else:  # off the event loop: rendering, tokenizing and cutting pictures into tiles can take a while
-            must = spec.code_required and calls == 0
-            prepared = await asyncio.to_thread(engine.prepare, turn, allow_code, must)
+            prepared = await asyncio.to_thread(engine.prepare, turn, allow_code, must_code)
         split = _Split(allow_code, bool(spec.tools.active), engine.profile.code)
         call_items: _CallItems | None = None  # set when the turn is function calls, after any reasoning item
         item: dict[str, Any] | None = None
@@ -247,7 +246,8 @@ async def run(spec: RunSpec, engine: Engine, generate: Generate, execute: Execut
             piece = split.push(event.text)
             if split.kind == "calls":
                 call_items = call_items or _CallItems(index)
-                for call_event in call_items.push(split.raw):
+                # The text the reader has not seen: all of it when this text showed the branch, else this delta.
+                for call_event in call_items.push(split.raw[len(call_items.reader.text):]):
                     yield call_event
                 continue
             if item is None and split.kind in ("code", "text"):
@@ -266,7 +266,7 @@ async def run(spec: RunSpec, engine: Engine, generate: Generate, execute: Execut
             return
         cut = done.finish_reason == "length"
         if split.kind == "calls":
-            for call_event in (call_items or _CallItems(index)).finish(split.raw):
+            for call_event in (call_items or _CallItems(index)).finish():
                 yield call_event
             yield finished("incomplete", "max_output_tokens") if cut else finished("completed")
             return

@@ -18,7 +18,7 @@ from smolrun.api.state import get_state
 from smolrun.api.wire import ChatCompletionRequest
 from smolrun.errors import GenerationFailed, SchemaError, SmolrunError
 from smolrun.prompt.tools import OPEN as TOOL_OPEN
-from smolrun.prompt.tools import read_calls
+from smolrun.prompt.tools import CallProgress, CallReader, read_calls
 from smolrun.scheduler import EventStream
 from smolrun.turn import DecodeStats, Done, ReasoningDelta, TextDelta, ToolCall
 
@@ -130,34 +130,22 @@ def _wire_call(call: ToolCall, index: int | None = None) -> dict[str, Any]:
     return wire if index is None else {"index": index, **wire}
 
 
-class _CallStream:
-    """A turn of function calls as OpenAI streams them: each call announced once its name is whole (index, id,
-    name), then its arguments as they are generated."""
-
-    def __init__(self) -> None:
-        self.text = ""
-        self.ids: list[str] = []
-        self.sent: list[int] = []  # characters of each call's arguments already sent
-
-    def push(self, text: str) -> list[dict[str, Any]]:
-        self.text += text
-        calls = read_calls(self.text, tuple(self.ids))
-        deltas: list[dict[str, Any]] = []
-        for index, call in enumerate(calls.all):
-            if index == len(self.ids):
-                self.ids.append(call.id)
-                self.sent.append(0)
-                deltas.append({"index": index, "id": call.id, "type": "function",
-                               "function": {"name": call.name, "arguments": ""}})
-            if len(call.arguments) > self.sent[index]:
-                deltas.append({"index": index, "function": {"arguments": call.arguments[self.sent[index]:]}})
-                self.sent[index] = len(call.arguments)
-        return deltas
+def _call_deltas(progress: list[CallProgress]) -> list[dict[str, Any]]:
+    """Calls as OpenAI streams them: each announced once its name is whole (index, id, name), then its
+    arguments as they are generated."""
+    deltas: list[dict[str, Any]] = []
+    for p in progress:
+        if p.new:
+            deltas.append({"index": p.index, "id": p.call.id, "type": "function",
+                           "function": {"name": p.call.name, "arguments": ""}})
+        if p.arguments:
+            deltas.append({"index": p.index, "function": {"arguments": p.arguments}})
+    return deltas
 
 
 async def _sse(events: EventStream, meta: _Meta, include_usage: bool) -> AsyncIterator[str]:
     yield _data(_chunk(meta, {"role": "assistant", "content": "", "refusal": None}, None))
-    calls: _CallStream | None = None  # set when the turn is function calls
+    calls: CallReader | None = None  # set when the turn is function calls
     first = True
     try:
         async for event in events:
@@ -166,10 +154,10 @@ async def _sse(events: EventStream, meta: _Meta, include_usage: bool) -> AsyncIt
                 continue
             if isinstance(event, TextDelta):
                 if first and meta.tools and event.text.startswith("<"):  # the grammar's choice of branch
-                    calls = _CallStream()
+                    calls = CallReader()
                 first = False
                 if calls is not None:
-                    for delta in calls.push(event.text):
+                    for delta in _call_deltas(calls.push(event.text)):
                         yield _data(_chunk(meta, {"tool_calls": [delta]}, None))
                 else:
                     yield _data(_chunk(meta, {"content": event.text}, None))

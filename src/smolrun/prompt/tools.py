@@ -93,6 +93,41 @@ def read_calls(text: str, ids: tuple[str, ...] = ()) -> Calls:
         at = after + len(CLOSE)
 
 
+@dataclass(frozen=True)
+class CallProgress:
+    """What one push added to one call: `new` when the call first shows (its name is whole), and the piece
+    of its arguments not given before."""
+
+    index: int
+    call: ToolCall
+    new: bool
+    arguments: str
+
+
+class CallReader:
+    """A turn of function calls read as its text streams in (both APIs stream calls this way): each push
+    says which calls appeared and how far each one's arguments grew; `calls` is all of it so far."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.calls = Calls(())
+        self._sent: list[int] = []  # characters of each call's arguments already given
+
+    def push(self, text: str) -> list[CallProgress]:
+        self.text += text
+        self.calls = read_calls(self.text, tuple(c.id for c in self.calls.all))
+        progress = []
+        for index, call in enumerate(self.calls.all):
+            new = index == len(self._sent)
+            if new:
+                self._sent.append(0)
+            piece = call.arguments[self._sent[index]:]
+            self._sent[index] = len(call.arguments)
+            if new or piece:
+                progress.append(CallProgress(index, call, new, piece))
+        return progress
+
+
 def _skip_newlines(text: str, at: int) -> int:
     while text.startswith("\n", at):
         at += 1
