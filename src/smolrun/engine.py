@@ -164,15 +164,13 @@ class Engine:
 
     def job(self, prepared: Prepared, sink: Sink, cancelled: Callable[[], bool]) -> Job:
         """A prepared turn as the batch loop takes it (its own decoding state, a fresh grammar matcher)."""
-        state = SequenceState(len(prepared.prompt), self.model.n_ctx, prepared.params, self._matcher(prepared),
-                              self.model.eog_tokens, self.model.token_bytes)
-        return Job(list(prepared.prompt), prepared.pixels, state, sink, cancelled, reuse=prepared.params.seed is None)
+        return Job(list(prepared.prompt), prepared.pixels, self._state(prepared), sink, cancelled,
+                   reuse=prepared.params.seed is None)
 
     def _submit(self, prepared: Prepared, sink: Sink, cancelled: Callable[[], bool]) -> None:
         runner = self._start()
         if isinstance(runner, VllmRunner):
-            state = SequenceState(len(prepared.prompt), self.model.n_ctx, prepared.params, self._matcher(prepared),
-                                  self.model.eog_tokens, self.model.token_bytes)
+            state = self._state(prepared)
             source = prepared.grammar.source if prepared.grammar is not None else None
             body = completion_body(runner.model, prepared.prompt, source, prepared.params, state.budget)
             runner.submit(RemoteJob(body, state, sink, cancelled))
@@ -208,6 +206,11 @@ class Engine:
         self.close()
         if isinstance(self.model, VllmModel):
             self.model.close()
+
+    def _state(self, prepared: Prepared) -> SequenceState:
+        """A turn's own decoding state (a fresh grammar matcher), for the batch loop or the vLLM replay."""
+        return SequenceState(len(prepared.prompt), self.model.n_ctx, prepared.params, self._matcher(prepared),
+                             self.model.eog_tokens, self.model.token_bytes)
 
     @staticmethod
     def _matcher(prepared: Prepared) -> LLMatcher | None:
