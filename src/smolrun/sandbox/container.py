@@ -432,14 +432,19 @@ def sweep_orphans(root: Path, keep: frozenset[str] = frozenset(), store: Path | 
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     continue
-            storage.release(directory, directory / "data")
-            for controller in ("memory", "pids"):
-                remove_cgroup(Path("/sys/fs/cgroup") / controller / "smolrun" / directory.name)
+            release_directory(directory)
             removed += 1
         finally:
             if fd is not None:
                 os.close(fd)
     return removed
+
+
+def release_directory(directory: Path) -> None:
+    """Remove a container's directory that no Container object holds: its tmpfs, files and cgroups."""
+    storage.release(directory, directory / "data")
+    for controller in ("memory", "pids"):
+        remove_cgroup(Path("/sys/fs/cgroup") / controller / "smolrun" / directory.name)
 
 
 def _orphan_of(directory: Path, store: Path | None) -> bool:

@@ -10,13 +10,12 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from functools import partial
-from pathlib import Path
 from typing import Any, TypeVar
 
 from smolrun.errors import InvalidRequest, NotFound
 from smolrun.files import FileStore
-from smolrun.sandbox import files, storage
-from smolrun.sandbox.container import OWNER_STORE, Container, Execution, remove_cgroup, sweep_orphans
+from smolrun.sandbox import files
+from smolrun.sandbox.container import OWNER_STORE, Container, Execution, release_directory, sweep_orphans
 from smolrun.sandbox.launch import SandboxConfig
 from smolrun.sandbox.pool import WarmPool
 from smolrun.store import Store
@@ -78,8 +77,7 @@ class ContainerManager:
         if memory_limit == DEFAULT_MEMORY and self._pool is not None:
             container = self._pool.acquire()
         else:
-            limits = replace(self.config.limits, memory_mb=MEMORY_LIMITS[memory_limit])
-            container = Container(replace(self.config, limits=limits)).start()
+            container = Container(self._config(memory_limit)).start()
         now = int(time.time())
         self.store.execute("INSERT INTO containers VALUES (?, ?, ?, ?, 'active', ?, ?)", container.id, name, now,
                            now, expires_minutes, memory_limit)
@@ -110,14 +108,16 @@ class ContainerManager:
         """The running container; any use refreshes its expiry, as at OpenAI."""
         meta = self.get(container_id)
         if meta["status"] == "expired":
-            raise InvalidRequest(f"Container is expired: {container_id}", param="container_id",
-                                 code="container_expired")
+            raise _expired(container_id)
         with self._lock:
             container = self._live.get(container_id)
         if container is None:  # kept across a restart: started again over its files, at first use
             container = self._resume(container_id, meta["memory_limit"])
         self.store.execute("UPDATE containers SET last_active_at = ? WHERE id = ?", int(time.time()), container_id)
         return container
+
+    def _config(self, memory_limit: str) -> SandboxConfig:
+        return replace(self.config, limits=replace(self.config.limits, memory_mb=MEMORY_LIMITS[memory_limit]))
 
     def _resume(self, container_id: str, memory_limit: str) -> Container:
         with self._resuming:
@@ -127,10 +127,8 @@ class ContainerManager:
                 return running
             if not (self.config.root / container_id / "data").is_dir():  # its files are gone: so is the container
                 self.store.execute("UPDATE containers SET status = 'expired' WHERE id = ?", container_id)
-                raise InvalidRequest(f"Container is expired: {container_id}", param="container_id",
-                                     code="container_expired")
-            limits = replace(self.config.limits, memory_mb=MEMORY_LIMITS[memory_limit])
-            container = Container(replace(self.config, limits=limits), id=container_id).start(resume=True)
+                raise _expired(container_id)
+            container = Container(self._config(memory_limit), id=container_id).start(resume=True)
             with self._lock:
                 self._live[container_id] = container
             return container
@@ -164,13 +162,8 @@ class ContainerManager:
         if container is not None:
             container.close()
         else:  # kept from before a restart and not resumed: only its files are left
-            self._release(container_id)
+            release_directory(self.config.root / container_id)
 
-    def _release(self, container_id: str) -> None:
-        directory = self.config.root / container_id
-        storage.release(directory, directory / "data")
-        for controller in ("memory", "pids"):
-            remove_cgroup(Path("/sys/fs/cgroup") / controller / "smolrun" / container_id)
 
     def _adopt_leftovers(self) -> frozenset[str]:
         """Containers still 'active' in the store were kept by a previous process (see close): those within
@@ -181,7 +174,7 @@ class ContainerManager:
             if now - row["last_active_at"] <= row["expires_minutes"] * 60:
                 kept.add(row["id"])
                 continue
-            self._release(row["id"])
+            release_directory(self.config.root / row["id"])
             self.store.execute("DELETE FROM container_files WHERE container_id = ?", row["id"])
             self.store.execute("UPDATE containers SET status = 'expired' WHERE id = ?", row["id"])
         return frozenset(kept)
@@ -269,3 +262,7 @@ class ContainerManager:
         files.remove_file(container.workdir, meta["path"].removeprefix("/mnt/data/"))
         self.store.execute("DELETE FROM container_files WHERE id = ?", file_id)
         return {"id": file_id, "object": "container.file.deleted", "deleted": True}
+
+
+def _expired(container_id: str) -> InvalidRequest:
+    return InvalidRequest(f"Container is expired: {container_id}", param="container_id", code="container_expired")
