@@ -110,3 +110,9 @@ class BackendMissing(SmolrunError):
 
 class GenerationFailed(SmolrunError):
     pass
+
+
+def first_line(exc: BaseException) -> str:
+    """A foreign exception's message as one line for ours: its first line, or its type when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from smolrun.errors import BackendMissing, InvalidRequest
+from smolrun.errors import BackendMissing, InvalidRequest, first_line
 from smolrun.turn import Detail, Image, Message, Part, Role, Video
 
 Files = Callable[[str], bytes]  # an uploaded file's id -> its bytes (NotFound when there is none)
@@ -189,7 +189,7 @@ def digest(item: Image | Video) -> bytes:
 
 
 def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = first_line(exc)
     text = re.sub(r"^\[Errno -?\d+\] |: '<none>'$", "", text)  # FFmpeg's errno prefix and missing file name
     return text[:200]
 

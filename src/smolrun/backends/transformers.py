@@ -15,7 +15,7 @@ import numpy.typing as npt
 
 from smolrun.backends.base import Pixels, Vision, reusable_prefix, reusable_with_pixels
 from smolrun.backends.tokenizer import HFTokenizer
-from smolrun.errors import BackendMissing, ModelUnavailable
+from smolrun.errors import BackendMissing, ModelUnavailable, first_line
 
 
 def _import_torch() -> tuple[Any, Any]:
@@ -68,7 +68,7 @@ class TransformersModel:
                 self.vision = SmolVLMVision(processor, config, self.tokenizer)
                 template = _processor_template(source.location, offline) or template
         except OSError as exc:  # missing files, or the Hub unreachable: transformers raises OSError for both
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = first_line(exc)
             raise ModelUnavailable(
                 f"could not load {source.location!r} with transformers ({reason.rstrip('.')}); where the Hub "
                 f"is reachable, download it first: hf download {source.location}") from exc

@@ -20,7 +20,7 @@ from smolrun.backends.tokenizer import HFTokenizer
 from smolrun.backends.transformers import HFSource, hf_source
 from smolrun.backends.vllm import GUIDANCE, Replicas, VllmModel, _httpx, completion_body
 from smolrun.config import Settings
-from smolrun.errors import BackendMissing, GenerationFailed, ModelUnavailable
+from smolrun.errors import BackendMissing, GenerationFailed, ModelUnavailable, first_line
 from smolrun.models import REGISTRY, hub_offline
 from smolrun.turn import SamplingParams
 
@@ -121,7 +121,7 @@ def load_tokenizer(source: HFSource, offline: bool) -> HFTokenizer:
         except OSError:
             eos = None
     except OSError as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise ModelUnavailable(f"could not load the tokenizer of {source.location!r} ({reason.rstrip('.')}); the "
                                "vLLM engine needs the served model's own tokenizer here too") from exc
     n_vocab = int(config.get_text_config().vocab_size)
