@@ -107,18 +107,20 @@ def test_llguidance_refusals_become_schema_errors() -> None:
         cache.get(ResponseFormat("json_schema", overlapping, "v"))
 
 
+def accepts(source: str, text: str) -> bool:
+    """Whether a grammar takes `text`, byte by byte, as a whole turn."""
+    matcher = LLMatcher(byte_tokenizer(), source, log_level=0)
+    return matcher.consume_tokens(list(text.encode())) and matcher.is_accepting()
+
+
 def test_code_in_tags_is_one_lazy_lexeme() -> None:
     source = turn_source(ResponseFormat(), allow_code=True, code=CODE_TAGS)
     assert source is not None
 
-    def accepts(text: str) -> bool:
-        matcher = LLMatcher(byte_tokenizer(), source, log_level=0)
-        return matcher.consume_tokens(list(text.encode())) and matcher.is_accepting()
-
-    assert accepts("<code>x = '<b>'\nprint(x)</code>")
-    assert accepts("The answer is 42.")
-    assert not accepts("<code>print(1)</code> and more")  # the code call is the whole turn
-    assert not accepts("<b>bold</b>")  # free text may not start like a code call
+    assert accepts(source, "<code>x = '<b>'\nprint(x)</code>")
+    assert accepts(source, "The answer is 42.")
+    assert not accepts(source, "<code>print(1)</code> and more")  # the code call is the whole turn
+    assert not accepts(source, "<b>bold</b>")  # free text may not start like a code call
 
 
 def test_unbounded_integers_are_capped_at_the_largest_exact_double() -> None:
@@ -139,23 +141,15 @@ def test_unbounded_integers_are_capped_at_the_largest_exact_double() -> None:
         "type": "object", "properties": {"n": {"type": "integer"}, "own": {"type": "integer", "maximum": 10**18}},
         "required": ["n", "own"], "additionalProperties": False}))
     assert grammar is not None
-
-    def accepts(text: str) -> bool:
-        matcher = grammar.matcher()
-        return matcher.consume_tokens(list(text.encode())) and matcher.is_accepting()
-
-    assert accepts('{"n":9007199254740991,"own":1}') and accepts('{"n":-9007199254740991,"own":1}')
-    assert not accepts('{"n":9007199254740992,"own":1}')  # one past the cap
-    assert accepts('{"n":1,"own":1000000000000000000}')  # the schema's own bound wins
+    source = grammar.source
+    assert accepts(source, '{"n":9007199254740991,"own":1}') and accepts(source, '{"n":-9007199254740991,"own":1}')
+    assert not accepts(source, '{"n":9007199254740992,"own":1}')  # one past the cap
+    assert accepts(source, '{"n":1,"own":1000000000000000000}')  # the schema's own bound wins
 
 
 def test_a_required_code_call_leaves_no_other_branch() -> None:
     source = turn_source(ResponseFormat(), allow_code=True, must_code=True)
     assert source is not None
 
-    def accepts(text: str) -> bool:
-        matcher = LLMatcher(byte_tokenizer(), source, log_level=0)
-        return matcher.consume_tokens(list(text.encode())) and matcher.is_accepting()
-
-    assert accepts("```python\nprint(1)\n```")
-    assert not accepts("Hello") and not accepts("")
+    assert accepts(source, "```python\nprint(1)\n```")
+    assert not accepts(source, "Hello") and not accepts(source, "")
