@@ -180,6 +180,7 @@ class BatchByteModel(_ByteVocab):
         self.favour = list(favour)
         self.kv: list[list[int]] = [[] for _ in range(n_seq)]
         self.passes: list[list[Feed]] = []  # every forward pass, as fed
+        self.shared: list[tuple[int, int, int, int]] = []  # every share(src, dst, start, end)
 
     def decode(self, feeds: Sequence[Feed]) -> list[npt.NDArray[np.float32]]:
         assert sum(len(f.tokens) for f in feeds) <= self.n_batch
@@ -205,6 +206,13 @@ class BatchByteModel(_ByteVocab):
 
     def forget(self, seq: int, start: int) -> bool:
         del self.kv[seq][start:]
+        return True
+
+    def share(self, src: int, dst: int, start: int, end: int) -> bool:
+        assert len(self.kv[dst]) == start, f"sequence {dst} shares from {start}, holds {len(self.kv[dst])}"
+        assert end <= len(self.kv[src]), f"sequence {src} shares up to {end}, holds {len(self.kv[src])}"
+        self.kv[dst] += self.kv[src][start:end]
+        self.shared.append((src, dst, start, end))
         return True
 
     def evaluate_tile(self, seq: int, tile: object, at: int) -> None:

@@ -9,10 +9,13 @@ byte is streamed.
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import cast
 
@@ -24,7 +27,7 @@ from smolrun.backends.decode import SequenceState, decode, never, token_budget
 from smolrun.backends.vllm import RemoteJob, VllmModel, VllmRunner, completion_body
 from smolrun.config import Settings
 from smolrun.constraints.grammar import Grammar, GrammarCache
-from smolrun.errors import InvalidRequest
+from smolrun.errors import ContextLengthExceeded, InvalidRequest, QueueFull
 from smolrun.models import REGISTRY, hub_offline, resolve
 from smolrun.prompt import render
 from smolrun.prompt.profiles import Profile, detect
@@ -52,6 +55,8 @@ class Engine:
         self.max_inflight = max_inflight  # vLLM: turns on its servers at once
         self._runner: BatchEngine | Scheduler | VllmRunner | None = None  # started by the first turn
         self._runner_lock = threading.Lock()
+        self._preparing = 0  # turns in prepare_async (counted on the event loop's thread)
+        self._prepare_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="smolrun-prepare")
         self.grammars = GrammarCache(model.lltokenizer)
         self.profile: Profile = detect(model.chat_template)
         self._think_tokens: tuple[int, int] | None = None
@@ -116,6 +121,9 @@ class Engine:
         grammar = self.grammars.get(turn.format, allow_code=allow_code or must_code, tools=turn.tools, think=think,
                                     code=self.profile.code, must_code=must_code)
         text = self.render(turn, thinks=think is not None)
+        if len(text) > self.model.n_ctx * self._longest_token:  # more tokens than the context, without tokenizing
+            raise ContextLengthExceeded(f"This model's maximum context length is {self.model.n_ctx} tokens, but the "
+                                        f"messages ({len(text)} characters) use more.", param="messages")
         media, vision = turn.media, self.model.vision
         pixels: tuple[Pixels, ...] = ()
         if vision is not None and self.profile.content_parts:  # text alone too: an image token typed in it is a 400
@@ -131,6 +139,26 @@ class Engine:
             prompt = self.model.tokenize(text)
         token_budget(self.model.n_ctx, len(prompt), turn.params.max_tokens)  # 400 before queueing, not mid-stream
         return Prepared(prompt, grammar, turn.params, think, pixels)
+
+    async def prepare_async(self, turn: Turn, allow_code: bool = False, must_code: bool = False) -> Prepared:
+        """`prepare` off the event loop, admitted like generation: at most `max_queue` turns prepare at once
+        (then QueueFull, a 429), on the engine's own two threads, so that big requests neither take the
+        server's shared threads nor pile up; one whose client left before its turn came is never prepared."""
+        if self._preparing >= self.max_queue:
+            raise QueueFull("the model is busy: too many requests are being prepared; retry shortly")
+        self._preparing += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._prepare_pool, self.prepare, turn,
+                                                                    allow_code, must_code)
+        finally:
+            self._preparing -= 1
+
+    @cached_property
+    def _longest_token(self) -> int:
+        """The most characters one token stands for (special tokens included): a prompt text longer than
+        n_ctx times this cannot fit."""
+        tokenizer = self.model.lltokenizer
+        return max(len(tokenizer.decode_bytes([t])) for t in range(tokenizer.vocab_size))
 
     @property
     def batches(self) -> bool:
@@ -204,6 +232,7 @@ class Engine:
     def shutdown(self) -> None:
         """Close, and stop the vLLM server launched for the model, if any: the engine is done."""
         self.close()
+        self._prepare_pool.shutdown(wait=False, cancel_futures=True)
         if isinstance(self.model, VllmModel):
             self.model.close()
 

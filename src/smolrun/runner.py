@@ -8,7 +8,6 @@ only the answer is allowed.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -189,11 +188,11 @@ def _conversation(spec: RunSpec, engine: Engine) -> list[Message]:
     return conversation
 
 
-def prepare_first(spec: RunSpec, engine: Engine) -> Prepared:
+async def prepare_first(spec: RunSpec, engine: Engine) -> Prepared:
     """The loop's first model turn, prepared: a route prepares and admits it before its response starts, so
     that its 400s and 429s are HTTP statuses (see `run`'s `first`)."""
     turn = Turn(tuple(_conversation(spec, engine)), spec.format, spec.params, spec.tools, spec.reasoning)
-    return engine.prepare(turn, *_code_mode(spec, 0))
+    return await engine.prepare_async(turn, *_code_mode(spec, 0))
 
 
 def _code_mode(spec: RunSpec, calls: int) -> tuple[bool, bool]:
@@ -222,7 +221,7 @@ async def run(spec: RunSpec, engine: Engine, generate: Generate, execute: Execut
         if first is not None:
             prepared, first = first, None
         else:  # off the event loop: rendering, tokenizing and cutting pictures into tiles can take a while
-            prepared = await asyncio.to_thread(engine.prepare, turn, allow_code, must_code)
+            prepared = await engine.prepare_async(turn, allow_code, must_code)
         split = _Split(allow_code, bool(spec.tools.active), engine.profile.code)
         call_items: _CallItems | None = None  # set when the turn is function calls, after any reasoning item
         item: dict[str, Any] | None = None

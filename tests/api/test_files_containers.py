@@ -22,6 +22,9 @@ def api(make_server):  # type: ignore[no-untyped-def]
 
 def test_files_api_round_trip(api) -> None:  # type: ignore[no-untyped-def]
     client = api.client()
+    empty = httpx.get(f"{client.base_url}files").json()
+    # OpenAI's spec types first_id and last_id as required strings: never null, even on an empty page.
+    assert empty == {"object": "list", "data": [], "first_id": "", "last_id": "", "has_more": False}
     created = client.files.create(file=("cities.csv", CSV), purpose="user_data")
     assert created.filename == "cities.csv" and created.bytes == len(CSV) and created.id.startswith("file-")
     assert [f.id for f in client.files.list()] == [created.id]

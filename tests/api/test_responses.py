@@ -19,6 +19,17 @@ CODE = {"type": "code_interpreter", "container": {"type": "auto"}}
 OUTPUTS = ["code_interpreter_call.outputs"]
 
 
+def ended_by(r: openai.types.responses.Response, budget: int) -> tuple[str, object]:
+    """The status and incomplete_details a response must have, given the tokens it used: incomplete exactly
+    when the output budget ran out."""
+    from openai.types.responses.response import IncompleteDetails
+
+    assert r.usage is not None and r.usage.output_tokens <= budget
+    if r.usage.output_tokens == budget:
+        return "incomplete", IncompleteDetails(reason="max_output_tokens")
+    return "completed", None
+
+
 def scripted(make_server, *turns: bytes) -> tuple[Server, TurnsModel]:  # type: ignore[no-untyped-def]
     model = TurnsModel(*turns)
     return make_server(Engine(model)), model
@@ -55,7 +66,7 @@ def test_max_tool_calls_bounds_the_loop(make_server) -> None:  # type: ignore[no
                                          max_output_tokens=300)
     kinds = [o.type for o in r.output]
     assert kinds[:2] == ["code_interpreter_call", "code_interpreter_call"] and "code_interpreter_call" not in kinds[2:]
-    assert r.status in ("completed", "incomplete")
+    assert (r.status, r.usage.output_tokens) == ("completed", 66)  # type: ignore[union-attr]
 
 
 @needs_sandbox
@@ -123,24 +134,24 @@ def test_stored_responses_chain_and_can_be_read_and_deleted(make_server) -> None
 
 
 @pytest.mark.parametrize(
-    ("extra", "param"),
+    ("extra", "param", "status"),
     [
-        ({"tools": [{"type": "web_search"}]}, "tools[0]"),
+        ({"tools": [{"type": "web_search"}]}, "tools[0]", 400),
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "data:,"}]}]},
-         "model"),  # the text model cannot see: the 400 names the model
-        ({"input": [{"role": "user", "content": [{"type": "input_audio"}]}]}, "input[0].content[0]"),
+         "model", 400),  # the text model cannot see: the 400 names the model
+        ({"input": [{"role": "user", "content": [{"type": "input_audio"}]}]}, "input[0].content[0]", 400),
         ({"text": {"format": {"type": "json_schema", "name": "x", "strict": True,
                               "schema": {"type": "object", "properties": {"a": {"not": {}}}, "required": ["a"],
-                                         "additionalProperties": False}}}}, "text.format.schema"),
-        ({"tools": [{"type": "code_interpreter", "container": "cntr_missing"}]}, "container_id"),
-        ({"previous_response_id": "resp_missing"}, "response_id"),
+                                         "additionalProperties": False}}}}, "text.format.schema", 400),
+        ({"tools": [{"type": "code_interpreter", "container": "cntr_missing"}]}, "container_id", 404),
+        ({"previous_response_id": "resp_missing"}, "response_id", 404),
     ],
 )
-def test_bad_requests(make_server, extra: dict, param: str) -> None:  # type: ignore[no-untyped-def]
+def test_bad_requests(make_server, extra: dict, param: str, status: int) -> None:  # type: ignore[no-untyped-def]
     server, _ = scripted(make_server, b"x")
     with pytest.raises(openai.APIStatusError) as err:
         server.client().responses.create(**{"model": "byte-model", "input": "x", **extra})
-    assert err.value.status_code in (400, 404)
+    assert err.value.status_code == status
     assert isinstance(err.value.body, dict) and err.value.body["param"] == param
 
 
@@ -156,12 +167,13 @@ def test_real_model_with_code_interpreter_ends_well_formed(server: Server) -> No
     client = server.client()
     r = client.responses.create(model="smollm2-135m", input="What is 17 * 23? Use Python.", tools=[CODE],
                                 include=OUTPUTS, max_output_tokens=300, temperature=0)
-    assert r.status in ("completed", "incomplete") and r.output
+    assert r.output and (r.status, r.incomplete_details) == ended_by(r, 300)
     with client.responses.stream(model="smollm2-135m", input="Compute 2**10 with Python.", tools=[CODE],
                                  max_output_tokens=300, temperature=0) as stream:
         events = list(stream)  # the SDK's stream checks (order, identities) run on every event
     # A 135M model may use the whole budget: then the stream ends with response.incomplete, like OpenAI's.
-    assert events[-1].type in ("response.completed", "response.incomplete")
+    last = events[-1].response  # type: ignore[union-attr]
+    assert events[-1].type == f"response.{ended_by(last, 300)[0]}"
 
 
 @pytest.mark.model
@@ -264,7 +276,7 @@ def test_real_model_function_round_trip(server: Server) -> None:
                                      input=[{"type": "function_call_output", "call_id": calls[0].call_id,
                                              "output": '{"sky": "sunny", "celsius": 21}'}],
                                      temperature=0, max_output_tokens=150, extra_body={"frequency_penalty": 0.5})
-    assert second.status in ("completed", "incomplete") and second.output
+    assert second.output and (second.status, second.incomplete_details) == ended_by(second, 150)
 
 
 @needs_sandbox

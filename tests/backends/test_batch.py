@@ -139,26 +139,37 @@ def test_long_prompts_are_chunked_and_never_stall_decoding() -> None:
     assert first == run_alone("free greedy") and second == run_alone("long prompt")
 
 
-def test_a_new_request_takes_the_slot_with_the_longest_common_prefix() -> None:
-    engine = Engine(BatchByteModel(n_seq=2))
+def test_a_new_request_shares_the_longest_prefix_any_slot_holds() -> None:
+    model = BatchByteModel(n_seq=3)
+    engine = Engine(model)
     loop = BatchLoop(engine.model)  # type: ignore[arg-type]
 
-    def finish(text: str) -> Done:
+    def finish(text: str) -> int:
         done: list[Done] = []
         loop.submit(engine.job(engine.prepare(turn(text, max_tokens=5, temperature=0)),
                                lambda item: done.extend(e for e in item or [] if isinstance(e, Done))
                                if not isinstance(item, BaseException) else None, lambda: False))
         while loop.busy:
             loop.step()
-        return done[0]
+        return done[0].stats.cached_tokens
 
-    assert finish("the shared system prompt, then question one").stats.cached_tokens == 0
-    assert finish("something else entirely").stats.cached_tokens == 0
-    held = [list(s.tokens) for s in loop.slots]
-    prompt = engine.prepare(turn("the shared system prompt, then question two", max_tokens=5)).prompt
-    expected = max(reusable_prefix(h, prompt) for h in held)
-    assert expected > 20
-    assert finish("the shared system prompt, then question two").stats.cached_tokens == expected
+    def prompt(text: str) -> list[int]:
+        return engine.prepare(turn(text, max_tokens=5)).prompt
+
+    assert finish("the shared system prompt, then question one") == 0
+    first = list(loop.slots[0].tokens)
+    head = reusable_prefix(first, prompt("something else entirely"))
+    assert head > 10  # the template's opening
+    assert finish("something else entirely") == head
+    assert loop.slots[0].tokens == first  # it took an empty slot: the first cache stays whole
+    assert model.shared == [(0, 1, 0, head)]
+    expected = reusable_prefix(first, prompt("the shared system prompt, then question two"))
+    assert expected > head + 20
+    assert finish("the shared system prompt, then question two") == expected
+    assert model.shared[1] == (0, 2, 0, expected)
+    assert finish("the shared system prompt, then question one") == len(prompt("the shared system prompt, "
+                                                                               "then question one")) - 1
+    assert len(model.shared) == 2  # no slot is empty: the one holding most of the prompt is reused, nothing to copy
 
 
 def test_a_full_cache_pauses_the_newest_request_and_cuts_nothing() -> None:

@@ -72,3 +72,24 @@ def test_gpu_layers_reach_llama_cpp() -> None:
     assert model._model.params.n_gpu_layers == 3  # the parameters the model was loaded with
     assert (model.gpu_layers, model.n_seq, model.n_ctx) == (3, 2, 512)
     assert llama_cpp.llama_n_seq_max(model.ctx) == 2
+
+
+def test_a_shared_prefix_gives_the_logits_of_a_computed_one() -> None:
+    import numpy as np
+
+    from smolrun.backends.base import Feed
+    from smolrun.backends.llama_cpp import LlamaCppModel
+    from smolrun.models import resolve
+
+    model = LlamaCppModel(resolve("smollm2-135m", offline=True).path, name="smollm2-135m", n_ctx=512, n_threads=2,
+                          n_seq=3)
+    prompt = model.tokenize("<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nName a fruit.")
+    [computed] = model.decode([Feed(0, 0, prompt, True)])
+    computed = computed.copy()
+    assert model.share(0, 1, 0, len(prompt) - 4)
+    [shared] = model.decode([Feed(1, len(prompt) - 4, prompt[-4:], True)])
+    # The same cells and the same last tokens: equal up to the pass shape's rounding.
+    assert int(np.argmax(shared)) == int(np.argmax(computed))
+    assert np.allclose(shared, computed, atol=1e-3)
+    [elsewhere] = model.decode([Feed(2, 0, prompt[:-4] + [model.tokenize(" x")[-1]] * 4, True)])
+    assert not np.allclose(elsewhere, computed, atol=1e-3)  # the check can fail: other tokens, other logits

@@ -33,7 +33,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
     try:
         turn = await asyncio.to_thread(body.to_turn, state.file_bytes)
         turn = replace(turn, tools=replace(turn.tools, max_calls=state.settings.max_calls_per_turn))
-        prepared = await asyncio.to_thread(engine.prepare, turn)
+        prepared = await engine.prepare_async(turn)
     except SchemaError as exc:
         if exc.param is not None:
             raise

@@ -17,5 +17,6 @@ def page(items: list[dict[str, Any]], limit: int, after: str | None) -> dict[str
             raise InvalidRequest(f"'after' names no object of this list: {after}", param="after")
         start = ids.index(after) + 1
     data = items[start : start + limit]
-    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None, "has_more": start + limit < len(items)}
+    # OpenAI's spec types first_id and last_id as required strings: an empty page sends "", not null.
+    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else "",
+            "last_id": data[-1]["id"] if data else "", "has_more": start + limit < len(items)}

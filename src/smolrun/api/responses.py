@@ -74,7 +74,7 @@ async def create_response(body: ResponsesRequest, request: Request) -> JSONRespo
     call = _Call(state, body, state.engine_for(body.model, pictures))
     spec = await _prepare(call)
     # The first model turn is prepared and admitted here, before any byte: its 400s and 429s are statuses.
-    first = await asyncio.to_thread(prepare_first, spec, call.engine)
+    first = await prepare_first(spec, call.engine)
     admitted = _Admitted(call.engine.stream(first), call.engine.stream)
     if body.stream:
         return StreamingResponse(_sse(call, spec, first, admitted), media_type="text/event-stream")

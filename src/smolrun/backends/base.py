@@ -127,6 +127,11 @@ class BatchModel(Protocol):
         """Drop sequence `seq` from position `start` on; False where the cache cannot drop a suffix."""
         ...
 
+    def share(self, src: int, dst: int, start: int, end: int) -> bool:
+        """Make sequence `dst`, which holds positions up to `start`, also hold `src`'s positions `start` to `end`
+        (the same cells, not a copy); False where the cache cannot (sliding windows)."""
+        ...
+
     def evaluate_tile(self, seq: int, tile: Any, at: int) -> None:
         """Encode one picture tile into sequence `seq` at position `at` (vision models only)."""
         ...

@@ -4,9 +4,11 @@ Each step carries, for every live sequence, the tokens it has not evaluated yet:
 those the grammar forced (fast-forward), or the next chunk of its prompt. Decoding sequences go first and
 prompts fill the rest of the pass, so a long prompt never stalls the others. The grammar masks of a step
 are filled in one call (llguidance's thread pool), then each sequence samples from its own logits. A
-sequence keeps its tokens in its slot after its request: the next request takes the free slot whose tokens
-share the longest prefix with its prompt (the prefix cache). When the shared KV cache is full, idle slots
-are emptied first, then the newest request is paused and recomputed later (nothing is cut short).
+sequence keeps its tokens in its slot after its request (the prefix cache): the next request takes the free
+slot whose cache its prompt extends, else an empty one, and shares the longest prefix any slot holds (a common
+system prompt, a repeated prompt; llama.cpp tags the same cells with both sequences, nothing is recomputed).
+When the shared KV cache is full, idle slots are emptied first, then the newest request is paused and
+recomputed later (nothing is cut short).
 
 Only the thread that calls `BatchLoop.step` touches the model: `BatchEngine` runs that thread.
 """
@@ -143,6 +145,7 @@ class BatchLoop:
                 common = 0
             slot.tokens = slot.tokens[:common]
             slot.pixels = [p for p in slot.pixels if p.end <= common]
+            common = self._borrow(slot, job, common)
             if not job.started:  # not a paused request coming back
                 job.state.cached_tokens = common
                 job.started = True
@@ -150,24 +153,32 @@ class BatchLoop:
             job.admitted = self._clock
             slot.job = job
 
+    def _reusable(self, slot: Slot, job: Job) -> int:
+        if not job.reuse:
+            return 0
+        return reusable_with_pixels(reusable_prefix(slot.tokens, job.tokens), slot.pixels, job.pixels)
+
     def _best_slot(self, free: list[Slot], job: Job) -> tuple[Slot, int]:
         """The free slot to use and the prefix it keeps: one whose whole cache the prompt extends (a follow-up,
-        the code loop's next turn), else one holding at least half of the prompt, longest first (a repeated
-        prompt or system prompt); else an empty one, which keeps the other caches; else the one sharing the
+        the code loop's next turn), else an empty one, which keeps the other caches, else the one sharing the
         longest prefix. Ties go to the least recently used."""
-        def reusable(slot: Slot) -> int:
-            if not job.reuse:
-                return 0
-            common = reusable_prefix(slot.tokens, job.tokens)
-            return reusable_with_pixels(common, slot.pixels, job.pixels)
-
-        def rank(slot: Slot) -> tuple[bool, bool, bool, int, int]:
-            kept = reusable(slot)
-            extends = bool(slot.tokens) and kept >= len(slot.tokens) - 1
-            return extends, 2 * kept >= len(job.tokens), not slot.tokens, kept, -slot.used
+        def rank(slot: Slot) -> tuple[bool, bool, int, int]:
+            kept = self._reusable(slot, job)
+            return bool(slot.tokens) and kept >= len(slot.tokens) - 1, not slot.tokens, kept, -slot.used
 
         best = max(free, key=rank)
-        return best, reusable(best)
+        return best, self._reusable(best, job)
+
+    def _borrow(self, slot: Slot, job: Job, common: int) -> int:
+        """Where another slot, busy or idle, holds a longer prefix of the prompt, copy it into `slot` (the cells
+        are shared, not recomputed); the prefix `slot` now holds."""
+        others = [(self._reusable(s, job), s) for s in self.slots if s is not slot]
+        kept, donor = max(others, key=lambda o: o[0], default=(0, slot))
+        if kept <= common or not self.model.share(donor.seq, slot.seq, common, kept):
+            return common
+        slot.tokens = donor.tokens[:kept]
+        slot.pixels = [p for p in donor.pixels if p.end <= kept]
+        return kept
 
     # -- one pass -----------------------------------------------------------------------------------------
 

@@ -86,6 +86,7 @@ class LlamaCppModel:
         self._batch = llama_cpp.llama_batch_init(N_BATCH, 0, 1)
         weakref.finalize(self, llama_cpp.llama_batch_free, self._batch)
         self._lib = llama_cpp
+        self._swa = llama_cpp.llama_model_n_swa(self._model.model) > 0
         self.name = name
         self.path = path
         self.n_seq = n_seq
@@ -160,6 +161,14 @@ class LlamaCppModel:
     def forget(self, seq: int, start: int) -> bool:
         """Drop sequence `seq` from position `start` on; False where the cache cannot (sliding windows)."""
         return bool(self._lib.llama_memory_seq_rm(self._memory, seq, start, -1))
+
+    def share(self, src: int, dst: int, start: int, end: int) -> bool:
+        """Sequence `dst` also holds `src`'s cells from `start` to `end` (llama.cpp tags the cells with both
+        sequences, so nothing is copied); not with a sliding window, whose old positions are gone."""
+        if self._swa:
+            return False
+        self._lib.llama_memory_seq_cp(self._memory, src, dst, start, end)
+        return True
 
     def evaluate_tile(self, seq: int, tile: Tile, at: int) -> None:
         assert self._mtmd is not None
