@@ -5,9 +5,22 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from smolrun.engine import Engine, Prepared
-from smolrun.runner import Delta, Finished, Interpreting, ItemAdded, ItemDone, RunEvent, RunSpec, run
+from smolrun.runner import (
+    CodeCallItem,
+    Delta,
+    Finished,
+    Interpreting,
+    ItemAdded,
+    ItemDone,
+    MessageItem,
+    RunEvent,
+    RunSpec,
+    context_messages,
+    run,
+)
 from smolrun.sandbox.container import ExecError, Execution
 from smolrun.turn import DecodeStats, Done, Event, Message, ResponseFormat, SamplingParams, TextDelta
 from tests.fakes import ByteModel
@@ -49,7 +62,7 @@ def events_of(spec: RunSpec, script: Script, results: list[Execution]) -> tuple[
     out: list[tuple[object, ...]] = []
     for e in asyncio.run(collect()):
         if isinstance(e, ItemAdded | ItemDone):
-            out.append((type(e).__name__, e.index, {k: v for k, v in e.item.items() if k != "id"}))
+            out.append((type(e).__name__, e.index, replace(e.item, id="")))
         elif isinstance(e, Delta):
             if out and out[-1][:3] == ("Delta", e.index, e.kind):
                 out[-1] = (*out[-1][:3], str(out[-1][3]) + e.text)
@@ -69,30 +82,29 @@ def spec(max_tool_calls: int = 4, max_tokens: int | None = None) -> RunSpec:
 
 
 CODE = f"{FENCE}print(6 * 7)\n```"
-CODE_ITEM = {"type": "code_interpreter_call", "code": "", "container_id": "", "status": "in_progress", "outputs": None}
-MESSAGE = {"type": "message", "role": "assistant", "status": "in_progress", "content": []}
+CODE_ITEM = CodeCallItem("")
+MESSAGE = MessageItem("")
 
 
-def answer(text: str, status: str = "completed") -> dict[str, object]:
-    return {**MESSAGE, "status": status, "content": [{"type": "output_text", "text": text, "annotations": [],
-                                                      "logprobs": []}]}
+def answer(text: str) -> MessageItem:
+    return MessageItem("", text, "completed")
 
 
-def ran_item(code: str, logs: str) -> dict[str, object]:
-    return {**CODE_ITEM, "code": code, "container_id": "cntr_1", "status": "completed",
-            "outputs": [{"type": "logs", "logs": logs}]}
+def ran_item(code: str, result: Execution) -> CodeCallItem:
+    return CodeCallItem("", code, "cntr_1", "completed", result)
 
 
 def test_code_then_answer_streams_every_item_and_feeds_the_output_back() -> None:
     script = Script(Engine(ByteModel()), (CODE, "stop"), ("It is 42.", "stop"))
-    events, ran = events_of(spec(), script, [execution("42\n")])
+    result = execution("42\n")
+    events, ran = events_of(spec(), script, [result])
     assert ran == ["print(6 * 7)"]
     prompts = [len(p.encode()) for p in script.prompts]
     assert events == [
         ("ItemAdded", 0, CODE_ITEM),
         ("Delta", 0, "code", "print(6 * 7)"),
         ("Interpreting", 0),
-        ("ItemDone", 0, ran_item("print(6 * 7)", "42")),
+        ("ItemDone", 0, ran_item("print(6 * 7)", result)),
         ("ItemAdded", 1, MESSAGE),
         ("Delta", 1, "text", "It is 42."),
         ("ItemDone", 1, answer("It is 42.")),
@@ -115,16 +127,17 @@ def test_a_code_turn_cut_by_the_budget_is_never_run() -> None:
     script = Script(Engine(ByteModel()), (CODE[:-4], "length"))
     events, ran = events_of(spec(max_tokens=len(CODE) - 4), script, [])
     assert ran == []
-    assert events[-2:] == [("ItemDone", 0, {**CODE_ITEM, "code": "print(6 * 7)", "status": "incomplete"}),
+    assert events[-2:] == [("ItemDone", 0, CodeCallItem("", "print(6 * 7)", status="incomplete")),
                            ("Finished", "incomplete", len(script.prompts[0].encode()), len(CODE) - 4,
                             "max_output_tokens", 3)]
 
 
 def test_a_spent_budget_after_code_ends_before_another_turn() -> None:
     script = Script(Engine(ByteModel()), (CODE, "stop"))
-    events, ran = events_of(spec(max_tokens=len(CODE)), script, [execution("42\n")])
+    result = execution("42\n")
+    events, ran = events_of(spec(max_tokens=len(CODE)), script, [result])
     assert (ran, script.turns, len(script.prompts)) == (["print(6 * 7)"], [], 1)
-    assert events[-2:] == [("ItemDone", 0, ran_item("print(6 * 7)", "42")),
+    assert events[-2:] == [("ItemDone", 0, ran_item("print(6 * 7)", result)),
                            ("Finished", "incomplete", len(script.prompts[0].encode()), len(CODE),
                             "max_output_tokens", 3)]
 
@@ -133,7 +146,18 @@ def test_an_error_in_the_code_is_an_observation_not_a_failure() -> None:
     error = ExecError("ZeroDivisionError", "division by zero", "Traceback (most recent call last):\n"
                       "ZeroDivisionError: division by zero")
     script = Script(Engine(ByteModel()), (CODE, "stop"), ("Oops.", "stop"))
-    events, _ = events_of(spec(), script, [execution("", error)])
-    assert events[3] == ("ItemDone", 0, ran_item("print(6 * 7)", error.traceback))
+    result = execution("", error)
+    events, _ = events_of(spec(), script, [result])
+    assert events[3] == ("ItemDone", 0, ran_item("print(6 * 7)", result))
     assert error.traceback in script.prompts[1]
     assert events[-1][:2] == ("Finished", "completed")
+
+
+def test_the_output_becomes_the_conversation_a_follow_up_continues() -> None:
+    engine = Engine(ByteModel())
+    result = execution("42\n")
+    items = [CodeCallItem("ci_1", "print(6 * 7)", "cntr_1", "completed", result),
+             CodeCallItem("ci_2", "print(", status="incomplete"), MessageItem("msg_1", "It is 42.", "completed")]
+    assert context_messages(items, engine.profile.code) == [  # type: ignore[arg-type]
+        Message("assistant", "```python\nprint(6 * 7)\n```"), Message("user", "Output of the code:\n42"),
+        Message("assistant", "It is 42.")]  # the cut call never ran: it is not in the conversation

@@ -272,7 +272,7 @@ async def _ask_with_code(engine: Any, turn: Turn, files: tuple[Path, ...], max_t
     """The Responses loop, locally: stream each code cell, its output, then the answer."""
     import asyncio
 
-    from smolrun.runner import Delta, Finished, Interpreting, ItemAdded, ItemDone, RunSpec, run
+    from smolrun.runner import CodeCallItem, Delta, Finished, Interpreting, ItemAdded, ItemDone, RunSpec, logs_text, run
     from smolrun.sandbox import Container, Execution, default_config
 
     container: Container | None = None
@@ -294,7 +294,7 @@ async def _ask_with_code(engine: Any, turn: Turn, files: tuple[Path, ...], max_t
     finished: Finished | None = None
     try:
         async for event in run(spec, engine, engine.stream, execute):
-            if isinstance(event, ItemAdded) and event.item["type"] == "code_interpreter_call":
+            if isinstance(event, ItemAdded) and isinstance(event.item, CodeCallItem):
                 click.secho("── python ──", fg="cyan", err=True)
             elif isinstance(event, Delta) and event.kind == "code":
                 click.echo(event.text, nl=False, err=True)
@@ -302,9 +302,9 @@ async def _ask_with_code(engine: Any, turn: Turn, files: tuple[Path, ...], max_t
                 click.secho(event.text, nl=False, err=True, dim=True)
             elif isinstance(event, Interpreting):
                 click.secho("\n── output ──", fg="cyan", err=True)
-            elif isinstance(event, ItemDone) and event.item["type"] == "code_interpreter_call":
-                logs = "\n".join(o["logs"] for o in event.item.get("outputs") or [] if o["type"] == "logs")
-                click.echo(logs or "(no output)", err=True)
+            elif isinstance(event, ItemDone) and isinstance(event.item, CodeCallItem):
+                result = event.item.result
+                click.echo((logs_text(result) if result is not None else "") or "(no output)", err=True)
             elif isinstance(event, Delta):
                 answer.append(event.text)
             elif isinstance(event, Finished):

@@ -21,6 +21,8 @@ The CLI prints `message` on one line and exits with `exit_code`.
 
 from __future__ import annotations
 
+import logging
+
 
 class SmolrunError(Exception):
     status: int = 500
@@ -116,3 +118,12 @@ def first_line(exc: BaseException) -> str:
     """A foreign exception's message as one line for ours: its first line, or its type when it has none."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def stream_error(exc: Exception) -> SmolrunError:
+    """What a client hears of an exception once its stream has started (both APIs then send it as an event):
+    ours as it is; any other, a bug, as an internal error, its traceback logged here."""
+    if isinstance(exc, SmolrunError):
+        return exc
+    logging.getLogger("smolrun").error("unexpected error in a stream", exc_info=exc)
+    return SmolrunError(f"internal error: {type(exc).__name__}")

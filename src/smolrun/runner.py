@@ -8,11 +8,10 @@ only the answer is allowed.
 
 from __future__ import annotations
 
-import base64
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Literal
 
 from smolrun.engine import Engine, Prepared
 from smolrun.prompt.profiles import CodeFormat
@@ -31,6 +30,7 @@ from smolrun.turn import (
     ReasoningDelta,
     ResponseFormat,
     SamplingParams,
+    ToolCall,
     ToolUse,
     Turn,
 )
@@ -55,10 +55,60 @@ class RunSpec:
     code_required: bool = False  # tool_choice "required" with the code interpreter alone: code at least once
 
 
+Status = Literal["in_progress", "completed", "incomplete"]
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+@dataclass(frozen=True)
+class ReasoningItem:
+    """A thinking model's think block."""
+
+    id: str
+    text: str = ""
+    status: Status = "in_progress"
+
+
+@dataclass(frozen=True)
+class CodeCallItem:
+    """One code call: its code, and once it ran, the container and what it produced."""
+
+    id: str
+    code: str = ""
+    container_id: str = ""
+    status: Status = "in_progress"
+    result: Execution | None = None
+
+
+@dataclass(frozen=True)
+class MessageItem:
+    """The answer's text (under the requested format)."""
+
+    id: str
+    text: str = ""
+    status: Status = "in_progress"
+
+
+@dataclass(frozen=True)
+class FunctionCallItem:
+    """A call of one of the client's functions: the response ends with it, for the client to run."""
+
+    id: str
+    call_id: str
+    name: str
+    arguments: str = ""
+    status: Status = "in_progress"
+
+
+Item = ReasoningItem | CodeCallItem | MessageItem | FunctionCallItem
+
+
 @dataclass(frozen=True)
 class ItemAdded:
     index: int
-    item: dict[str, Any]
+    item: Item
 
 
 @dataclass(frozen=True)
@@ -76,7 +126,7 @@ class Interpreting:
 @dataclass(frozen=True)
 class ItemDone:
     index: int
-    item: dict[str, Any]
+    item: Item
 
 
 @dataclass(frozen=True)
@@ -102,7 +152,7 @@ class _CallItems:
     def __init__(self, first: int) -> None:
         self.first = first  # the output index of the turn's first call
         self.reader = CallReader()
-        self.items: list[dict[str, Any]] = []
+        self.items: list[FunctionCallItem] = []
 
     def push(self, text: str) -> list[RunEvent]:
         events: list[RunEvent] = []
@@ -110,8 +160,7 @@ class _CallItems:
             if p.new:
                 if p.index > 0:  # the call before is complete now
                     events.append(self._done(p.index - 1, "completed"))
-                self.items.append({"id": f"fc_{uuid.uuid4().hex}", "type": "function_call", "call_id": p.call.id,
-                                   "name": p.call.name, "arguments": "", "status": "in_progress"})
+                self.items.append(FunctionCallItem(_new_id("fc"), p.call.id, p.call.name))
                 events.append(ItemAdded(self.first + p.index, self.items[p.index]))
             if p.arguments:
                 events.append(Delta(self.first + p.index, "arguments", p.arguments))
@@ -123,9 +172,9 @@ class _CallItems:
         last = self.reader.calls.all[-1]
         return [self._done(len(self.items) - 1, "incomplete" if last is self.reader.calls.partial else "completed")]
 
-    def _done(self, k: int, status: str) -> ItemDone:
-        arguments = self.reader.calls.all[k].arguments
-        return ItemDone(self.first + k, {**self.items[k], "arguments": arguments, "status": status})
+    def _done(self, k: int, status: Status) -> ItemDone:
+        return ItemDone(self.first + k, replace(self.items[k], arguments=self.reader.calls.all[k].arguments,
+                                                status=status))
 
 
 @dataclass
@@ -224,8 +273,8 @@ async def run(spec: RunSpec, engine: Engine, generate: Generate, execute: Execut
             prepared = await engine.prepare_async(turn, allow_code, must_code)
         split = _Split(allow_code, bool(spec.tools.active), engine.profile.code)
         call_items: _CallItems | None = None  # set when the turn is function calls, after any reasoning item
-        item: dict[str, Any] | None = None
-        thought: dict[str, Any] | None = None  # the turn's reasoning item, while it streams
+        item: CodeCallItem | MessageItem | None = None
+        thought: ReasoningItem | None = None  # the turn's reasoning item, while it streams
         thought_text = ""
         done: Done | None = None
         async for event in generate(prepared):
@@ -234,13 +283,13 @@ async def run(spec: RunSpec, engine: Engine, generate: Generate, execute: Execut
                 continue
             if isinstance(event, ReasoningDelta):
                 if thought is None:
-                    thought = _reasoning_item()
+                    thought = ReasoningItem(_new_id("rs"))
                     yield ItemAdded(index, thought)
                 thought_text += event.text
                 yield Delta(index, "reasoning", event.text)
                 continue
             if thought is not None:  # the answer begins: the thoughts are complete
-                yield ItemDone(index, _reasoning_done(thought, thought_text, "completed"))
+                yield ItemDone(index, replace(thought, text=thought_text, status="completed"))
                 thought, index = None, index + 1
             piece = split.push(event.text)
             if split.kind == "calls":
@@ -250,7 +299,7 @@ async def run(spec: RunSpec, engine: Engine, generate: Generate, execute: Execut
                     yield call_event
                 continue
             if item is None and split.kind in ("code", "text"):
-                item = _code_item() if split.kind == "code" else _message_item()
+                item = CodeCallItem(_new_id("ci")) if split.kind == "code" else MessageItem(_new_id("msg"))
                 yield ItemAdded(index, item)
             if piece:
                 yield Delta(index, "code" if split.kind == "code" else "text", piece)
@@ -260,7 +309,7 @@ async def run(spec: RunSpec, engine: Engine, generate: Generate, execute: Execut
         used_thinking += done.stats.reasoning_tokens
         used_cached += done.stats.cached_tokens
         if thought is not None:  # the turn ended while thinking: cut by the token budget
-            yield ItemDone(index, _reasoning_done(thought, thought_text, "incomplete"))
+            yield ItemDone(index, replace(thought, text=thought_text, status="incomplete"))
             yield finished("incomplete", "max_output_tokens")
             return
         cut = done.finish_reason == "length"
@@ -271,29 +320,25 @@ async def run(spec: RunSpec, engine: Engine, generate: Generate, execute: Execut
             return
         if item is None:  # the model ended at once: an empty answer
             split.kind = "text"
-            item = _message_item()
+            item = MessageItem(_new_id("msg"))
             yield ItemAdded(index, item)
         tail = split.rest()
         if tail:
             yield Delta(index, "code" if split.kind == "code" else "text", tail)
-        if split.kind == "text":
-            text = split.body(final=True)
-            yield ItemDone(index, {**item, "status": "incomplete" if cut else "completed",
-                                   "content": [{"type": "output_text", "text": text, "annotations": [],
-                                                "logprobs": []}]})
-            status: Literal["completed", "incomplete"] = "incomplete" if cut else "completed"
+        status: Literal["completed", "incomplete"] = "incomplete" if cut else "completed"
+        if isinstance(item, MessageItem):
+            yield ItemDone(index, replace(item, text=split.body(final=True), status=status))
             yield finished(status, "max_output_tokens" if cut else None)
             return
         code = split.body(final=True)
         if cut:
-            yield ItemDone(index, {**item, "code": code, "status": "incomplete"})
+            yield ItemDone(index, replace(item, code=code, status="incomplete"))
             yield finished("incomplete", "max_output_tokens")
             return
         yield Interpreting(index)
         container_id, result = await execute(code)
         calls += 1
-        yield ItemDone(index, {**item, "code": code, "container_id": container_id, "status": "completed",
-                               "outputs": _outputs(result)})
+        yield ItemDone(index, replace(item, code=code, container_id=container_id, status="completed", result=result))
         conversation += [Message("assistant", split.raw), observation(result, engine.sees)]
         index += 1
 
@@ -302,25 +347,6 @@ def _with_instructions(messages: list[Message], instructions: str) -> list[Messa
     if messages and messages[0].role == "system":
         return [Message("system", f"{messages[0].content}\n\n{instructions}"), *messages[1:]]
     return [Message("system", instructions), *messages]
-
-
-def _reasoning_item() -> dict[str, Any]:
-    return {"id": f"rs_{uuid.uuid4().hex}", "type": "reasoning", "summary": [],
-            "content": [{"type": "reasoning_text", "text": ""}], "status": "in_progress"}
-
-
-def _reasoning_done(item: dict[str, Any], text: str, status: str) -> dict[str, Any]:
-    return {**item, "content": [{"type": "reasoning_text", "text": text}], "status": status}
-
-
-def _code_item() -> dict[str, Any]:
-    return {"id": f"ci_{uuid.uuid4().hex}", "type": "code_interpreter_call", "code": "", "container_id": "",
-            "status": "in_progress", "outputs": None}
-
-
-def _message_item() -> dict[str, Any]:
-    return {"id": f"msg_{uuid.uuid4().hex}", "type": "message", "role": "assistant", "status": "in_progress",
-            "content": []}
 
 
 def logs_text(result: Execution) -> str:
@@ -334,11 +360,21 @@ def logs_text(result: Execution) -> str:
     return "\n".join(parts)
 
 
-def _outputs(result: Execution) -> list[dict[str, Any]]:
-    outputs: list[dict[str, Any]] = [{"type": "logs", "logs": logs_text(result)}]
-    outputs += [{"type": "image", "url": f"data:image/png;base64,{base64.b64encode(png).decode()}"}
-                for png in result.images]
-    return outputs
+def context_messages(output: list[Item], code: CodeFormat) -> list[Message]:
+    """A response's output as the conversation a follow-up continues (previous_response_id): each code call
+    as the model wrote it and the output it got, each complete function call, each answer (a call cut by the
+    token budget never ran)."""
+    messages: list[Message] = []
+    for item in output:
+        if isinstance(item, CodeCallItem) and item.status == "completed":
+            logs = logs_text(item.result) if item.result is not None else ""
+            messages += [Message("assistant", code.wrap(item.code)),
+                         Message("user", f"Output of the code:\n{logs or '(no output)'}")]
+        elif isinstance(item, FunctionCallItem) and item.status != "incomplete":  # a cut call has no result
+            messages.append(Message("assistant", "", (ToolCall(item.call_id, item.name, item.arguments),)))
+        elif isinstance(item, MessageItem):
+            messages.append(Message("assistant", item.text))
+    return messages
 
 
 def observation(result: Execution, sees: bool = False) -> Message:

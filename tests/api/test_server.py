@@ -117,30 +117,35 @@ def test_a_full_queue_is_429_before_any_byte_on_responses(make_server, stream: b
     assert results == [200, 200]  # nothing accepted is lost
 
 
+def _short(server, model: SlowModel) -> int:  # type: ignore[no-untyped-def]
+    """The steps a 5-token request takes. The model has one sequence: the request runs only once every
+    earlier generation has stopped, so its own steps are always the same."""
+    before = model.steps
+    ok = httpx.post(f"{server.url}/chat/completions", json={**BODY, "max_tokens": 5}, timeout=60)
+    assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] == "length"
+    return model.steps - before
+
+
 def test_a_client_that_disconnects_cancels_its_generation(make_server) -> None:  # type: ignore[no-untyped-def]
     model = SlowModel()
     server = make_server(Engine(model))
+    alone = _short(server, model)
     with httpx.stream("POST", f"{server.url}/chat/completions", json={**BODY, "stream": True}, timeout=60) as r:
         for line in r.iter_lines():
-            if '"content"' in line and model.steps > 3:
+            if '"content"' in line and model.steps > alone + 3:
                 break
-    time.sleep(0.5)
-    steps_after_close = model.steps
-    time.sleep(0.5)
-    assert model.steps == steps_after_close < 100  # stopped well before max_tokens=400
-    ok = httpx.post(f"{server.url}/chat/completions", json={**BODY, "max_tokens": 5}, timeout=60)
-    assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] == "length"
+    assert _short(server, model) == alone  # it ran alone: the left generation had stopped
+    assert model.steps - 2 * alone < 100  # and it stopped well before max_tokens=400
 
 
 def test_non_streaming_disconnect_cancels_too(make_server) -> None:  # type: ignore[no-untyped-def]
     model = SlowModel()
     server = make_server(Engine(model))
+    alone = _short(server, model)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.url}/chat/completions", json=BODY, timeout=0.5)
-    time.sleep(1.0)
-    steps = model.steps
-    time.sleep(0.5)
-    assert model.steps == steps < 100
+    assert _short(server, model) == alone
+    assert model.steps - 2 * alone < 100
 
 
 def test_unknown_route_and_bad_json_use_openai_error_shape(make_server) -> None:  # type: ignore[no-untyped-def]

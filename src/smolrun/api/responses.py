@@ -20,46 +20,87 @@ from smolrun.api.responses_wire import (
     INCLUDE_OUTPUTS,
     CodeTool,
     ResponsesRequest,
-    output_messages,
     parse_format,
     parse_input,
     parse_tools,
+    wire_item,
 )
 from smolrun.api.state import AUTO, AppState, get_state
+from smolrun.api.wire import sampling
 from smolrun.engine import Engine, Prepared
-from smolrun.errors import InvalidRequest, SmolrunError
+from smolrun.errors import InvalidRequest, SmolrunError, stream_error
 from smolrun.responses_store import StoredResponse
-from smolrun.runner import Delta, Finished, Interpreting, ItemAdded, ItemDone, RunEvent, RunSpec, prepare_first, run
+from smolrun.runner import (
+    CodeCallItem,
+    Delta,
+    Finished,
+    FunctionCallItem,
+    Interpreting,
+    Item,
+    ItemAdded,
+    ItemDone,
+    MessageItem,
+    ReasoningItem,
+    RunEvent,
+    RunSpec,
+    context_messages,
+    prepare_first,
+    run,
+)
 from smolrun.sandbox.container import Execution
 from smolrun.scheduler import EventStream
-from smolrun.turn import Message, Part, SamplingParams
+from smolrun.turn import Message, Part
 
 router = APIRouter()
 DEFAULT_MAX_TOOL_CALLS = 4
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What a request asks for, checked and resolved once, before anything runs."""
+
+    spec: RunSpec
+    code: CodeTool | None
+    container_id: str | None  # the container it starts in: the one named, or the conversation's live one
+    file_ids: tuple[str, ...]  # input files, copied into a container made for it (auto mode)
+    summary: str | None  # reasoning.summary: reasoning items then carry their text as the summary
+    input_items: tuple[dict[str, Any], ...]  # the input items with ids, for storing
+
+
 @dataclass
 class _Call:
-    """One request's state: what the runner needs from the server, and what the response reports."""
+    """One response while it runs: the request, its plan, and what running adds (a container made for it,
+    the files its code wrote, the citations of its messages)."""
 
     state: AppState
     request: ResponsesRequest
     engine: Engine
+    plan: _Plan
     id: str = field(default_factory=lambda: f"resp_{uuid.uuid4().hex}")
     created_at: int = field(default_factory=lambda: int(time.time()))
-    code: CodeTool | None = None
     container_id: str | None = None
-    file_ids: tuple[str, ...] = ()
     new_files: dict[str, dict[str, Any]] = field(default_factory=dict)  # path -> container file
-    summary: str | None = None  # reasoning.summary: reasoning items then carry their text as the summary
-    input_items: list[dict[str, Any]] = field(default_factory=list)  # the input items with ids, for storing
+    notes: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # message id -> its file citations
+
+    def __post_init__(self) -> None:
+        self.container_id = self.plan.container_id
+
+    @property
+    def summary(self) -> str | None:
+        return self.plan.summary
+
+    def wire(self, item: Item) -> dict[str, Any]:
+        """An output item as the client sees it: code outputs only when `include` asks for them, as at OpenAI."""
+        return wire_item(item, INCLUDE_OUTPUTS in (self.request.include or []), self.summary is not None,
+                         self.notes.get(item.id, []))
 
     async def execute(self, code: str) -> tuple[str, Execution]:
         manager = self.state.containers
         if self.container_id is None:  # auto mode: created at the first code call, never before
-            assert self.code is not None
-            meta = await manager.call(manager.create, f"auto-{self.id}", 20, self.code.memory_limit,
-                                      self.code.file_ids + self.file_ids)
+            tool = self.plan.code
+            assert tool is not None
+            meta = await manager.call(manager.create, f"auto-{self.id}", 20, tool.memory_limit,
+                                      tool.file_ids + self.plan.file_ids)
             self.container_id = meta["id"]
         container_id = self.container_id
         result, written = await manager.run_code(container_id, code, None)
@@ -71,8 +112,9 @@ class _Call:
 async def create_response(body: ResponsesRequest, request: Request) -> JSONResponse | StreamingResponse:
     state = get_state(request)
     pictures = body.has_pictures() or await asyncio.to_thread(_auto_needs_eyes, state, body)
-    call = _Call(state, body, state.engine_for(body.model, pictures))
-    spec = await _prepare(call)
+    engine = state.engine_for(body.model, pictures)
+    call = _Call(state, body, engine, await _plan(state, body, engine))
+    spec = call.plan.spec
     # The first model turn is prepared and admitted here, before any byte: its 400s and 429s are statuses.
     first = await prepare_first(spec, call.engine)
     admitted = _Admitted(call.engine.stream(first), call.engine.stream)
@@ -90,27 +132,26 @@ async def create_response(body: ResponsesRequest, request: Request) -> JSONRespo
     return JSONResponse(final)
 
 
-async def _prepare(call: _Call) -> RunSpec:
-    body, state = call.request, call.state
+async def _plan(state: AppState, body: ResponsesRequest, engine: Engine) -> _Plan:
     fmt = parse_format(body.text)
-    reasoning, call.summary = body.parsed_reasoning()
-    call.code, tools = parse_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
+    reasoning, summary = body.parsed_reasoning()
+    code, tools = parse_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
     tools = replace(tools, max_calls=state.settings.max_calls_per_turn)
-    engine = call.engine
     parsed = await asyncio.to_thread(parse_input, body.input, engine.profile.code, state.file_bytes)
     history: list[Message] = []
+    container_id: str | None = None
     if body.previous_response_id:
         previous = state.responses.get(body.previous_response_id)
         history = list(previous.context)
-        if call.code is not None and call.code.container is None and previous.container_id:
+        if code is not None and code.container is None and previous.container_id:
             try:  # auto mode reuses the container of the conversation while it is alive
                 state.containers.live(previous.container_id)
-                call.container_id = previous.container_id
+                container_id = previous.container_id
             except SmolrunError:
                 pass
-    if call.code is not None and call.code.container is not None:
-        state.containers.live(call.code.container)  # 404 or "expired" now, not at the first code call
-        call.container_id = call.code.container
+    if code is not None and code.container is not None:
+        state.containers.live(code.container)  # 404 or "expired" now, not at the first code call
+        container_id = code.container
     messages = list(parsed.messages)
     shown: tuple[str, ...] = ()  # files a model that sees looks at: pictures, PDF pages, video frames
     if engine.sees and parsed.file_ids:
@@ -118,28 +159,24 @@ async def _prepare(call: _Call) -> RunSpec:
         if message is not None:
             messages.append(message)
     unseen = tuple(f for f in parsed.file_ids if f not in shown)
-    if unseen and call.code is None:
+    file_ids: tuple[str, ...] = ()
+    if unseen and code is None:
         messages.append(Message("user", await asyncio.to_thread(_inline_files, state, unseen)))
-    elif parsed.file_ids and call.code is not None:
-        call.file_ids = parsed.file_ids
+    elif parsed.file_ids and code is not None:
+        file_ids = parsed.file_ids
         names = [state.files.get(f)["filename"] for f in parsed.file_ids]
         messages.append(Message("user", "Files available: " + ", ".join(f"/mnt/data/{n}" for n in names)))
-        if call.container_id is not None:
+        if container_id is not None:
             for file_id in parsed.file_ids:
                 meta, data = await asyncio.to_thread(state.files.content, file_id)
-                await state.containers.call(state.containers.add_file, call.container_id, meta["filename"], data)
+                await state.containers.call(state.containers.add_file, container_id, meta["filename"], data)
     system = [Message("system", body.instructions)] if body.instructions else []
-    call.input_items = list(parsed.items)
-    params = SamplingParams(
-        max_tokens=body.max_output_tokens,
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        frequency_penalty=body.frequency_penalty or 0.0,
-        presence_penalty=body.presence_penalty or 0.0,
-    )
+    params = sampling(body.max_output_tokens, body.temperature, body.top_p, body.frequency_penalty,
+                      body.presence_penalty)
     max_calls = DEFAULT_MAX_TOOL_CALLS if body.max_tool_calls is None else body.max_tool_calls
-    return RunSpec(tuple(system + history + messages), fmt, params, call.code is not None, max_calls, tools,
-                   reasoning, code_required=call.code is not None and call.code.required)
+    spec = RunSpec(tuple(system + history + messages), fmt, params, code is not None, max_calls, tools,
+                   reasoning, code_required=code is not None and code.required)
+    return _Plan(spec, code, container_id, file_ids, summary, parsed.items)
 
 
 def _input_file_ids(body: ResponsesRequest) -> list[str]:
@@ -186,21 +223,13 @@ def _inline_files(state: AppState, file_ids: tuple[str, ...]) -> str:
     return "\n\n".join(parts)
 
 
-def _shown(call: _Call, item: dict[str, Any]) -> dict[str, Any]:
-    """An output item as the client sees it: code outputs only when `include` asks for them, as at OpenAI."""
-    if item["type"] == "code_interpreter_call" and INCLUDE_OUTPUTS not in (call.request.include or []):
-        return {**item, "outputs": None}
-    return item
-
-
-def _response(call: _Call, status: str, output: list[dict[str, Any]], usage: dict[str, Any] | None,
+def _response(call: _Call, status: str, output: list[Item], usage: dict[str, Any] | None,
               incomplete: str | None = None) -> dict[str, Any]:
     body = call.request
-    shown = [_shown(call, item) for item in output]
     return {
         "id": call.id, "object": "response", "created_at": call.created_at, "status": status,
         "completed_at": int(time.time()) if status == "completed" else None,
-        "model": call.engine.name, "output": shown, "error": None,
+        "model": call.engine.name, "output": [call.wire(item) for item in output], "error": None,
         "incomplete_details": {"reason": incomplete} if incomplete else None,
         "instructions": body.instructions, "tools": body.tools, "tool_choice": body.tool_choice or "auto",
         "parallel_tool_calls": True if body.parallel_tool_calls is None else body.parallel_tool_calls,
@@ -247,80 +276,45 @@ class _Admitted:
 
 async def _run(call: _Call, spec: RunSpec, first: Prepared, generate: _Admitted) -> AsyncIterator[dict[str, Any]]:
     """The response's events in OpenAI's streaming vocabulary (without sequence numbers)."""
-    output: list[dict[str, Any]] = []
+    output: list[Item] = []
     yield {"type": "response.created", "response": _response(call, "in_progress", [], None)}
     yield {"type": "response.in_progress", "response": _response(call, "in_progress", [], None)}
     code_so_far: dict[int, str] = {}
     ids: dict[int, str] = {}  # output index -> item id
     event: RunEvent
-    engine = call.engine
-    async for event in run(spec, engine, generate, call.execute, first):
+    async for event in run(spec, call.engine, generate, call.execute, first):
         if isinstance(event, ItemAdded):
-            item = event.item
-            ids[event.index] = item["id"]
-            yield {"type": "response.output_item.added", "output_index": event.index, "item": item}
-            if item["type"] == "code_interpreter_call":
-                yield {"type": "response.code_interpreter_call.in_progress", "output_index": event.index,
-                       "item_id": item["id"]}
-            elif item["type"] == "message":
-                yield {"type": "response.content_part.added", "output_index": event.index, "item_id": item["id"],
-                       "content_index": 0, "part": {"type": "output_text", "text": "", "annotations": []}}
-            elif item["type"] == "reasoning":
-                yield {"type": "response.content_part.added", "output_index": event.index, "item_id": item["id"],
-                       "content_index": 0, "part": {"type": "reasoning_text", "text": ""}}
+            item, at = event.item, {"output_index": event.index, "item_id": event.item.id}
+            ids[event.index] = item.id
+            yield {"type": "response.output_item.added", "output_index": event.index, "item": call.wire(item)}
+            if isinstance(item, CodeCallItem):
+                yield {"type": "response.code_interpreter_call.in_progress", **at}
+            elif isinstance(item, MessageItem):
+                yield {"type": "response.content_part.added", **at, "content_index": 0,
+                       "part": {"type": "output_text", "text": "", "annotations": []}}
+            elif isinstance(item, ReasoningItem):
+                yield {"type": "response.content_part.added", **at, "content_index": 0,
+                       "part": {"type": "reasoning_text", "text": ""}}
         elif isinstance(event, Delta):
-            item_id = ids[event.index]
+            at = {"output_index": event.index, "item_id": ids[event.index]}
             if event.kind == "reasoning":
-                yield {"type": "response.reasoning_text.delta", "output_index": event.index, "item_id": item_id,
-                       "content_index": 0, "delta": event.text}
+                yield {"type": "response.reasoning_text.delta", **at, "content_index": 0, "delta": event.text}
             elif event.kind == "arguments":
-                yield {"type": "response.function_call_arguments.delta", "output_index": event.index,
-                       "item_id": item_id, "delta": event.text}
+                yield {"type": "response.function_call_arguments.delta", **at, "delta": event.text}
             elif event.kind == "code":
                 code_so_far[event.index] = code_so_far.get(event.index, "") + event.text
-                yield {"type": "response.code_interpreter_call_code.delta", "output_index": event.index,
-                       "item_id": item_id, "delta": event.text}
+                yield {"type": "response.code_interpreter_call_code.delta", **at, "delta": event.text}
             else:
-                yield {"type": "response.output_text.delta", "output_index": event.index, "item_id": item_id,
-                       "content_index": 0, "delta": event.text, "logprobs": []}
+                yield {"type": "response.output_text.delta", **at, "content_index": 0, "delta": event.text,
+                       "logprobs": []}
         elif isinstance(event, Interpreting):
-            item_id = ids[event.index]
-            yield {"type": "response.code_interpreter_call_code.done", "output_index": event.index,
-                   "item_id": item_id, "code": code_so_far.get(event.index, "")}
-            yield {"type": "response.code_interpreter_call.interpreting", "output_index": event.index,
-                   "item_id": item_id}
+            at = {"output_index": event.index, "item_id": ids[event.index]}
+            yield {"type": "response.code_interpreter_call_code.done", **at, "code": code_so_far.get(event.index, "")}
+            yield {"type": "response.code_interpreter_call.interpreting", **at}
         elif isinstance(event, ItemDone):
-            item = event.item
-            if item["type"] == "reasoning":
-                for e in _reasoning_done_events(call, event.index, item):
-                    yield e
-                output.append(item)
-            elif item["type"] == "function_call":
-                yield {"type": "response.function_call_arguments.done", "output_index": event.index,
-                       "item_id": item["id"], "name": item["name"], "arguments": item["arguments"]}
-                output.append(item)
-                yield {"type": "response.output_item.done", "output_index": event.index, "item": item}
-            elif item["type"] == "code_interpreter_call":
-                if item["status"] == "incomplete":
-                    yield {"type": "response.code_interpreter_call_code.done", "output_index": event.index,
-                           "item_id": item["id"], "code": item["code"]}
-                else:
-                    yield {"type": "response.code_interpreter_call.completed", "output_index": event.index,
-                           "item_id": item["id"]}
-                output.append(item)
-                yield {"type": "response.output_item.done", "output_index": event.index, "item": _shown(call, item)}
-            else:
-                part = item["content"][0]
-                part["annotations"] = _citations(call, part["text"])
-                for n, note in enumerate(part["annotations"]):
-                    yield {"type": "response.output_text.annotation.added", "output_index": event.index,
-                           "item_id": item["id"], "content_index": 0, "annotation_index": n, "annotation": note}
-                yield {"type": "response.output_text.done", "output_index": event.index, "item_id": item["id"],
-                       "content_index": 0, "text": part["text"], "logprobs": []}
-                yield {"type": "response.content_part.done", "output_index": event.index, "item_id": item["id"],
-                       "content_index": 0, "part": part}
-                output.append(item)
-                yield {"type": "response.output_item.done", "output_index": event.index, "item": item}
+            output.append(event.item)
+            for e in _done_events(call, event.index, event.item):
+                yield e
         elif isinstance(event, Finished):
             status = event.status
             final = _response(call, status, output, _usage(event), event.incomplete_reason)
@@ -328,35 +322,50 @@ async def _run(call: _Call, spec: RunSpec, first: Prepared, generate: _Admitted)
             yield {"type": f"response.{status}", "response": final}
 
 
+def _done_events(call: _Call, index: int, item: Item) -> list[dict[str, Any]]:
+    """The events that close an output item, ending with output_item.done."""
+    at = {"output_index": index, "item_id": item.id}
+    events: list[dict[str, Any]] = []
+    if isinstance(item, ReasoningItem):
+        part = {"type": "reasoning_text", "text": item.text}
+        events += [{"type": "response.reasoning_text.done", **at, "content_index": 0, "text": item.text},
+                   {"type": "response.content_part.done", **at, "content_index": 0, "part": part}]
+        if call.summary is not None:  # its text is the summary: smolrun does not summarise with a second generation
+            summary = {"type": "summary_text", "text": item.text}
+            events += [
+                {"type": "response.reasoning_summary_part.added", **at, "summary_index": 0,
+                 "part": {"type": "summary_text", "text": ""}},
+                {"type": "response.reasoning_summary_text.delta", **at, "summary_index": 0, "delta": item.text},
+                {"type": "response.reasoning_summary_text.done", **at, "summary_index": 0, "text": item.text},
+                {"type": "response.reasoning_summary_part.done", **at, "summary_index": 0, "part": summary},
+            ]
+    elif isinstance(item, FunctionCallItem):
+        events.append({"type": "response.function_call_arguments.done", **at, "name": item.name,
+                       "arguments": item.arguments})
+    elif isinstance(item, CodeCallItem):
+        if item.status == "incomplete":
+            events.append({"type": "response.code_interpreter_call_code.done", **at, "code": item.code})
+        else:
+            events.append({"type": "response.code_interpreter_call.completed", **at})
+    else:
+        notes = call.notes[item.id] = _citations(call, item.text)
+        events += [{"type": "response.output_text.annotation.added", **at, "content_index": 0, "annotation_index": n,
+                    "annotation": note} for n, note in enumerate(notes)]
+        part = call.wire(item)["content"][0]
+        events += [{"type": "response.output_text.done", **at, "content_index": 0, "text": item.text,
+                    "logprobs": []},
+                   {"type": "response.content_part.done", **at, "content_index": 0, "part": part}]
+    return [*events, {"type": "response.output_item.done", "output_index": index, "item": call.wire(item)}]
 
-def _reasoning_done_events(call: _Call, index: int, item: dict[str, Any]) -> list[dict[str, Any]]:
-    """A reasoning item's closing events; with `reasoning.summary` its text is also given as the summary
-    (smolrun does not summarise thoughts with a second generation)."""
-    part = item["content"][0]
-    ids = {"output_index": index, "item_id": item["id"]}
-    events = [{"type": "response.reasoning_text.done", **ids, "content_index": 0, "text": part["text"]},
-              {"type": "response.content_part.done", **ids, "content_index": 0, "part": part}]
-    if call.summary is not None:
-        summary = {"type": "summary_text", "text": part["text"]}
-        item["summary"] = [summary]
-        events += [
-            {"type": "response.reasoning_summary_part.added", **ids, "summary_index": 0,
-             "part": {"type": "summary_text", "text": ""}},
-            {"type": "response.reasoning_summary_text.delta", **ids, "summary_index": 0, "delta": part["text"]},
-            {"type": "response.reasoning_summary_text.done", **ids, "summary_index": 0, "text": part["text"]},
-            {"type": "response.reasoning_summary_part.done", **ids, "summary_index": 0, "part": summary},
-        ]
-    return [*events, {"type": "response.output_item.done", "output_index": index, "item": item}]
 
-
-def _save(call: _Call, spec: RunSpec, output: list[dict[str, Any]], final: dict[str, Any]) -> None:
+def _save(call: _Call, spec: RunSpec, output: list[Item], final: dict[str, Any]) -> None:
     if call.request.store is False:
         return
     # The conversation a follow-up continues: history and input (not the instructions), then this output.
     # The code outputs the model saw live in the context, so the stored body is the response as returned.
-    context = [m for m in spec.messages if m.role != "system"] + output_messages(output, call.engine.profile.code)
-    call.state.responses.save(StoredResponse(call.id, call.created_at, final, call.input_items, tuple(context),
-                                             call.container_id))
+    context = [m for m in spec.messages if m.role != "system"] + context_messages(output, call.engine.profile.code)
+    call.state.responses.save(StoredResponse(call.id, call.created_at, final, list(call.plan.input_items),
+                                             tuple(context), call.container_id))
 
 
 def _data(event: dict[str, Any]) -> str:
@@ -370,7 +379,7 @@ async def _sse(call: _Call, spec: RunSpec, first: Prepared, generate: _Admitted)
             yield _data({**event, "sequence_number": sequence})
             sequence += 1
     except Exception as exc:  # headers are sent: report in the stream, as OpenAI does
-        error = exc if isinstance(exc, SmolrunError) else SmolrunError(f"internal error: {type(exc).__name__}")
+        error = stream_error(exc)
         yield _data({"type": "error", "code": error.code or error.type, "message": error.message,
                      "param": error.param, "sequence_number": sequence})
 

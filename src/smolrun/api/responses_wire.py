@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import base64
 import json
-import re
 import uuid
 from dataclasses import dataclass, replace
 from typing import Annotated, Any, Literal, TypeVar
@@ -11,10 +11,12 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import Field, TypeAdapter, ValidationError
 
 from smolrun import media
-from smolrun.api.wire import MAX_MESSAGES, WireModel, wire_param
+from smolrun.api.wire import MAX_MESSAGES, NAME, WireModel, choose_tools, wire_param
 from smolrun.constraints import check_schema
 from smolrun.errors import InvalidRequest, SchemaError
 from smolrun.prompt.profiles import FENCE, CodeFormat
+from smolrun.runner import CodeCallItem, FunctionCallItem, Item, ReasoningItem, logs_text
+from smolrun.sandbox.container import Execution
 from smolrun.turn import EFFORTS, TEXT, Message, Part, Reasoning, ResponseFormat, Role, Tool, ToolCall, ToolUse
 
 INCLUDE_OUTPUTS = "code_interpreter_call.outputs"
@@ -82,7 +84,6 @@ def checked(adapter: TypeAdapter[T], value: Any, param: str, expected: str | Non
         inner = wire_param(tuple(first.get("loc", ())))
         where = param if inner is None else param + (inner if inner.startswith("[") else f".{inner}")
         raise InvalidRequest(f"Invalid value at '{where}': {first.get('msg', 'malformed')}", param=where) from None
-NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 ROLES: dict[str, Role] = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
 
 
@@ -189,7 +190,9 @@ def parse_tools(tools: list[dict[str, Any]], choice: Any,
         # "Run code at least once", as at OpenAI: the first model turn must be a code call.
         return replace(code, required=True), ToolUse(tuple(functions), "none" if isinstance(parsed, _CodeChoice)
                                                      else "auto", parallel is not False)
-    return code, ToolUse(tuple(functions), _choice(parsed, functions), parallel is not False)
+    mode = choose_tools(parsed if isinstance(parsed, str) else None,
+                        parsed.name if isinstance(parsed, _FunctionChoice) else None, [f.name for f in functions])
+    return code, ToolUse(tuple(functions), mode, parallel is not False)
 
 
 def _function(tool: dict[str, Any], i: int, taken: set[str]) -> Tool:
@@ -214,19 +217,6 @@ def _function(tool: dict[str, Any], i: int, taken: set[str]) -> Tool:
     except SchemaError as exc:
         raise SchemaError(exc.message, param=f"tools[{i}].parameters", code="invalid_function_parameters") from exc
     return Tool(name, parameters, str(tool.get("description") or ""), strict)
-
-
-def _choice(choice: str | _FunctionChoice | None, functions: list[Tool]) -> str:
-    if choice is None or choice == "auto":
-        return "auto" if functions else "none"
-    if isinstance(choice, str):
-        if choice == "required" and not functions:
-            raise InvalidRequest("tool_choice 'required' needs function tools or the code_interpreter tool",
-                                 param="tool_choice")
-        return choice
-    if choice.name not in {f.name for f in functions}:
-        raise InvalidRequest(f"tool_choice names no function of 'tools': {choice.name!r}", param="tool_choice")
-    return choice.name
 
 
 def parse_input(raw: str | list[dict[str, Any]], code: CodeFormat = FENCE,
@@ -316,15 +306,27 @@ def replay_function_call(item: dict[str, Any], i: int = 0) -> Message:
     return Message("assistant", "", (call,))
 
 
-def output_messages(output: list[dict[str, Any]], code: CodeFormat = FENCE) -> list[Message]:
-    """A stored response's output as conversation turns, for previous_response_id."""
-    messages: list[Message] = []
-    for item in output:
-        if item["type"] == "code_interpreter_call":
-            messages += replay_code_call(item, code)
-        elif item["type"] == "function_call" and item.get("status") != "incomplete":  # a cut call has no result
-            messages.append(replay_function_call(item))
-        elif item["type"] == "message":
-            messages.append(Message("assistant", "".join(p.get("text", "") for p in item["content"])))
-    return messages
+def wire_item(item: Item, include_outputs: bool, summary: bool, annotations: list[dict[str, Any]]) -> dict[str, Any]:
+    """A runner item in OpenAI's shape. `include_outputs`: code outputs are shown (include asks for them);
+    `summary`: a finished reasoning item's text is also its summary; `annotations`: a message's citations."""
+    if isinstance(item, ReasoningItem):
+        summaries = [{"type": "summary_text", "text": item.text}] if summary and item.status != "in_progress" else []
+        return {"id": item.id, "type": "reasoning", "summary": summaries,
+                "content": [{"type": "reasoning_text", "text": item.text}], "status": item.status}
+    if isinstance(item, CodeCallItem):
+        outputs = _outputs(item.result) if include_outputs and item.result is not None else None
+        return {"id": item.id, "type": "code_interpreter_call", "code": item.code, "container_id": item.container_id,
+                "status": item.status, "outputs": outputs}
+    if isinstance(item, FunctionCallItem):
+        return {"id": item.id, "type": "function_call", "call_id": item.call_id, "name": item.name,
+                "arguments": item.arguments, "status": item.status}
+    content = [] if item.status == "in_progress" else [
+        {"type": "output_text", "text": item.text, "annotations": annotations, "logprobs": []}]
+    return {"id": item.id, "type": "message", "role": "assistant", "status": item.status, "content": content}
 
+
+def _outputs(result: Execution) -> list[dict[str, Any]]:
+    outputs: list[dict[str, Any]] = [{"type": "logs", "logs": logs_text(result)}]
+    outputs += [{"type": "image", "url": f"data:image/png;base64,{base64.b64encode(png).decode()}"}
+                for png in result.images]
+    return outputs

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Collection
 from dataclasses import replace
 from typing import Annotated, Any, Literal
 
@@ -26,9 +27,34 @@ from smolrun.turn import (
     Turn,
 )
 
-_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")  # function and json_schema names, in both APIs
 MAX_MESSAGES = 2048  # messages (Chat) or input items (Responses) in one request
 _UNION_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})  # pydantic's names of members
+
+
+def sampling(max_tokens: int | None, temperature: float | None, top_p: float | None,
+             frequency_penalty: float | None, presence_penalty: float | None, *, top_k: int | None = None,
+             seed: int | None = None, stop: tuple[str, ...] = ()) -> SamplingParams:
+    """Sampling parameters as both APIs take them: None is OpenAI's default (temperature 1, top_p 1, no
+    penalties, no top-k cut); a seed anywhere in OpenAI's int64 range (the engines take non-negative ones)."""
+    return SamplingParams(max_tokens=max_tokens, temperature=1.0 if temperature is None else temperature,
+                          top_p=1.0 if top_p is None else top_p, top_k=top_k or 0,
+                          seed=None if seed is None else seed % 2**63, stop=stop,
+                          frequency_penalty=frequency_penalty or 0.0, presence_penalty=presence_penalty or 0.0)
+
+
+def choose_tools(choice: str | None, named: str | None, functions: Collection[str]) -> str:
+    """A turn's tool mode from either API's tool_choice: a mode ("none", "auto", "required", None for the
+    default) or the name of one function (`named`)."""
+    if named is not None:
+        if named not in functions:
+            raise InvalidRequest(f"tool_choice names no function of 'tools': {named!r}", param="tool_choice")
+        return named
+    if choice is None or choice == "auto":
+        return "auto" if functions else "none"
+    if choice == "required" and not functions:
+        raise InvalidRequest("tool_choice 'required' needs tools", param="tool_choice")
+    return choice
 
 
 def wire_param(loc: tuple[int | str, ...]) -> str | None:
@@ -46,8 +72,9 @@ def wire_param(loc: tuple[int | str, ...]) -> str | None:
 
 
 class WireModel(BaseModel):
-    # OpenAI adds optional fields often; unknown ones are accepted and ignored like the real API does.
-    model_config = ConfigDict(extra="allow")
+    # OpenAI adds optional fields often; unknown ones are accepted and ignored like the real API does. A request
+    # is a value once parsed: nothing along the way changes it.
+    model_config = ConfigDict(extra="allow", frozen=True)
 
 
 class TextPart(WireModel):
@@ -183,19 +210,16 @@ class ChatCompletionRequest(WireModel):
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         if len(stop) > 4:
             raise InvalidRequest("'stop' accepts at most 4 sequences", param="stop")
-        params = SamplingParams(
-            max_tokens=self.max_completion_tokens or self.max_tokens,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=self.top_k or 0,
-            seed=None if self.seed is None else self.seed % 2**63,  # the engines take non-negative seeds
-            stop=stop,
-            frequency_penalty=self.frequency_penalty or 0.0,
-            presence_penalty=self.presence_penalty or 0.0,
-        )
+        params = sampling(self.max_completion_tokens or self.max_tokens, self.temperature, self.top_p,
+                          self.frequency_penalty, self.presence_penalty, top_k=self.top_k, seed=self.seed,
+                          stop=stop)
         messages = tuple(_message(m, i, files) for i, m in enumerate(self.messages))
-        tools = ToolUse(_tools(self.tools or []), _tool_choice(self.tool_choice, self.tools or []),
-                        self.parallel_tool_calls is not False)
+        functions = _tools(self.tools or [])
+        choice = self.tool_choice
+        mode = choose_tools(choice if isinstance(choice, str) else None,
+                            choice.function.name if isinstance(choice, NamedToolChoice) else None,
+                            [f.name for f in functions])
+        tools = ToolUse(functions, mode, self.parallel_tool_calls is not False)
         reasoning = Reasoning(self.reasoning_effort, self.thinking_token_budget)
         return Turn(messages, _format(self.response_format), params, tools, reasoning)
 
@@ -258,7 +282,7 @@ def _tools(tools: list[FunctionTool]) -> tuple[Tool, ...]:
     out: list[Tool] = []
     for i, tool in enumerate(tools):
         spec = tool.function
-        if not _NAME.match(spec.name):
+        if not NAME.match(spec.name):
             raise InvalidRequest("function names are 1-64 characters of a-z, A-Z, 0-9, _ and -",
                                  param=f"tools[{i}].function.name")
         if spec.name in {t.name for t in out}:
@@ -274,26 +298,13 @@ def _tools(tools: list[FunctionTool]) -> tuple[Tool, ...]:
     return tuple(out)
 
 
-def _tool_choice(choice: str | NamedToolChoice | None, tools: list[FunctionTool]) -> str:
-    if choice is None:
-        return "auto" if tools else "none"
-    if isinstance(choice, str):
-        if choice == "required" and not tools:
-            raise InvalidRequest("tool_choice 'required' needs tools", param="tool_choice")
-        return choice
-    name = choice.function.name
-    if name not in {t.function.name for t in tools}:
-        raise InvalidRequest(f"tool_choice names no function of 'tools': {name!r}", param="tool_choice")
-    return name
-
-
 def _format(fmt: AnyFormat | None) -> ResponseFormat:
     if fmt is None or isinstance(fmt, TextFormat):
         return TEXT
     if isinstance(fmt, JsonObjectFormat):
         return ResponseFormat("json_object", name="json_object")
     spec = fmt.json_schema
-    if not _NAME.match(spec.name):
+    if not NAME.match(spec.name):
         raise InvalidRequest(
             "'response_format.json_schema.name' must be 1-64 characters of a-z, A-Z, 0-9, _ and -",
             param="response_format.json_schema.name",

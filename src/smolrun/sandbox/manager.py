@@ -12,6 +12,7 @@ from dataclasses import replace
 from functools import partial
 from typing import Any, TypeVar
 
+from smolrun.container_store import ContainerStore, Order
 from smolrun.errors import InvalidRequest, NotFound
 from smolrun.files import FileStore
 from smolrun.sandbox import files
@@ -29,6 +30,7 @@ DEFAULT_MEMORY = "1g"
 class ContainerManager:
     def __init__(self, store: Store, config: SandboxConfig, file_store: FileStore, warm: int = 1) -> None:
         self.store = store
+        self.records = ContainerStore(store)
         self.config = config
         self.file_store = file_store
         self._live: dict[str, Container] = {}
@@ -79,8 +81,7 @@ class ContainerManager:
         else:
             container = Container(self._config(memory_limit)).start()
         now = int(time.time())
-        self.store.execute("INSERT INTO containers VALUES (?, ?, ?, ?, 'active', ?, ?)", container.id, name, now,
-                           now, expires_minutes, memory_limit)
+        self.records.add(container.id, name, now, expires_minutes, memory_limit)
         (self.config.root / container.id / OWNER_STORE).write_text(str(self.store.path))  # ours to resume
         with self._lock:
             self._live[container.id] = container
@@ -89,7 +90,7 @@ class ContainerManager:
         return self.get(container.id)
 
     def get(self, container_id: str) -> dict[str, Any]:
-        row = self.store.one("SELECT * FROM containers WHERE id = ? AND status != 'deleted'", container_id)
+        row = self.records.get(container_id)
         if row is None:
             raise NotFound(f"No container found with id '{container_id}'.", param="container_id")
         return {
@@ -98,11 +99,8 @@ class ContainerManager:
             "expires_after": {"anchor": "last_active_at", "minutes": row["expires_minutes"]},
         }
 
-    def list_all(self, order: str, name: str | None) -> list[dict[str, Any]]:
-        direction = "ASC" if order == "asc" else "DESC"
-        rows = self.store.all(f"SELECT id FROM containers WHERE status != 'deleted' AND (? IS NULL OR name = ?) "
-                              f"ORDER BY created_at {direction}, rowid {direction}", name, name)
-        return [self.get(r["id"]) for r in rows]
+    def list_all(self, order: Order, name: str | None) -> list[dict[str, Any]]:
+        return [self.get(container_id) for container_id in self.records.ids(order, name)]
 
     def live(self, container_id: str) -> Container:
         """The running container; any use refreshes its expiry, as at OpenAI."""
@@ -113,7 +111,7 @@ class ContainerManager:
             container = self._live.get(container_id)
         if container is None:  # kept across a restart: started again over its files, at first use
             container = self._resume(container_id, meta["memory_limit"])
-        self.store.execute("UPDATE containers SET last_active_at = ? WHERE id = ?", int(time.time()), container_id)
+        self.records.touch(container_id, int(time.time()))
         return container
 
     def _config(self, memory_limit: str) -> SandboxConfig:
@@ -126,7 +124,7 @@ class ContainerManager:
             if running is not None:  # another call resumed it meanwhile
                 return running
             if not (self.config.root / container_id / "data").is_dir():  # its files are gone: so is the container
-                self.store.execute("UPDATE containers SET status = 'expired' WHERE id = ?", container_id)
+                self.records.end(container_id, "expired")
                 raise _expired(container_id)
             container = Container(self._config(memory_limit), id=container_id).start(resume=True)
             with self._lock:
@@ -136,8 +134,7 @@ class ContainerManager:
     def delete(self, container_id: str) -> dict[str, Any]:
         self.get(container_id)
         self._stop(container_id)
-        self.store.execute("DELETE FROM container_files WHERE container_id = ?", container_id)
-        self.store.execute("UPDATE containers SET status = 'deleted' WHERE id = ?", container_id)
+        self.records.end(container_id, "deleted")
         return {"id": container_id, "object": "container.deleted", "deleted": True}
 
     def execute(self, container_id: str, code: str,
@@ -145,14 +142,13 @@ class ContainerManager:
         """Run a cell; also the container files it created or changed, registered (path -> file object)."""
         container = self.live(container_id)
         result = container.run(code, timeout)
-        self.store.execute("UPDATE containers SET last_active_at = ? WHERE id = ?", int(time.time()), container_id)
+        self.records.touch(container_id, int(time.time()))
         self.sync_files(container_id)
         written: dict[str, dict[str, Any]] = {}
         for rel in result.files:
-            row = self.store.one("SELECT id FROM container_files WHERE container_id = ? AND path = ?", container_id,
-                                 f"/mnt/data/{rel}")
-            if row is not None:  # None: deleted again before the walk (a file the code removed at once)
-                written[f"/mnt/data/{rel}"] = self.file(container_id, row["id"])
+            file_id = self.records.file_id(container_id, f"/mnt/data/{rel}")
+            if file_id is not None:  # None: deleted again before the walk (a file the code removed at once)
+                written[f"/mnt/data/{rel}"] = self.file(container_id, file_id)
         return result, written
 
     def _stop(self, container_id: str) -> None:
@@ -169,14 +165,12 @@ class ContainerManager:
         """Containers still 'active' in the store were kept by a previous process (see close): those within
         their `expires_after`, counted across the restart, are resumed at first use; the others expire."""
         now, kept = time.time(), set()
-        for row in self.store.all("SELECT id, last_active_at, expires_minutes FROM containers "
-                                  "WHERE status = 'active'"):
+        for row in self.records.active():
             if now - row["last_active_at"] <= row["expires_minutes"] * 60:
                 kept.add(row["id"])
                 continue
             release_directory(self.config.root / row["id"])
-            self.store.execute("DELETE FROM container_files WHERE container_id = ?", row["id"])
-            self.store.execute("UPDATE containers SET status = 'expired' WHERE id = ?", row["id"])
+            self.records.end(row["id"], "expired")
         return frozenset(kept)
 
     def _reap_loop(self) -> None:
@@ -186,12 +180,10 @@ class ContainerManager:
     def reap(self, now: float | None = None) -> list[str]:
         """Expire containers unused for longer than their `expires_after`: files and memory are discarded."""
         now = time.time() if now is None else now
-        rows = self.store.all("SELECT id, last_active_at, expires_minutes FROM containers WHERE status = 'active'")
-        expired = [r["id"] for r in rows if now - r["last_active_at"] > r["expires_minutes"] * 60]
+        expired = [r["id"] for r in self.records.active() if now - r["last_active_at"] > r["expires_minutes"] * 60]
         for container_id in expired:
             self._stop(container_id)
-            self.store.execute("DELETE FROM container_files WHERE container_id = ?", container_id)
-            self.store.execute("UPDATE containers SET status = 'expired' WHERE id = ?", container_id)
+            self.records.end(container_id, "expired")
         return expired
 
     def close(self) -> None:
@@ -212,14 +204,12 @@ class ContainerManager:
         return self._record(container_id, path, len(data), source)
 
     def _record(self, container_id: str, path: str, size: int, source: str) -> dict[str, Any]:
-        row = self.store.one("SELECT id FROM container_files WHERE container_id = ? AND path = ?", container_id, path)
-        if row is None:
+        file_id = self.records.file_id(container_id, path)
+        if file_id is None:
             file_id = f"cfile_{uuid.uuid4().hex}"
-            self.store.execute("INSERT INTO container_files VALUES (?, ?, ?, ?, ?, ?)", file_id, container_id, path,
-                               size, int(time.time()), source)
+            self.records.add_file(file_id, container_id, path, size, int(time.time()), source)
         else:
-            file_id = row["id"]
-            self.store.execute("UPDATE container_files SET bytes = ? WHERE id = ?", size, file_id)
+            self.records.resize_file(file_id, size)
         return self.file(container_id, file_id)
 
     def sync_files(self, container_id: str) -> None:
@@ -227,26 +217,22 @@ class ContainerManager:
         container = self.live(container_id)
         walked = files.listing(container.workdir, self.config.limits.work_files + 1)
         present = {f"/mnt/data/{p}": size for p, (size, _) in walked.files.items()}
-        known = {r["path"]: r["id"] for r in self.store.all(
-            "SELECT id, path FROM container_files WHERE container_id = ?", container_id)}
+        known = self.records.paths(container_id)
         for path, size in present.items():
             if path in known:
-                self.store.execute("UPDATE container_files SET bytes = ? WHERE id = ?", size, known[path])
+                self.records.resize_file(known[path], size)
             else:
                 self._record(container_id, path, size, "assistant")
         for path, file_id in known.items():
             if path not in present and walked.complete:  # a walk cut short proves nothing gone
-                self.store.execute("DELETE FROM container_files WHERE id = ?", file_id)
+                self.records.drop_file(file_id)
 
-    def list_files(self, container_id: str, order: str) -> list[dict[str, Any]]:
+    def list_files(self, container_id: str, order: Order) -> list[dict[str, Any]]:
         self.sync_files(container_id)
-        direction = "ASC" if order == "asc" else "DESC"
-        rows = self.store.all(f"SELECT id FROM container_files WHERE container_id = ? "
-                              f"ORDER BY created_at {direction}, rowid {direction}", container_id)
-        return [self.file(container_id, r["id"]) for r in rows]
+        return [self.file(container_id, file_id) for file_id in self.records.file_ids(container_id, order)]
 
     def file(self, container_id: str, file_id: str) -> dict[str, Any]:
-        row = self.store.one("SELECT * FROM container_files WHERE id = ? AND container_id = ?", file_id, container_id)
+        row = self.records.file(container_id, file_id)
         if row is None:
             raise NotFound(f"No file found with id '{file_id}' in container '{container_id}'.", param="file_id")
         return {"object": "container.file", **row}
@@ -260,7 +246,7 @@ class ContainerManager:
         container = self.live(container_id)
         meta = self.file(container_id, file_id)
         files.remove_file(container.workdir, meta["path"].removeprefix("/mnt/data/"))
-        self.store.execute("DELETE FROM container_files WHERE id = ?", file_id)
+        self.records.drop_file(file_id)
         return {"id": file_id, "object": "container.file.deleted", "deleted": True}
 
 
