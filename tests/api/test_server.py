@@ -63,6 +63,24 @@ def test_the_api_description_is_served_without_a_key(make_server) -> None:  # ty
     assert [httpx.get(root + p).status_code for p in ("/docs", "/redoc", "/openapi.json")] == [200, 200, 200]
 
 
+def test_the_playground_is_its_own_files_and_open_without_the_key(make_server) -> None:  # type: ignore[no-untyped-def]
+    server = make_server(Engine(ByteModel()), api_key="k")
+    root = server.url.removesuffix("/v1")
+    page = httpx.get(root + "/")
+    assert (page.status_code, page.headers["content-type"]) == (200, "text/html; charset=utf-8")
+    assert '<script src="/playground/app.js" type="module">' in page.text
+    for asset, kind in [("app.js", "text/javascript"), ("style.css", "text/css"), ("vendor/ajv2020.min.js",
+                                                                                   "text/javascript")]:
+        reply = httpx.get(f"{root}/playground/{asset}")
+        assert (reply.status_code, reply.headers["content-type"]) == (200, f"{kind}; charset=utf-8")
+    for outside in ("vendor/README.md", "../api/app.py", "%2e%2e/api/app.py", "nothing.js"):
+        reply = httpx.get(f"{root}/playground/{outside}")
+        assert (outside, reply.status_code, reply.json()["error"]["type"]) == (outside, 404, "invalid_request_error")
+    assert httpx.get(f"{server.url}/models").status_code == 401  # the API itself keeps its key
+    models = httpx.get(f"{server.url}/models", headers={"Authorization": "Bearer k"}).json()["data"]
+    assert models[0]["capabilities"] == {"vision": False, "reasoning": False}
+
+
 def test_full_queue_answers_429_and_nothing_accepted_is_lost(make_server) -> None:  # type: ignore[no-untyped-def]
     model = SlowModel()
     server = make_server(Engine(model), max_queue=1)

@@ -36,6 +36,13 @@ def test_tracebacks_are_results_not_exceptions(box: Container) -> None:
     assert "f()" in result.error.traceback and "\x1b[" not in result.error.traceback  # no ANSI colours
 
 
+def test_preloaded_modules_are_bound_to_their_usual_names(new_container) -> None:  # type: ignore[no-untyped-def]
+    box = new_container(preload=("numpy", "pandas", "matplotlib", "matplotlib.pyplot"))
+    assert box.run("(np.__name__, pd.__name__, plt.__name__)").result == "('numpy', 'pandas', 'matplotlib.pyplot')"
+    bare = new_container()
+    assert bare.run("np").error.name == "NameError"  # type: ignore[union-attr]
+
+
 def test_matplotlib_figures_come_back_as_png(new_container) -> None:  # type: ignore[no-untyped-def]
     box = new_container(preload=("matplotlib.pyplot",))
     result = box.run("import matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\nplt.title('t')")

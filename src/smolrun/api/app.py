@@ -19,6 +19,7 @@ from smolrun import __version__
 from smolrun.api.chat import router as chat_router
 from smolrun.api.containers import router as containers_router
 from smolrun.api.files import router as files_router
+from smolrun.api.playground import router as playground_router
 from smolrun.api.responses import router as responses_router
 from smolrun.api.state import AppState, get_state
 from smolrun.api.wire import wire_param
@@ -176,7 +177,9 @@ def create_app(engine: Engine, settings: Settings, vision: Engine | None = None)
         return {"status": "ok", "model": engine.name, **({"vision_model": vision.name} if vision else {})}
 
     def model_card(served: Engine) -> dict[str, Any]:
-        return {"id": served.name, "object": "model", "created": created, "owned_by": "smolrun"}
+        # "capabilities" is smolrun's extension (clients ignore fields they do not know): the playground shows it.
+        return {"id": served.name, "object": "model", "created": created, "owned_by": "smolrun",
+                "capabilities": {"vision": served.sees, "reasoning": served.profile.thinking is not None}}
 
     @app.get("/v1/models", dependencies=[Depends(check_api_key)])
     async def list_models() -> dict[str, Any]:
@@ -188,4 +191,6 @@ def create_app(engine: Engine, settings: Settings, vision: Engine | None = None)
 
     for router in (chat_router, responses_router, files_router, containers_router):
         app.include_router(router, dependencies=[Depends(check_api_key)])
+    # The playground: static files only, open without the key (it asks for the key and sends it to /v1 itself).
+    app.include_router(playground_router)
     return app

@@ -16,6 +16,7 @@ import os
 import struct
 import sys
 
+ALIASES = {"numpy": "np", "pandas": "pd", "matplotlib.pyplot": "plt"}  # bound in the cell namespace when preloaded
 MAX_IMAGES = 32  # per call, as the supervisor accepts them
 MAX_IMAGE_BYTES = 16 * 1024 * 1024
 
@@ -131,7 +132,9 @@ def main():
                 try:
                     __import__(name)
                 except Exception:  # a missing optional package only costs its warm start
-                    pass
+                    continue
+                if name in ALIASES:  # small models often use np, pd or plt without importing them
+                    shell.user_ns[ALIASES[name]] = sys.modules[name]
             _write(proto_out, {"seq": request.get("seq")})
             continue
         try:
