@@ -104,40 +104,70 @@ def test_an_invalid_schema_is_an_editor_error_and_a_refused_one_a_readable_messa
     assert page.inner_text(".message.assistant .error") == expected.json()["error"]["message"]
 
 
-@needs_sandbox
-def test_a_code_interpreter_turn_on_a_csv_then_a_follow_up_in_the_same_container(page: Any, server: Server,
-                                                                                 tmp_path: Path) -> None:
-    data = tmp_path / "data.csv"
-    data.write_text("x,y\n1,2\n2,4\n3,9\n4,16\n")
+def code_turn(page: Any, server: Server, data: Path, text: str) -> dict[str, Any]:
+    """A first code-interpreter turn from the page, with `data` attached; the request it sent."""
     open_playground(page, server)
     page.check('input[name="mode"][value="code"]')
     page.check("#code-first")
     page.fill("#max-tokens", "300")
     page.set_input_files("#files", str(data))
-    with page.expect_request(lambda r: r.url.endswith("/v1/responses")) as first:
-        send(page, "Make a line plot of df.y against df.x, where df = pd.read_csv('data.csv').")
+    with page.expect_request(lambda r: r.url.endswith("/v1/responses")) as sent:
+        send(page, text)
+    body: dict[str, Any] = sent.value.post_data_json
+    return body
+
+
+@needs_sandbox
+def test_code_cells_their_output_and_figures_appear_as_they_ran(page: Any, make_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # A scripted model: what the page shows is then known exactly (the bundled model's own code is the next test's).
+    from tests.fakes import TurnsModel
+
+    code = ("import matplotlib.pyplot as plt\nprint(open('data.csv').read().count('\\n'))\n"
+            "line, = plt.plot([1, 4, 9, 16])")
+    server = make_server(Engine(TurnsModel(f"```python\n{code}\n```".encode(), b"A rising line.")))
+    data = tmp_path / "data.csv"
+    data.write_text("x,y\n1,2\n2,4\n3,9\n4,16\n")
+    body = code_turn(page, server, data, "Plot the data.")
+    page.screenshot(path=str(tmp_path / "figure.png"), full_page=True)
+    assert body["tool_choice"] == "required" and body["include"] == ["code_interpreter_call.outputs"]
+    assert page.inner_text(".cell pre.code") == code
+    assert page.inner_text(".cell .cell-head") == "python"
+    assert page.inner_text(".cell pre.logs") == "5"
+    assert page.get_attribute(".cell .outputs img", "src").startswith("data:image/png;base64,iVBORw0KGgo")
+    assert page.inner_text(".message.assistant > .text") == "A rising line."
+
+
+@needs_sandbox
+def test_a_code_interpreter_turn_on_a_csv_then_a_follow_up_in_the_same_container(page: Any, server: Server,
+                                                                                 tmp_path: Path) -> None:
+    data = tmp_path / "data.csv"
+    data.write_text("x,y\n1,2\n2,4\n3,9\n4,16\n")
+    body = code_turn(page, server, data, "Make a line plot of df.y against df.x, where df = pd.read_csv('data.csv').")
     page.screenshot(path=str(tmp_path / "code.png"), full_page=True)
-    body = first.value.post_data_json
     container = page.inner_text("#container-id")
     assert body["tools"] == [{"type": "code_interpreter", "container": container}]
     assert body["tool_choice"] == "required" and "previous_response_id" not in body
-    assert page.locator(".cell pre.code").first.inner_text().strip()
-    assert page.locator(".outputs img").first.get_attribute("src").startswith("data:image/png;base64,")
+    # What the model wrote and what it ran to (a 135M model's code often fails): the page shows each call as
+    # the stored response has it.
+    with page.expect_request(lambda r: r.url.endswith("/v1/responses")) as second:
+        page.uncheck("#code-first")
+        send(page, "Now print df.y.sum().", answers=2)
+    follow_up = second.value.post_data_json
+    first_id = follow_up["previous_response_id"]
+    stored = httpx.get(f"{server.url}/responses/{first_id}", timeout=30).json()
+    calls = [o for o in stored["output"] if o["type"] == "code_interpreter_call"]
+    first_answer = page.locator(".message.assistant").first
+    assert first_answer.locator("pre.code").all_inner_texts() == [c["code"] for c in calls]
+    assert calls  # tool_choice "required": the turn began with code
+    # A call cut by the token budget never ran, so it names no container.
+    assert [c["container_id"] for c in calls] == [container if c["status"] == "completed" else "" for c in calls]
     assert page.inner_text("#container-files").startswith("data.csv")
     with page.expect_download() as download:
         page.click("#container-files button")
     assert Path(download.value.path()).read_bytes() == data.read_bytes()  # fetched with the key, saved from memory
-
-    page.uncheck("#code-first")
-    with page.expect_request(lambda r: r.url.endswith("/v1/responses")) as second:
-        send(page, "Now print df.y.sum().", answers=2)
     page.screenshot(path=str(tmp_path / "follow-up.png"), full_page=True)
-    follow_up = second.value.post_data_json
-    assert follow_up["previous_response_id"].startswith("resp_")
     assert follow_up["tools"] == [{"type": "code_interpreter", "container": container}]
     assert page.inner_text("#container-id") == container
-    stored = httpx.get(f"{server.url}/responses/{follow_up['previous_response_id']}", timeout=30).json()
-    assert [o["container_id"] for o in stored["output"] if o["type"] == "code_interpreter_call"][0] == container
 
 
 def test_with_an_api_key_the_page_asks_for_it_and_keeps_it_for_the_session(page: Any, make_server,  # type: ignore[no-untyped-def]
@@ -193,3 +223,25 @@ def test_on_a_phone_with_the_keyboard_alone(browser: Any, server: Server, tmp_pa
         assert phone.inner_text(".message.user") == "Hello"
     finally:
         context.close()
+
+
+def test_a_thinking_model_shows_its_reasoning_folded_with_its_token_count(page: Any, make_server,  # type: ignore[no-untyped-def]
+                                                                          tiny_smollm3: Path) -> None:
+    pytest.importorskip("transformers", reason="the tiny SmolLM3 runs on transformers (smolrun[transformers])")
+    from smolrun.config import Settings
+
+    thinker = Engine.load(Settings(backend="transformers", model=str(tiny_smollm3), threads=2, n_ctx=2048))
+    server = make_server(thinker)
+    open_playground(page, server)
+    assert page.eval_on_selector_all("#capabilities .badge", "badges => badges.map(b => b.textContent)") == [
+        "text only", "thinks"]
+    page.fill("#max-tokens", "40")
+    page.fill("#budget", "12")  # random weights: the grammar closes the thought at its budget
+    with page.expect_request(lambda r: r.url.endswith("/v1/chat/completions")) as sent:
+        send(page, "Think first.")
+    assert sent.value.post_data_json["thinking_token_budget"] == 12
+    summary = page.inner_text(".reasoning summary")
+    tokens = int(summary.removeprefix("Reasoning (").removesuffix(" tokens)"))
+    assert 0 < tokens <= 12 + 2  # the budget, and the two tags the count includes
+    assert page.eval_on_selector(".reasoning", "details => details.open") is False  # folded until opened
+    assert page.eval_on_selector(".reasoning .thoughts", "node => node.textContent.length") > 0

@@ -29,6 +29,24 @@ def run_ok(box: Container, code: str) -> str:
     return result.logs
 
 
+def test_a_timeout_interrupts_even_when_the_server_started_with_sigint_ignored(sandbox_config) -> None:  # type: ignore[no-untyped-def]
+    import signal
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as under `server &` in a shell without job control
+    try:
+        box = Container(sandbox_config, preload=()).start()  # the sandbox inherits the ignored SIGINT
+    finally:
+        signal.signal(signal.SIGINT, before)
+    try:
+        box.run("kept = 7")
+        result = box.run("while True:\n    pass")
+        outcome = (result.timed_out, result.state_lost, result.error and result.error.name)
+        assert outcome == (True, False, "TimeoutError")
+        assert box.run("kept").result == "7"
+    finally:
+        box.close()
+
+
 def test_infinite_loop_is_interrupted_and_state_kept(box: Container) -> None:
     box.run("kept = 7")
     result = box.run("while True:\n    pass")

@@ -13,6 +13,7 @@ import base64
 import io
 import json
 import os
+import signal
 import struct
 import sys
 
@@ -108,6 +109,9 @@ def _bounded(images):
 
 
 def main():
+    # A timeout is a SIGINT, which must raise KeyboardInterrupt in the cell: Python leaves SIGINT ignored when it
+    # starts ignored, as it does under a server launched from a background shell job.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     proto_in = os.fdopen(int(sys.argv[1]), "rb", buffering=0)
     proto_out = os.fdopen(int(sys.argv[2]), "wb", buffering=0)
 
