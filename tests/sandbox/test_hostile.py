@@ -75,6 +75,16 @@ def test_thread_bomb(box: Container) -> None:
     healthy(box)
 
 
+def test_a_cell_that_breaks_ipython_itself_gets_the_first_failure_as_its_error(box: Container) -> None:
+    # What a thread or memory bomb can do at random inside IPython's own bookkeeping, here on purpose.
+    box.run("ip = get_ipython()\ndef broken(*args, **kwargs):\n    try:\n        1 / 0\n    finally:\n"
+            "        undefined_name\nip.run_cell = broken")
+    result = box.run("1 + 1")
+    assert result.error is not None and (result.error.name, result.error.value) == (
+        "ZeroDivisionError", "division by zero")
+    assert not result.state_lost
+
+
 def test_memory_bomb(box: Container) -> None:
     result = box.run("hog = []\nwhile True: hog.append(bytearray(32 * 1024 * 1024))")
     assert result.error is not None and result.error.name in {"MemoryError", "SandboxRestarted"}

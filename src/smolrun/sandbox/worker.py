@@ -62,8 +62,14 @@ def _run_cell(shell, request, worker_pid, published, errors):
     limit = int(request.get("output_limit", 20000))
     published.clear()
     errors.clear()
+    crash = None
     try:
         result = shell.run_cell(request["code"], store_history=False)
+    except Exception as exc:  # IPython itself broke under what the cell did (threads or memory used up)
+        result = None
+        crash = exc
+        while crash.__context__ is not None:  # the first failure, not what it broke in IPython afterwards
+            crash = crash.__context__
     finally:
         if os.getpid() != worker_pid:  # a process the cell forked: it must not answer requests
             os._exit(0)
@@ -80,12 +86,12 @@ def _run_cell(shell, request, worker_pid, published, errors):
         elif "text/plain" in data:
             text.append(data["text/plain"] + "\n")
     error = None
-    failure = result.error_in_exec or result.error_before_exec
+    failure = crash if result is None else (result.error_in_exec or result.error_before_exec)
     if failure is not None:
         error = {"name": type(failure).__name__, "value": _clip(str(failure), limit),
                  "traceback": _clip("\n".join(errors), limit)}
     value = None
-    if result.result is not None:
+    if result is not None and result.result is not None:
         try:
             value = _clip(repr(result.result), limit)
         except Exception as exc:
