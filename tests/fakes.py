@@ -179,19 +179,23 @@ class BatchByteModel(_ByteVocab):
         self.seed = seed
         self.favour = list(favour)
         self.kv: list[list[int]] = [[] for _ in range(n_seq)]
+        self.cells: list[list[int]] = [[] for _ in range(n_seq)]  # as llama.cpp's: shared ones are the same cell
+        self.made = 0
         self.passes: list[list[Feed]] = []  # every forward pass, as fed
         self.shared: list[tuple[int, int, int, int]] = []  # every share(src, dst, start, end)
 
     def decode(self, feeds: Sequence[Feed]) -> list[npt.NDArray[np.float32]]:
         assert sum(len(f.tokens) for f in feeds) <= self.n_batch
         assert len({f.seq for f in feeds}) == len(feeds), "one feed per sequence and pass"
-        if sum(map(len, self.kv)) + sum(len(f.tokens) for f in feeds) > self.n_ctx:
+        if self.used() + sum(len(f.tokens) for f in feeds) > self.n_ctx:
             raise KVFull("full")
         out = []
         for feed in feeds:
             held = len(self.kv[feed.seq])
             assert feed.pos == held, f"sequence {feed.seq} fed at {feed.pos}, holds {held}"
             self.kv[feed.seq] += feed.tokens
+            self.cells[feed.seq] += range(self.made, self.made + len(feed.tokens))
+            self.made += len(feed.tokens)
             if feed.logits:
                 out.append(self._logits(self.kv[feed.seq]))
         self.passes.append(list(feeds))
@@ -204,14 +208,18 @@ class BatchByteModel(_ByteVocab):
         logits[EOS] += 2.0
         return logits
 
+    def used(self) -> int:
+        return len({cell for cells in self.cells for cell in cells})
+
     def forget(self, seq: int, start: int) -> bool:
-        del self.kv[seq][start:]
+        del self.kv[seq][start:], self.cells[seq][start:]
         return True
 
     def share(self, src: int, dst: int, start: int, end: int) -> bool:
         assert len(self.kv[dst]) == start, f"sequence {dst} shares from {start}, holds {len(self.kv[dst])}"
         assert end <= len(self.kv[src]), f"sequence {src} shares up to {end}, holds {len(self.kv[src])}"
         self.kv[dst] += self.kv[src][start:end]
+        self.cells[dst] += self.cells[src][start:end]
         self.shared.append((src, dst, start, end))
         return True
 

@@ -56,12 +56,42 @@ def test_preparation_is_admitted_like_generation() -> None:
         turn = Turn((Message("user", "hi"),))
         held = [asyncio.create_task(engine.prepare_async(turn)) for _ in range(2)]
         await asyncio.to_thread(started.acquire)
-        await asyncio.sleep(0)  # both tasks have entered prepare_async (one runs, one waits for a thread)
+        await asyncio.sleep(0)  # both tasks have entered prepare_async and hold its two places
         with pytest.raises(QueueFull):
             await engine.prepare_async(turn)
+        later = asyncio.create_task(engine.prepare_async(turn, continuing=True))  # a later turn: never refused
         release.set()
+        held.append(later)
         done = await asyncio.gather(*held)
         return [len(p.prompt) for p in done] + [len((await engine.prepare_async(turn)).prompt)]
 
     expected = len(engine.render(Turn((Message("user", "hi"),))).encode())
-    assert asyncio.run(scenario()) == [expected] * 3
+    assert asyncio.run(scenario()) == [expected] * 4
+
+
+def test_the_one_sequence_runner_bounds_new_turns_and_never_a_continuing_one() -> None:
+    from smolrun.scheduler import Scheduler
+
+    runner = Scheduler(max_queue=1)
+    release, started = threading.Event(), threading.Event()
+    ended: list[str] = []
+
+    def work(name: str, hold: bool = False):  # type: ignore[no-untyped-def]
+        def run(cancelled):  # type: ignore[no-untyped-def]
+            started.set()
+            if hold:
+                release.wait(10)
+            ended.append(name)
+            return iter(())
+        return run
+
+    runner.submit(work("running", hold=True), lambda item: None, lambda: False)
+    assert started.wait(10)  # it holds the model; the queue is empty
+    runner.submit(work("waiting"), lambda item: None, lambda: False)
+    with pytest.raises(QueueFull):
+        runner.submit(work("refused"), lambda item: None, lambda: False)
+    runner.submit(work("continuing"), lambda item: None, lambda: False, bounded=False)
+    assert runner.waiting() == 2
+    release.set()
+    runner.close()
+    assert ended == ["running", "waiting", "continuing"]

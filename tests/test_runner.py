@@ -19,6 +19,7 @@ from smolrun.runner import (
     RunEvent,
     RunSpec,
     context_messages,
+    observation,
     run,
 )
 from smolrun.sandbox.container import ExecError, Execution
@@ -153,11 +154,15 @@ def test_an_error_in_the_code_is_an_observation_not_a_failure() -> None:
     assert events[-1][:2] == ("Finished", "completed")
 
 
-def test_the_output_becomes_the_conversation_a_follow_up_continues() -> None:
+def test_the_output_becomes_the_conversation_a_follow_up_continues_as_the_model_saw_it() -> None:
     engine = Engine(ByteModel())
-    result = execution("42\n")
-    items = [CodeCallItem("ci_1", "print(6 * 7)", "cntr_1", "completed", result),
-             CodeCallItem("ci_2", "print(", status="incomplete"), MessageItem("msg_1", "It is 42.", "completed")]
-    assert context_messages(items, engine.profile.code) == [  # type: ignore[arg-type]
+    long = execution("x" * 5000 + "\n")
+    items = [CodeCallItem("ci_1", "print(6 * 7)", "cntr_1", "completed", execution("42\n")),
+             CodeCallItem("ci_2", "print('x' * 5000)", "cntr_1", "completed", long),
+             CodeCallItem("ci_3", "print(", status="incomplete"), MessageItem("msg_1", "It is 42.", "completed")]
+    context = context_messages(items, engine.profile.code)  # type: ignore[arg-type]
+    assert context == [
         Message("assistant", "```python\nprint(6 * 7)\n```"), Message("user", "Output of the code:\n42"),
+        Message("assistant", "```python\nprint('x' * 5000)\n```"), observation(long),
         Message("assistant", "It is 42.")]  # the cut call never ran: it is not in the conversation
+    assert len(context[3].content) < 2100  # the same truncated observation as in the loop, not 5000 characters

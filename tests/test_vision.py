@@ -384,7 +384,10 @@ def test_the_real_invoices_go_through_the_whole_pipeline(vlm: Engine, invoices: 
                                       SamplingParams(max_tokens=400, temperature=0.7, seed=0,
                                                      frequency_penalty=0.5)))
         assert done.stats.completion_tokens <= 400
-        assert done.finish_reason == ("length" if done.stats.completion_tokens == 400 else "stop"), png.name
+        if done.finish_reason != "length":  # a natural end, perhaps on the budget's last token
+            assert done.finish_reason == "stop", png.name
+        else:
+            assert done.stats.completion_tokens == 400, png.name
         if done.finish_reason == "stop":
             jsonschema.validate(json.loads(text), schema)
 

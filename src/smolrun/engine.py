@@ -140,11 +140,13 @@ class Engine:
         token_budget(self.model.n_ctx, len(prompt), turn.params.max_tokens)  # 400 before queueing, not mid-stream
         return Prepared(prompt, grammar, turn.params, think, pixels)
 
-    async def prepare_async(self, turn: Turn, allow_code: bool = False, must_code: bool = False) -> Prepared:
-        """`prepare` off the event loop, admitted like generation: at most `max_queue` turns prepare at once
-        (then QueueFull, a 429), on the engine's own two threads, so that big requests neither take the
-        server's shared threads nor pile up; one whose client left before its turn came is never prepared."""
-        if self._preparing >= self.max_queue:
+    async def prepare_async(self, turn: Turn, allow_code: bool = False, must_code: bool = False,
+                            continuing: bool = False) -> Prepared:
+        """`prepare` off the event loop, on the engine's own two threads, admitted like generation: at most
+        `max_queue` new turns prepare at once (then QueueFull, a 429), so that big prompts cannot pile up on
+        threads; one whose client left before its turn came is never prepared. A `continuing` turn (a later
+        turn of an admitted response) is never refused."""
+        if not continuing and self._preparing >= self.max_queue:
             raise QueueFull("the model is busy: too many requests are being prepared; retry shortly")
         self._preparing += 1
         try:
@@ -165,11 +167,12 @@ class Engine:
         """Whether turns decode together (continuous batching) rather than one at a time."""
         return hasattr(self.model, "n_seq")
 
-    def stream(self, prepared: Prepared) -> EventStream:
-        """Admit one turn now (QueueFull when too many wait) and stream its events; leaving early cancels it."""
+    def stream(self, prepared: Prepared, continuing: bool = False) -> EventStream:
+        """Admit one turn now (QueueFull when too many wait, unless it is `continuing` an admitted response)
+        and stream its events; leaving early cancels it."""
         splitter = ThoughtSplitter(prepared.think) if prepared.think is not None else None
         events = EventStream(splitter.feed if splitter is not None else None)
-        self._submit(prepared, events.sink, events.cancelled.is_set)
+        self._submit(prepared, events.sink, events.cancelled.is_set, bounded=not continuing)
         return events
 
     def generate(self, prepared: Prepared, cancelled: Callable[[], bool] = never) -> Iterator[Event]:
@@ -195,17 +198,17 @@ class Engine:
         return Job(list(prepared.prompt), prepared.pixels, self._state(prepared), sink, cancelled,
                    reuse=prepared.params.seed is None)
 
-    def _submit(self, prepared: Prepared, sink: Sink, cancelled: Callable[[], bool]) -> None:
+    def _submit(self, prepared: Prepared, sink: Sink, cancelled: Callable[[], bool], bounded: bool = True) -> None:
         runner = self._start()
         if isinstance(runner, VllmRunner):
             state = self._state(prepared)
             source = prepared.grammar.source if prepared.grammar is not None else None
             body = completion_body(runner.model, prepared.prompt, source, prepared.params, state.budget)
-            runner.submit(RemoteJob(body, state, sink, cancelled))
+            runner.submit(RemoteJob(body, state, sink, cancelled), bounded)
         elif isinstance(runner, BatchEngine):
-            runner.submit(self.job(prepared, sink, cancelled))
+            runner.submit(self.job(prepared, sink, cancelled), bounded)
         else:
-            runner.submit(lambda stop: self._decode(prepared, stop), sink, cancelled)
+            runner.submit(lambda stop: self._decode(prepared, stop), sink, cancelled, bounded)
 
     def _start(self) -> BatchEngine | Scheduler | VllmRunner:
         with self._runner_lock:

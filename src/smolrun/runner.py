@@ -270,7 +270,7 @@ async def run(spec: RunSpec, engine: Engine, generate: Generate, execute: Execut
         if first is not None:
             prepared, first = first, None
         else:  # off the event loop: rendering, tokenizing and cutting pictures into tiles can take a while
-            prepared = await engine.prepare_async(turn, allow_code, must_code)
+            prepared = await engine.prepare_async(turn, allow_code, must_code, continuing=calls > 0)
         split = _Split(allow_code, bool(spec.tools.active), engine.profile.code)
         call_items: _CallItems | None = None  # set when the turn is function calls, after any reasoning item
         item: CodeCallItem | MessageItem | None = None
@@ -360,16 +360,14 @@ def logs_text(result: Execution) -> str:
     return "\n".join(parts)
 
 
-def context_messages(output: list[Item], code: CodeFormat) -> list[Message]:
-    """A response's output as the conversation a follow-up continues (previous_response_id): each code call
-    as the model wrote it and the output it got, each complete function call, each answer (a call cut by the
-    token budget never ran)."""
+def context_messages(output: list[Item], code: CodeFormat, sees: bool = False) -> list[Message]:
+    """A response's output as the conversation a follow-up continues (previous_response_id), as the model saw
+    it: each code call and its observation, each complete function call, each answer (a call cut by the token
+    budget never ran). `sees`: the model was shown the figures."""
     messages: list[Message] = []
     for item in output:
-        if isinstance(item, CodeCallItem) and item.status == "completed":
-            logs = logs_text(item.result) if item.result is not None else ""
-            messages += [Message("assistant", code.wrap(item.code)),
-                         Message("user", f"Output of the code:\n{logs or '(no output)'}")]
+        if isinstance(item, CodeCallItem) and item.status == "completed" and item.result is not None:
+            messages += [Message("assistant", code.wrap(item.code)), observation(item.result, sees)]
         elif isinstance(item, FunctionCallItem) and item.status != "incomplete":  # a cut call has no result
             messages.append(Message("assistant", "", (ToolCall(item.call_id, item.name, item.arguments),)))
         elif isinstance(item, MessageItem):

@@ -83,15 +83,15 @@ class Scheduler:
     _thread: threading.Thread = field(init=False)
 
     def __post_init__(self) -> None:
-        self._jobs = queue.Queue(maxsize=self.max_queue)
+        self._jobs = queue.Queue()  # bounded by submit, so that a continuing turn is never refused
         self._thread = threading.Thread(target=self._run, name="smolrun-model", daemon=True)
         self._thread.start()
 
-    def submit(self, work: Work, sink: Sink, cancelled: Callable[[], bool]) -> None:
-        try:
-            self._jobs.put_nowait(_Job(work, sink, cancelled))
-        except queue.Full:
-            raise QueueFull("the model is busy: too many requests are waiting; retry shortly") from None
+    def submit(self, work: Work, sink: Sink, cancelled: Callable[[], bool], bounded: bool = True) -> None:
+        """`bounded`: refused (QueueFull) when max_queue turns wait; a later turn of an admitted response is not."""
+        if bounded and self._jobs.qsize() >= self.max_queue:
+            raise QueueFull("the model is busy: too many requests are waiting; retry shortly")
+        self._jobs.put_nowait(_Job(work, sink, cancelled))
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:

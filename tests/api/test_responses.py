@@ -20,13 +20,15 @@ OUTPUTS = ["code_interpreter_call.outputs"]
 
 
 def ended_by(r: openai.types.responses.Response, budget: int) -> tuple[str, object]:
-    """The status and incomplete_details a response must have, given the tokens it used: incomplete exactly
-    when the output budget ran out."""
+    """The status and incomplete_details a response must have, given the tokens it used: incomplete only when the
+    output budget ran out (a natural end may also fall on the budget's last token)."""
     from openai.types.responses.response import IncompleteDetails
 
-    assert r.usage is not None and r.usage.output_tokens <= budget
-    if r.usage.output_tokens == budget:
+    assert r.usage is not None
+    if r.status == "incomplete":
+        assert r.usage.output_tokens == budget
         return "incomplete", IncompleteDetails(reason="max_output_tokens")
+    assert r.usage.output_tokens <= budget
     return "completed", None
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from smolrun.backends.base import reusable_prefix
+from smolrun.backends.base import Feed, reusable_prefix
 from smolrun.backends.batch import BatchEngine, BatchLoop, Job
 from smolrun.engine import Engine
 from smolrun.errors import GenerationFailed, QueueFull
@@ -172,6 +172,44 @@ def test_a_new_request_shares_the_longest_prefix_any_slot_holds() -> None:
     assert len(model.shared) == 2  # no slot is empty: the one holding most of the prompt is reused, nothing to copy
 
 
+def test_a_shared_prefix_takes_its_cells_once_in_the_cache() -> None:
+    system = "You answer in one word. " * 6
+    questions = [turn(system + q, max_tokens=6, temperature=0) for q in ("Red?", "Blue?", "Green?")]
+
+    def scenario(n_ctx: int) -> tuple[list[list[Feed]], list[Done]]:
+        engine = Engine(BatchByteModel(n_seq=3, n_ctx=n_ctx, n_batch=64))
+        loop = BatchLoop(engine.model)  # type: ignore[arg-type]
+        dones: list[Done] = []
+
+        def submit(t: Turn) -> None:
+            loop.submit(engine.job(engine.prepare(t), lambda item: dones.extend(
+                e for e in item or [] if isinstance(e, Done)) if not isinstance(item, BaseException) else None,
+                lambda: False))
+
+        submit(questions[0])
+        for _ in range(3):  # its prompt is in the cache before the others come to share it
+            loop.step()
+        for t in questions[1:]:
+            submit(t)
+        while loop.busy:
+            loop.step()
+        return engine.model.passes, dones  # type: ignore[attr-defined]
+
+    roomy_passes, roomy = scenario(4096)
+    prompts = [len(Engine(BatchByteModel()).prepare(t).prompt) for t in questions]
+    shared = roomy[1].stats.cached_tokens
+    assert shared == roomy[2].stats.cached_tokens > len(system)  # the later two share the system prompt
+    needed = sum(prompts) - 2 * shared + 3 * 6  # every distinct cell, shared ones once
+    assert sum(prompts) + 3 * 6 > needed + 2  # counted once per sequence, they would not fit
+    tight_passes, tight = scenario(needed + 2)
+    def counts(dones: list[Done]) -> list[tuple[object, ...]]:
+        return [(d.finish_reason, d.stats.prompt_tokens, d.stats.completion_tokens, d.stats.cached_tokens)
+                for d in dones]
+
+    assert counts(tight) == counts(roomy)
+    assert tight_passes == roomy_passes  # the same passes: nothing was emptied, paused or recomputed
+
+
 def test_a_full_cache_pauses_the_newest_request_and_cuts_nothing() -> None:
     names = ["free greedy", "penalties", "json object"]
     engine = Engine(BatchByteModel(n_seq=3, n_ctx=120))
@@ -216,7 +254,14 @@ def test_the_engine_thread_bounds_its_queue() -> None:
     with pytest.raises(QueueFull):
         runner.submit(engine.job(engine.prepare(turn("one too many", max_tokens=5)), lambda item: None,
                                  lambda: False))
+    # The next turn of a response already admitted (the code loop's) is never refused: nothing accepted is lost.
+    ended = threading.Event()
+    later = engine.job(engine.prepare(turn("a later turn", max_tokens=5)),
+                       lambda item: ended.set() if item is None else None, lambda: False)
+    runner.submit(later, bounded=False)
+    assert runner.waiting() == 2
     release.set()
+    assert ended.wait(10)
     runner.close()
 
 

@@ -265,13 +265,14 @@ def _citations(call: _Call, text: str) -> list[dict[str, Any]]:
 class _Admitted:
     """`Engine.stream` whose first turn was already admitted: its events come first."""
 
-    def __init__(self, events: EventStream, stream: Callable[[Prepared], EventStream]) -> None:
+    def __init__(self, events: EventStream, stream: Callable[[Prepared, bool], EventStream]) -> None:
         self.events: EventStream | None = events
         self.stream = stream
 
     def __call__(self, prepared: Prepared) -> EventStream:
+        """The first turn's events, then each later turn's, admitted as continuing: never refused."""
         events, self.events = self.events, None
-        return events if events is not None else self.stream(prepared)
+        return events if events is not None else self.stream(prepared, True)
 
 
 async def _run(call: _Call, spec: RunSpec, first: Prepared, generate: _Admitted) -> AsyncIterator[dict[str, Any]]:
@@ -362,8 +363,11 @@ def _save(call: _Call, spec: RunSpec, output: list[Item], final: dict[str, Any])
     if call.request.store is False:
         return
     # The conversation a follow-up continues: history and input (not the instructions), then this output.
-    # The code outputs the model saw live in the context, so the stored body is the response as returned.
-    context = [m for m in spec.messages if m.role != "system"] + context_messages(output, call.engine.profile.code)
+    # The code outputs the model saw live in the context (as observations), so the stored body is the response
+    # as returned.
+    engine = call.engine
+    context = [m for m in spec.messages if m.role != "system"] + context_messages(output, engine.profile.code,
+                                                                                   engine.sees)
     call.state.responses.save(StoredResponse(call.id, call.created_at, final, list(call.plan.input_items),
                                              tuple(context), call.container_id))
 

@@ -6,7 +6,8 @@ prompts fill the rest of the pass, so a long prompt never stalls the others. The
 are filled in one call (llguidance's thread pool), then each sequence samples from its own logits. A
 sequence keeps its tokens in its slot after its request (the prefix cache): the next request takes the free
 slot whose cache its prompt extends, else an empty one, and shares the longest prefix any slot holds (a common
-system prompt, a repeated prompt; llama.cpp tags the same cells with both sequences, nothing is recomputed).
+system prompt, a repeated prompt; llama.cpp tags the same cells with both sequences, nothing is recomputed,
+and the cache counts them once).
 When the shared KV cache is full, idle slots are emptied first, then the newest request is paused and
 recomputed later (nothing is cut short).
 
@@ -50,13 +51,22 @@ class Job:
 
 @dataclass(eq=False)
 class Slot:
-    """One llama.cpp sequence: what its KV cache holds, and the request using it (None: idle, kept as cache)."""
+    """One llama.cpp sequence: what its KV cache holds, and the request using it (None: idle, kept as cache).
+
+    `cells` names the KV cell behind each of its tokens: a prefix shared from another sequence has that
+    sequence's cells, so the cache's use is the number of distinct cells, not the sum of the lengths."""
 
     seq: int
     tokens: list[int] = field(default_factory=list)
+    cells: list[int] = field(default_factory=list)
     pixels: list[Pixels] = field(default_factory=list)  # pictures it holds whole (without their tiles)
     job: Job | None = None
     used: int = 0  # when it last served a request (least recently used is emptied first)
+
+    def keep(self, n: int) -> None:
+        """Forget everything past the first `n` tokens."""
+        del self.tokens[n:], self.cells[n:]
+        self.pixels = [p for p in self.pixels if p.end <= n]
 
 
 class BatchLoop:
@@ -67,6 +77,7 @@ class BatchLoop:
         self._bitmask = allocate_token_bitmask(model.n_seq, model.lltokenizer.vocab_size)
         self._executor = LLExecutor()
         self._clock = 0
+        self._cells = 0  # KV cells named so far (Slot.cells)
         self._held = False  # a request was paused for room: admit nothing until a running one ends
         self.peak = 0  # the most sequences one pass has carried
         self.on_dequeue: Callable[[Job], None] = lambda job: None  # a submitted job left the queue for good
@@ -96,7 +107,7 @@ class BatchLoop:
             self._make_room()
             return
         for slot, feed in plan:
-            slot.tokens += feed.tokens
+            self._evaluated(slot, feed.tokens)
             self._keep_pictures(slot)
         self._sample([slot for slot, feed in plan if feed.logits], logits)
 
@@ -108,7 +119,7 @@ class BatchLoop:
                 slot.job.sink(error)
                 slot.job = None
             self.model.forget(slot.seq, 0)
-            slot.tokens, slot.pixels = [], []
+            slot.keep(0)
         while self.waiting:
             job = self.waiting.popleft()
             if not job.started:
@@ -143,8 +154,7 @@ class BatchLoop:
             if not self.model.forget(slot.seq, common):
                 self.model.forget(slot.seq, 0)  # sliding-window caches cannot drop a suffix: start over
                 common = 0
-            slot.tokens = slot.tokens[:common]
-            slot.pixels = [p for p in slot.pixels if p.end <= common]
+            slot.keep(common)
             common = self._borrow(slot, job, common)
             if not job.started:  # not a paused request coming back
                 job.state.cached_tokens = common
@@ -177,6 +187,7 @@ class BatchLoop:
         if kept <= common or not self.model.share(donor.seq, slot.seq, common, kept):
             return common
         slot.tokens = donor.tokens[:kept]
+        slot.cells += donor.cells[common:kept]
         slot.pixels = [p for p in donor.pixels if p.end <= kept]
         return kept
 
@@ -219,7 +230,7 @@ class BatchLoop:
         while (tile := tiles.get(len(slot.tokens))) is not None:
             at = len(slot.tokens)
             self.model.evaluate_tile(slot.seq, tile, at)
-            slot.tokens += job.tokens[at:at + tile[1]]
+            self._evaluated(slot, job.tokens[at:at + tile[1]])
         self._keep_pictures(slot)
 
     @staticmethod
@@ -232,16 +243,27 @@ class BatchLoop:
         slot.pixels += [replace(p, values=None) for p in job.pixels
                         if p.end <= len(slot.tokens) and (p.start, p.digest) not in held]
 
+    def _evaluated(self, slot: Slot, tokens: Sequence[int]) -> None:
+        """`tokens` are now in `slot`'s cache, each in a new cell."""
+        slot.tokens += tokens
+        slot.cells += range(self._cells, self._cells + len(tokens))
+        self._cells += len(tokens)
+
+    def _used(self) -> int:
+        """KV cells in use: shared ones once."""
+        return len({cell for s in self.slots for cell in s.cells})
+
     def _fit(self, incoming: int) -> bool:
         """Empty idle slots (least recently used first) until the cache has room for `incoming` more tokens;
         whether it has."""
-        held = sum(len(s.tokens) for s in self.slots)
+        room = self.model.n_ctx - incoming
+        if sum(len(s.cells) for s in self.slots) <= room:  # the common case, without counting shared cells
+            return True
         for slot in sorted((s for s in self.slots if s.job is None and s.tokens), key=lambda s: s.used):
-            if held + incoming <= self.model.n_ctx:
+            if self._used() <= room:
                 break
-            held -= len(slot.tokens)
             self._empty(slot)
-        return held + incoming <= self.model.n_ctx
+        return self._used() <= room
 
     def _make_room(self) -> None:
         """The pass does not fit: empty an idle slot, else pause the newest request, which waits (and nothing
@@ -265,7 +287,7 @@ class BatchLoop:
 
     def _empty(self, slot: Slot) -> None:
         self.model.forget(slot.seq, 0)
-        slot.tokens, slot.pixels = [], []
+        slot.keep(0)
 
     def _sample(self, slots: list[Slot], logits: Sequence[npt.NDArray[np.float32]]) -> None:
         jobs = [s.job for s in slots]
@@ -326,9 +348,11 @@ class BatchEngine:
         self._thread = threading.Thread(target=self._run, name="smolrun-batch", daemon=True)
         self._thread.start()
 
-    def submit(self, job: Job) -> None:
+    def submit(self, job: Job, bounded: bool = True) -> None:
+        """`bounded`: refused (QueueFull) when max_queue requests wait; a later turn of an admitted response is
+        not, so that nothing accepted is lost."""
         with self._lock:
-            if self._waiting >= self.max_queue:
+            if bounded and self._waiting >= self.max_queue:
                 raise QueueFull("the model is busy: too many requests are waiting; retry shortly")
             self._waiting += 1
         self._inbox.put(job)

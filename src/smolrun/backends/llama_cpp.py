@@ -86,7 +86,11 @@ class LlamaCppModel:
         self._batch = llama_cpp.llama_batch_init(N_BATCH, 0, 1)
         weakref.finalize(self, llama_cpp.llama_batch_free, self._batch)
         self._lib = llama_cpp
-        self._swa = llama_cpp.llama_model_n_swa(self._model.model) > 0
+        model = self._model.model
+        # Only a plain attention cache holds each position in a cell of its own that two sequences can share;
+        # a sliding window drops old positions, and a recurrent state (Mamba, hybrids) is one state per sequence.
+        self._can_share = not (llama_cpp.llama_model_n_swa(model) > 0 or llama_cpp.llama_model_is_recurrent(model)
+                               or llama_cpp.llama_model_is_hybrid(model))
         self.name = name
         self.path = path
         self.n_seq = n_seq
@@ -164,8 +168,8 @@ class LlamaCppModel:
 
     def share(self, src: int, dst: int, start: int, end: int) -> bool:
         """Sequence `dst` also holds `src`'s cells from `start` to `end` (llama.cpp tags the cells with both
-        sequences, so nothing is copied); not with a sliding window, whose old positions are gone."""
-        if self._swa:
+        sequences, so nothing is copied); only on a plain attention cache."""
+        if not self._can_share:
             return False
         self._lib.llama_memory_seq_cp(self._memory, src, dst, start, end)
         return True

@@ -173,9 +173,10 @@ class VllmRunner:
                                          limits=httpx.Limits(max_connections=None, max_keepalive_connections=32))
         return asyncio.Semaphore(self.max_inflight)
 
-    def submit(self, job: RemoteJob) -> Future[None]:
+    def submit(self, job: RemoteJob, bounded: bool = True) -> Future[None]:
+        """`bounded`: refused (QueueFull) past max_inflight + max_queue; a later turn of an admitted response is not."""
         with self._lock:
-            if self._admitted >= self.max_inflight + self.max_queue:
+            if bounded and self._admitted >= self.max_inflight + self.max_queue:
                 raise QueueFull("the vLLM engine is busy: too many requests are waiting; retry shortly")
             self._admitted += 1
         return asyncio.run_coroutine_threadsafe(self._run(job), self._loop)

@@ -141,6 +141,7 @@ function showCapabilities() {
   if (!model) {  // auto: the vision model for pictures, the text model otherwise
     const sees = state.models.some((m) => m.capabilities && m.capabilities.vision);
     badges.append(element("span", { class: "badge", text: sees ? "routes pictures to the vision model" : "text" }));
+    $("#reasoning-settings").disabled = false;
     return;
   }
   const caps = model.capabilities || {};
@@ -503,7 +504,7 @@ async function sendResponses(text, schema) {
 
 async function showContainerFiles() {
   if (!state.container) return;
-  const files = await (await api(`/v1/containers/${state.container}/files?order=asc`)).json();
+  const files = await (await api(`/v1/containers/${state.container}/files?order=asc&limit=1000`)).json();
   $("#container-files").replaceChildren(...files.data.map((file) => {
     const link = element("button", { type: "button", class: "link", text: file.path.replace("/mnt/data/", "") });
     link.addEventListener("click", () => download(file));
@@ -598,6 +599,9 @@ async function send(event) {
 }
 
 function reset() {
+  if (state.container) {  // the page's own container: freed now rather than at its expiry
+    api(`/v1/containers/${state.container}`, { method: "DELETE" }).catch(() => {});
+  }
   state.chat = [];
   state.previousId = null;
   state.container = null;
