@@ -120,10 +120,10 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def stream_error(exc: Exception) -> SmolrunError:
-    """What a client hears of an exception once its stream has started (both APIs then send it as an event):
-    ours as it is; any other, a bug, as an internal error, its traceback logged here."""
+def client_error(exc: Exception, where: str) -> SmolrunError:
+    """What a client hears of an exception (as a 500 before a response starts, as an event in a stream): ours
+    as it is; any other, a bug, as an internal error, its traceback logged here with `where` it happened."""
     if isinstance(exc, SmolrunError):
         return exc
-    logging.getLogger("smolrun").error("unexpected error in a stream", exc_info=exc)
+    logging.getLogger("smolrun").error("unexpected error %s", where, exc_info=exc)
     return SmolrunError(f"internal error: {type(exc).__name__}")

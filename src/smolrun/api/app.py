@@ -25,7 +25,7 @@ from smolrun.api.state import AppState, get_state
 from smolrun.api.wire import wire_param
 from smolrun.config import Settings
 from smolrun.engine import Engine
-from smolrun.errors import AuthenticationFailed, InvalidRequest, NotFound, PayloadTooLarge, SmolrunError
+from smolrun.errors import AuthenticationFailed, InvalidRequest, NotFound, PayloadTooLarge, SmolrunError, client_error
 from smolrun.files import FileStore
 from smolrun.responses_store import ResponseStore
 from smolrun.sandbox import default_config
@@ -104,9 +104,8 @@ class _UnexpectedErrors:
         except Exception as exc:
             if started:  # a stream already under way: nothing can be answered any more
                 raise
-            log.exception("unexpected error on %s", scope.get("path"))
-            error = SmolrunError(f"internal error: {type(exc).__name__}")
-            await JSONResponse(error.to_dict(), status_code=500)(scope, receive, send)
+            error = client_error(exc, f"on {scope.get('path')}")
+            await JSONResponse(error.to_dict(), status_code=error.status)(scope, receive, send)
 
 
 def create_app(engine: Engine, settings: Settings, vision: Engine | None = None) -> FastAPI:

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from smolrun import __version__
 from smolrun.api.state import get_state
 from smolrun.api.wire import ChatCompletionRequest
-from smolrun.errors import GenerationFailed, SchemaError, stream_error
+from smolrun.errors import GenerationFailed, SchemaError, client_error
 from smolrun.prompt.tools import OPEN as TOOL_OPEN
 from smolrun.prompt.tools import CallProgress, CallReader, read_calls
 from smolrun.scheduler import EventStream
@@ -170,7 +170,7 @@ async def _sse(events: EventStream, meta: _Meta, include_usage: bool) -> AsyncIt
                 yield _data({**meta.envelope("chat.completion.chunk"), "choices": [], "usage": usage(event.stats)})
     except Exception as exc:
         # Headers are sent: the SDK raises APIError on a data object with an "error" key.
-        yield _data(stream_error(exc).to_dict())
+        yield _data(client_error(exc, "in a chat stream").to_dict())
     finally:
         await events.aclose()
     yield "data: [DONE]\n\n"

@@ -28,7 +28,7 @@ from smolrun.api.responses_wire import (
 from smolrun.api.state import AUTO, AppState, get_state
 from smolrun.api.wire import sampling
 from smolrun.engine import Engine, Prepared
-from smolrun.errors import InvalidRequest, SmolrunError, stream_error
+from smolrun.errors import InvalidRequest, SmolrunError, client_error
 from smolrun.responses_store import StoredResponse
 from smolrun.runner import (
     CodeCallItem,
@@ -78,7 +78,7 @@ class _Call:
     plan: _Plan
     id: str = field(default_factory=lambda: f"resp_{uuid.uuid4().hex}")
     created_at: int = field(default_factory=lambda: int(time.time()))
-    container_id: str | None = None
+    container_id: str | None = field(init=False)  # the plan's, until auto mode makes one at the first code call
     new_files: dict[str, dict[str, Any]] = field(default_factory=dict)  # path -> container file
     notes: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # message id -> its file citations
 
@@ -327,12 +327,15 @@ def _done_events(call: _Call, index: int, item: Item) -> list[dict[str, Any]]:
     """The events that close an output item, ending with output_item.done."""
     at = {"output_index": index, "item_id": item.id}
     events: list[dict[str, Any]] = []
+    if isinstance(item, MessageItem):  # its citations first: they are part of the item as sent
+        call.notes[item.id] = _citations(call, item.text)
+    wired = call.wire(item)
     if isinstance(item, ReasoningItem):
-        part = {"type": "reasoning_text", "text": item.text}
+        part = wired["content"][0]
         events += [{"type": "response.reasoning_text.done", **at, "content_index": 0, "text": item.text},
                    {"type": "response.content_part.done", **at, "content_index": 0, "part": part}]
         if call.summary is not None:  # its text is the summary: smolrun does not summarise with a second generation
-            summary = {"type": "summary_text", "text": item.text}
+            summary = wired["summary"][0]
             events += [
                 {"type": "response.reasoning_summary_part.added", **at, "summary_index": 0,
                  "part": {"type": "summary_text", "text": ""}},
@@ -349,14 +352,13 @@ def _done_events(call: _Call, index: int, item: Item) -> list[dict[str, Any]]:
         else:
             events.append({"type": "response.code_interpreter_call.completed", **at})
     else:
-        notes = call.notes[item.id] = _citations(call, item.text)
+        part = wired["content"][0]
         events += [{"type": "response.output_text.annotation.added", **at, "content_index": 0, "annotation_index": n,
-                    "annotation": note} for n, note in enumerate(notes)]
-        part = call.wire(item)["content"][0]
+                    "annotation": note} for n, note in enumerate(part["annotations"])]
         events += [{"type": "response.output_text.done", **at, "content_index": 0, "text": item.text,
                     "logprobs": []},
                    {"type": "response.content_part.done", **at, "content_index": 0, "part": part}]
-    return [*events, {"type": "response.output_item.done", "output_index": index, "item": call.wire(item)}]
+    return [*events, {"type": "response.output_item.done", "output_index": index, "item": wired}]
 
 
 def _save(call: _Call, spec: RunSpec, output: list[Item], final: dict[str, Any]) -> None:
@@ -383,7 +385,7 @@ async def _sse(call: _Call, spec: RunSpec, first: Prepared, generate: _Admitted)
             yield _data({**event, "sequence_number": sequence})
             sequence += 1
     except Exception as exc:  # headers are sent: report in the stream, as OpenAI does
-        error = stream_error(exc)
+        error = client_error(exc, "in a responses stream")
         yield _data({"type": "error", "code": error.code or error.type, "message": error.message,
                      "param": error.param, "sequence_number": sequence})
 
