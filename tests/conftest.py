@@ -1,14 +1,17 @@
-"""Shared fixtures: the real bundled model (skipped with a reason when absent) and servers on free ports."""
+"""Shared fixtures: the real bundled model (skipped with a reason when absent) and servers on free ports; under
+CI, a skip for a prerequisite that `make test` installs is a failure."""
 
 from __future__ import annotations
 
+import os
+import re
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 import uvicorn
@@ -20,6 +23,36 @@ from smolrun.engine import Engine
 from smolrun.errors import SmolrunError
 from smolrun.models import resolve
 from tests.fakes import SMOLLM3_TAGS, TEMPLATES
+
+# Skip reasons that name the make target installing what is missing: under CI, which ran `make test`, such a
+# skip means the setup is broken, and it fails instead of passing quietly.
+_PREREQUISITE = re.compile(r"\bmake (test|setup|vllm)\b")
+
+
+def _fail_in_ci(report: pytest.CollectReport | pytest.TestReport) -> None:
+    if not (os.environ.get("CI") and report.skipped):
+        return
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    if _PREREQUISITE.search(reason):
+        report.outcome = "failed"
+        report.longrepr = f"a prerequisite is missing under CI, where `make test` must have installed it: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    _fail_in_ci(outcome.get_result())  # type: ignore[attr-defined]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
+    outcome = yield
+    _fail_in_ci(outcome.get_result())  # type: ignore[attr-defined]
+
+
+def missing(prerequisite: str) -> NoReturn:
+    """Skip for a missing prerequisite that `make test` installs (a failure under CI)."""
+    pytest.skip(f"{prerequisite} is missing: `make test` installs it")
 
 
 def _load_real_engine() -> Engine:
@@ -44,7 +77,7 @@ def bundled_gguf() -> Path:
 def make_tiny_smollm3(path: Path, hidden: int = 64, heads: int = 4, kv_heads: int = 2) -> Path:
     """A randomly initialised SmolLM3ForCausalLM saved with a real tokenizer: SmolLM2's (from the bundled
     GGUF) plus SmolLM3's tags as added tokens."""
-    torch = pytest.importorskip("torch", reason="a tiny SmolLM3 needs torch: pip install 'smolrun[transformers]'")
+    torch = pytest.importorskip("torch", reason="a tiny SmolLM3 needs torch: `make test` installs it")
     from transformers import AutoTokenizer, SmolLM3Config, SmolLM3ForCausalLM
 
     gguf = bundled_gguf()

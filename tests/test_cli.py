@@ -53,7 +53,7 @@ def test_ask_with_a_file_runs_the_code_loop_and_ends_cleanly(tmp_path: Path) -> 
     from smolrun.sandbox import default_config, unavailable_reason
 
     if unavailable_reason(default_config()) is not None:
-        pytest.skip(f"no sandbox here: {unavailable_reason(default_config())}")
+        pytest.skip(f"no sandbox here: {unavailable_reason(default_config())} (`make test` installs it)")
     data = tmp_path / "data.csv"
     data.write_text("x,y\n1,2\n3,4\n")
     out = subprocess.run([sys.executable, "-m", "smolrun", "ask", "Compute the sum of x with Python.", "--file",

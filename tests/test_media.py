@@ -7,9 +7,9 @@ import io
 
 import pytest
 
-pytest.importorskip("PIL", reason="pictures need Pillow: pip install 'smolrun[vision]'")
-pytest.importorskip("pypdfium2", reason="PDFs need pypdfium2: pip install 'smolrun[vision]'")
-av = pytest.importorskip("av", reason="videos need PyAV: pip install 'smolrun[vision]'")
+pytest.importorskip("PIL", reason="pictures need Pillow: `make test` installs it")
+pytest.importorskip("pypdfium2", reason="PDFs need pypdfium2: `make test` installs it")
+av = pytest.importorskip("av", reason="videos need PyAV: `make test` installs it")
 
 import numpy as np  # noqa: E402
 from PIL import Image as PILImage  # noqa: E402

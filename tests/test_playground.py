@@ -227,7 +227,7 @@ def test_on_a_phone_with_the_keyboard_alone(browser: Any, server: Server, tmp_pa
 
 def test_a_thinking_model_shows_its_reasoning_folded_with_its_token_count(page: Any, make_server,  # type: ignore[no-untyped-def]
                                                                           tiny_smollm3: Path) -> None:
-    pytest.importorskip("transformers", reason="the tiny SmolLM3 runs on transformers (smolrun[transformers])")
+    pytest.importorskip("transformers", reason="the tiny SmolLM3 runs on transformers: `make test` installs it")
     from smolrun.config import Settings
 
     thinker = Engine.load(Settings(backend="transformers", model=str(tiny_smollm3), threads=2, n_ctx=2048))

@@ -21,9 +21,9 @@ import numpy.typing as npt
 import openai
 import pytest
 
-pytest.importorskip("torch", reason="vision runs on the transformers engine: pip install 'smolrun[vision]'")
-pytest.importorskip("PIL", reason="pictures need Pillow: pip install 'smolrun[vision]'")
-pytest.importorskip("num2words", reason="SmolVLM's video prompt needs num2words: pip install 'smolrun[vision]'")
+pytest.importorskip("torch", reason="vision runs on the transformers engine: `make test` installs it")
+pytest.importorskip("PIL", reason="pictures need Pillow: `make test` installs it")
+pytest.importorskip("num2words", reason="SmolVLM's video prompt needs num2words: `make test` installs it")
 
 from click.testing import CliRunner  # noqa: E402
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from smolrun.config import Settings
+from smolrun.config import Settings, comma_list
 from smolrun.errors import InvalidRequest, SmolrunError
 from smolrun.models import DEFAULT_MODEL, DEFAULT_TRANSFORMERS_MODEL, DEFAULT_VISION_MODEL, list_models
 from smolrun.turn import (
@@ -66,6 +66,12 @@ def main() -> None:
 @click.option("--host", default=None, help="address to bind (default 127.0.0.1)")
 @click.option("--port", type=int, default=None, help="port (default 8000)")
 @click.option("--api-key", default=None, help="require this key as a Bearer token (or SMOLRUN_API_KEY)")
+@click.option("--allowed-hosts", "allowed_hosts", multiple=True,
+              help="a Host name to answer besides localhost, 127.0.0.1 and [::1] (repeatable, or comma-separated; "
+                   "'*' turns the check off); bound to a non-loopback address without it, any Host is answered")
+@click.option("--allowed-origins", "allowed_origins", multiple=True,
+              help="a web page origin allowed to call the API, with CORS, e.g. http://localhost:3000 (repeatable, or "
+                   "comma-separated; '*' allows every origin); default: only the server's own (the playground)")
 @click.option("--n-ctx", type=int, default=None, help="context window in tokens (default 8192)")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: all available)")
 @click.option("--max-queue", type=int, default=None, help="waiting requests before 429 (default 16)")
@@ -99,10 +105,18 @@ def serve(**options: Any) -> None:
     import uvicorn
 
     from smolrun.api import create_app
+    from smolrun.api.browser import BrowserPolicy
     from smolrun.engine import Engine
 
     options = {k: (v or None) if isinstance(v, tuple) else v for k, v in options.items()}  # unset: no ()
+    for name in ("allowed_hosts", "allowed_origins"):
+        options[name] = comma_list(*options[name]) if options[name] else None
     settings = Settings.from_env(**options)
+    policy = BrowserPolicy.build(settings.host, settings.allowed_hosts, settings.allowed_origins)
+    if not settings.api_key and policy.hosts is None:
+        click.echo(f"smolrun: warning: {settings.host}:{settings.port} answers any Host and no --api-key is set: "
+                   "whoever reaches this port, and any web page through DNS rebinding, can use the API; set "
+                   "--api-key, or --allowed-hosts with the names clients use", err=True)
     click.echo(f"smolrun: loading {settings.model} on {settings.backend} ...", err=True)
     engine = Engine.load(settings, mmproj=None if settings.vision_model else settings.mmproj)
     vision = None

@@ -20,6 +20,11 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "smolrun"
 
 
+def comma_list(*values: str) -> tuple[str, ...]:
+    """Items of comma-separated values, stripped, without empty ones."""
+    return tuple(item.strip() for value in values for item in value.split(",") if item.strip())
+
+
 @dataclass(frozen=True)
 class Settings:
     model: str = DEFAULT_MODEL
@@ -30,6 +35,8 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
+    allowed_hosts: tuple[str, ...] = ()  # Host names answered besides loopback ones; "*": any (see api/browser.py)
+    allowed_origins: tuple[str, ...] = ()  # browser origins allowed besides the server's own, with CORS; "*": any
     n_ctx: int = 8192
     threads: int | None = None  # None: every CPU this process may use
     max_queue: int = 16  # requests waiting for the model before new ones get 429
@@ -70,9 +77,12 @@ class Settings:
         if env.get("SMOLRUN_VISION_MODEL"):
             values["vision_model"] = env["SMOLRUN_VISION_MODEL"]
         if env.get("SMOLRUN_VLLM_URLS"):
-            values["vllm_urls"] = tuple(u for u in env["SMOLRUN_VLLM_URLS"].split(",") if u.strip())
+            values["vllm_urls"] = comma_list(env["SMOLRUN_VLLM_URLS"])
         if env.get("SMOLRUN_VLLM_PYTHON"):
             values["vllm_python"] = env["SMOLRUN_VLLM_PYTHON"]
+        for name in ("allowed_hosts", "allowed_origins"):
+            if env.get(f"SMOLRUN_{name.upper()}"):
+                values[name] = comma_list(env[f"SMOLRUN_{name.upper()}"])
         if env.get("SMOLRUN_MMPROJ"):
             values["mmproj"] = env["SMOLRUN_MMPROJ"]
         values.update({k: v for k, v in overrides.items() if v is not None})

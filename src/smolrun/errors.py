@@ -5,6 +5,7 @@
     │   ├── SchemaError               400 (code invalid_json_schema): a schema we cannot guarantee
     │   └── ContextLengthExceeded     400 (code context_length_exceeded)
     ├── AuthenticationFailed          401 invalid_request_error (code invalid_api_key)
+    ├── PermissionDenied              403 invalid_request_error: a Host or Origin a browser page may not use
     ├── NotFound                      404 invalid_request_error
     │   └── ModelNotFound             404 (code model_not_found): no such model name
     │   └── PayloadTooLarge           413 (code file_too_large)
@@ -64,6 +65,11 @@ class AuthenticationFailed(SmolrunError):
     status = 401
     type = "invalid_request_error"
     code = "invalid_api_key"
+
+
+class PermissionDenied(SmolrunError):
+    status = 403
+    type = "invalid_request_error"
 
 
 class NotFound(SmolrunError):

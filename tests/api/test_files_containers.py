@@ -11,7 +11,8 @@ from smolrun.sandbox import default_config, unavailable_reason
 from tests.fakes import ByteModel, TurnsModel
 
 needs_sandbox = pytest.mark.skipif(unavailable_reason(default_config()) is not None,
-                                   reason=f"no sandbox here: {unavailable_reason(default_config())}")
+                                   reason=f"no sandbox here: {unavailable_reason(default_config())} "
+                                          "(`make test` installs it)")
 CSV = b"city,population\nParis,2100000\nLyon,520000\n"
 
 

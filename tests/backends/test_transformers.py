@@ -12,8 +12,8 @@ import jsonschema
 import numpy as np
 import pytest
 
-pytest.importorskip("torch", reason="the transformers engine needs torch: pip install 'smolrun[transformers]'")
-pytest.importorskip("transformers", reason="the transformers engine needs transformers")
+pytest.importorskip("torch", reason="the transformers engine needs torch: `make test` installs it")
+pytest.importorskip("transformers", reason="the transformers engine needs transformers: `make test` installs it")
 
 from smolrun.backends.transformers import HFSource, TransformersModel, hf_source  # noqa: E402
 from smolrun.config import Settings  # noqa: E402

@@ -31,7 +31,8 @@ VLLM_PYTHON = os.environ.get("SMOLRUN_VLLM_PYTHON", DEFAULT_VLLM_PYTHON)
 if not Path(VLLM_PYTHON).exists():
     pytest.skip(f"vLLM is not installed at {VLLM_PYTHON} (`make vllm` installs it; `make test` does too)",
                 allow_module_level=True)
-pytest.importorskip("transformers", reason="converting the bundled model for vLLM needs transformers")
+pytest.importorskip("transformers",
+                    reason="converting the bundled model for vLLM needs transformers: `make test` installs it")
 
 PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer"}},
           "required": ["name", "age"], "additionalProperties": False}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -44,3 +45,14 @@ def box(new_container) -> Container:  # type: ignore[no-untyped-def]
 
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="per-container uids and cgroups need root")
+needs_mount = pytest.mark.skipif(os.geteuid() != 0, reason="a quota tmpfs needs root (as in CI)")
+
+
+def mounts_under(path: Path) -> list[str]:
+    """Mount points at or below `path`, as /proc/self/mountinfo lists them (octal escapes undone)."""
+    points = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = line.split()[4].encode().decode("unicode_escape")
+        if point == str(path) or point.startswith(f"{path}/"):
+            points.append(point)
+    return sorted(points)

@@ -1,5 +1,6 @@
 """Containers across a restart of the server: kept within their expiry, resumed lazily with their files."""
 
+import os
 from pathlib import Path
 
 from smolrun.files import FileStore
@@ -20,7 +21,11 @@ def test_a_container_survives_a_restart_with_its_files_and_says_its_state_is_los
             f"os.symlink({str(host_file)!r}, '/mnt/data/planted')")  # a link to a host path, for the restart
     made, _ = first.execute(meta["id"], code, None)
     assert made.error is None and made.state_lost is False
-    first.close()  # the server stops: the worker ends, the files stay
+    workdir = first.live(meta["id"]).workdir
+    tmpfs = first.live(meta["id"])._tmpfs  # as root, where mounting is allowed
+    assert os.path.ismount(workdir) is tmpfs
+    first.close()  # the server stops: the worker ends, the files stay, on disk: no tmpfs outlives the server
+    assert os.path.ismount(workdir) is False and sorted(os.listdir(workdir.parent)) == ["data", "owner.lock", "store"]
 
     second = ContainerManager(store, sandbox_config, files, warm=0)
     assert second.get(meta["id"])["status"] == "active"
@@ -35,6 +40,7 @@ def test_a_container_survives_a_restart_with_its_files_and_says_its_state_is_los
     assert host_file.stat().st_uid == owner  # the new owner took the link, never what it points to
     again, _ = second.execute(meta["id"], "open('/mnt/data/new.txt', 'w').write('ok')", None)
     assert (again.state_lost, again.error) == (False, None)  # its own files are writable by its new uid
+    assert os.path.ismount(workdir) is tmpfs and second.live(meta["id"])._tmpfs is tmpfs  # a fresh quota tmpfs
     second.close()
 
 

@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from smolrun import __version__
+from smolrun.api.browser import BrowserGuard, BrowserPolicy
 from smolrun.api.chat import router as chat_router
 from smolrun.api.containers import router as containers_router
 from smolrun.api.files import router as files_router
@@ -169,7 +170,10 @@ def create_app(engine: Engine, settings: Settings, vision: Engine | None = None)
         return JSONResponse(error.to_dict(), status_code=exc.status_code)
 
     app.add_middleware(_BodyLimit, limit=settings.max_body_mb * 1024 * 1024)
-    app.add_middleware(_UnexpectedErrors)  # the outer one: an oversized body is the limit's to answer
+    app.add_middleware(_UnexpectedErrors)  # outside the limit: an oversized body is the limit's to answer
+    # The outermost: a foreign Host or Origin is refused before any body is read.
+    app.add_middleware(BrowserGuard, policy=BrowserPolicy.build(settings.host, settings.allowed_hosts,
+                                                                settings.allowed_origins))
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

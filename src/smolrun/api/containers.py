@@ -14,6 +14,7 @@ from starlette.datastructures import UploadFile
 
 from smolrun.api.pages import page
 from smolrun.api.state import get_state
+from smolrun.api.wire import refuse_null
 from smolrun.errors import InvalidRequest
 from smolrun.files import read_capped
 
@@ -21,19 +22,22 @@ router = APIRouter()
 
 
 class ExpiresAfter(BaseModel):
+    model_config = ConfigDict(strict=True)
     anchor: Literal["last_active_at"] = "last_active_at"
     minutes: int = Field(20, ge=1, le=1440)
 
 
 class CreateContainer(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     name: str = Field(min_length=1, max_length=256)
     expires_after: ExpiresAfter | None = None
     file_ids: list[str] = []
     memory_limit: Literal["1g", "4g", "16g", "64g"] = "1g"
+    _not_null = refuse_null("expires_after", "file_ids", "memory_limit")
 
 
 class ExecRequest(BaseModel):
+    model_config = ConfigDict(strict=True)
     code: str
     timeout: float | None = Field(default=None, gt=0, le=3600)
 

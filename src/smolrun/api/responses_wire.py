@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import Field, TypeAdapter, ValidationError
 
 from smolrun import media
-from smolrun.api.wire import MAX_MESSAGES, NAME, WireModel, choose_tools, wire_param
+from smolrun.api.wire import MAX_MESSAGES, NAME, WireModel, choose_tools, refuse_null, wire_param
 from smolrun.constraints import check_schema
 from smolrun.errors import InvalidRequest, SchemaError
 from smolrun.prompt.profiles import FENCE, CodeFormat
@@ -110,6 +110,7 @@ class ResponsesRequest(WireModel):
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     thinking_token_budget: int | None = Field(default=None, ge=1)
+    _not_null = refuse_null("text", "tools", "tool_choice")
 
     def has_pictures(self) -> bool:
         """Whether the input has input_image parts (input_file parts may hold pictures too: the route looks)."""

@@ -8,7 +8,7 @@ from collections.abc import Collection
 from dataclasses import replace
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from smolrun import media
 from smolrun.constraints import check_schema
@@ -73,8 +73,21 @@ def wire_param(loc: tuple[int | str, ...]) -> str | None:
 
 class WireModel(BaseModel):
     # OpenAI adds optional fields often; unknown ones are accepted and ignored like the real API does. A request
-    # is a value once parsed: nothing along the way changes it.
-    model_config = ConfigDict(extra="allow", frozen=True)
+    # is a value once parsed: nothing along the way changes it. Types are strict, as OpenAI checks them: `true` is
+    # no number, "123" no integer (an integer is a number, though).
+    model_config = ConfigDict(extra="allow", frozen=True, strict=True)
+
+
+def refuse_null(*fields: str) -> Any:
+    """A validator for parameters OpenAI's spec does not mark nullable: left out they take their default, but
+    an explicit null is a 400 naming the parameter."""
+
+    def check(cls: type, value: Any) -> Any:
+        if value is None:
+            raise ValueError("null is not allowed; leave the parameter out instead")
+        return value
+
+    return field_validator(*fields, mode="before")(classmethod(check))
 
 
 class TextPart(WireModel):
@@ -199,6 +212,7 @@ class ChatCompletionRequest(WireModel):
     parallel_tool_calls: bool | None = None
     reasoning_effort: Effort | None = None  # no effect on models without a thinking mode
     thinking_token_budget: int | None = Field(default=None, ge=1)  # extension, as in vLLM
+    _not_null = refuse_null("response_format", "tools", "tool_choice", "parallel_tool_calls")
 
     def has_pictures(self) -> bool:
         return any(isinstance(p, ImagePart | FilePart) for m in self.messages if isinstance(m.content, list)

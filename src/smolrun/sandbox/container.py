@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import fcntl
 import json
+import logging
 import os
 import select
 import signal
@@ -168,14 +169,20 @@ class Container:
         reason = unavailable_reason_cached(self.config)
         if reason is not None:
             raise SandboxUnavailable(f"code execution is unavailable: {reason}")
+        directory = self.workdir.parent
         self.workdir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.workdir.parent, 0o755)
-        self._owner = _hold(self.workdir.parent / OWNER_LOCK)  # held while the container lives (sweep_orphans)
+        os.chmod(directory, 0o755)
+        self._owner = _hold(directory / OWNER_LOCK)  # held while the container lives (sweep_orphans)
+        if resume:
+            storage.recover(directory)  # a process stopped while it moved these files
         if os.geteuid() == 0:
             self._uid = _uids.take()
         limits = self.config.limits
         if resume and os.path.ismount(self.workdir):  # its quota tmpfs outlived the process that mounted it
             self._tmpfs = True
+        elif resume:  # on disk since the process before stopped (see close)
+            self._tmpfs = self.config.quota_tmpfs and storage.restore(directory, limits.work_files,
+                                                                      limits.work_mb, self._uid)
         else:
             self._tmpfs = self.config.quota_tmpfs and storage.mount_quota(self.workdir, limits.work_files,
                                                                           limits.work_mb, self._uid)
@@ -383,11 +390,13 @@ class Container:
 
     def close(self, keep_files: bool = False) -> None:
         """Stop the worker and delete the work directory (one unmount on a quota tmpfs), or with `keep_files`
-        leave it for a later process to resume (a server shutting down)."""
+        leave it for a later process to resume (a server shutting down), on disk: no tmpfs outlives us."""
         with self._lock:
             self._kill()
             if not keep_files:
                 storage.release(self.workdir.parent, self.workdir)
+            elif self._tmpfs:
+                storage.persist(self.workdir.parent)
             if self._uid is not None:
                 _uids.give_back(self._uid)
                 self._uid = None
@@ -408,22 +417,22 @@ def _hold(path: Path) -> int:
 
 
 def sweep_orphans(root: Path, keep: frozenset[str] = frozenset(), store: Path | None = None) -> int:
-    """Remove what smolrun processes that died (killed, or stopped during a warm-pool refill) left under
-    `root`: container directories whose owner lock nobody holds, their tmpfs and cgroups.
+    """Settle what smolrun processes that died (killed, or stopped during a warm-pool refill) left under
+    `root`, in container directories whose owner lock nobody holds; the number removed.
 
-    Left alone: directories of live containers (their locks are held, in this process or another), those
-    in `keep` (the caller's containers kept across its restart), and those another server's store (named
-    in their OWNER_STORE file) still exists to resume."""
+    Removed, with their tmpfs and cgroups: those nobody may resume. Kept, their files moved from their tmpfs
+    to disk as a server that stops does: those in `keep` (the caller's containers kept across its restart)
+    and those another server's store (named in their OWNER_STORE file) still exists to resume. Left alone:
+    directories of live containers (their locks are held, in this process or another)."""
     removed = 0
     for directory in sorted(root.iterdir()) if root.is_dir() else ():
-        if not directory.name.startswith("cntr_") or not directory.is_dir() or directory.name in keep:
+        if not directory.name.startswith("cntr_") or not directory.is_dir():
             continue
-        if not _orphan_of(directory, store):
-            continue
+        resumable = directory.name in keep or not _orphan_of(directory, store)
         try:
             fd = os.open(directory / OWNER_LOCK, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
-            if time.time() - directory.stat().st_mtime < ORPHAN_AGE_S:
+            if resumable or time.time() - directory.stat().st_mtime < ORPHAN_AGE_S:
                 continue
             fd = None
         try:
@@ -432,8 +441,11 @@ def sweep_orphans(root: Path, keep: frozenset[str] = frozenset(), store: Path | 
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     continue
-            release_directory(directory)
-            removed += 1
+            if resumable:
+                _keep_directory(directory)
+            else:
+                release_directory(directory)
+                removed += 1
         finally:
             if fd is not None:
                 os.close(fd)
@@ -443,8 +455,23 @@ def sweep_orphans(root: Path, keep: frozenset[str] = frozenset(), store: Path | 
 def release_directory(directory: Path) -> None:
     """Remove a container's directory that no Container object holds: its tmpfs, files and cgroups."""
     storage.release(directory, directory / "data")
+    _remove_cgroups(directory.name)
+
+
+def _keep_directory(directory: Path) -> None:
+    """Leave a dead process's container to be resumed with its files on disk, without its tmpfs or cgroups."""
+    try:
+        storage.recover(directory)
+    except OSError as exc:
+        logging.getLogger("smolrun").warning("container %s was left half-moved: %s", directory.name, exc)
+    if os.path.ismount(directory / "data"):
+        storage.persist(directory)
+    _remove_cgroups(directory.name)
+
+
+def _remove_cgroups(container_id: str) -> None:
     for controller in ("memory", "pids"):
-        remove_cgroup(Path("/sys/fs/cgroup") / controller / "smolrun" / directory.name)
+        remove_cgroup(Path("/sys/fs/cgroup") / controller / "smolrun" / container_id)
 
 
 def _orphan_of(directory: Path, store: Path | None) -> bool:

@@ -260,7 +260,170 @@ def changed(before: Listing, after: Listing) -> tuple[str, ...]:
 
 def chown_tree(workdir: Path, uid: int) -> None:
     """Give every entry under `workdir` to `uid`: links themselves, never what they point to (the walk holds
-    directory descriptors and follows no link, so planted links and deep trees lead nowhere else)."""
-    for _, dirs, names, dir_fd in os.fwalk(os.fsencode(workdir), follow_symlinks=False):
-        for name in (*dirs, *names):
-            os.chown(name, uid, uid, dir_fd=dir_fd, follow_symlinks=False)
+    one directory descriptor and follows no link, so planted links and deep trees lead nowhere else)."""
+    fd = os.open(workdir, _DIR)
+    try:
+        stack = [(_identity(os.fstat(fd)), os.listdir(fd))]
+        while stack:
+            _, names = stack[-1]
+            if not names:
+                stack.pop()
+                if stack:
+                    fd = _up(fd, stack[-1][0])
+                continue
+            name = os.fsencode(names.pop())
+            try:
+                os.chown(name, uid, uid, dir_fd=fd, follow_symlinks=False)
+                info = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISDIR(info.st_mode):
+                child = os.open(name, _DIR, dir_fd=fd)
+                os.close(fd)
+                fd = child
+                stack.append((_identity(info), os.listdir(fd)))
+    finally:
+        os.close(fd)
+
+
+_PERMISSIONS = 0o777  # what a copy keeps of a mode: never a setuid, setgid or sticky bit
+
+
+@dataclass
+class _Budget:
+    """What a copy may still create: the quota its source had to fit in."""
+
+    entries: int
+    bytes: int
+
+    def take(self, entries: int = 0, size: int = 0) -> None:
+        self.entries -= entries
+        self.bytes -= size
+        if self.entries < 0 or self.bytes < 0:
+            raise OSError(errno.EDQUOT, "the tree holds more entries or bytes than its quota")
+
+
+@dataclass
+class _Level:
+    """A directory being copied: the names left to copy, and what its copy gets once they are done."""
+
+    names: list[bytes]
+    source: tuple[int, int]  # (st_dev, st_ino), where `..` of a child must lead back to
+    copy: tuple[int, int]
+    mode: int
+    times: tuple[int, int]  # atime and mtime, ns
+
+
+def copy_tree(source: Path, target: Path, max_entries: int, max_bytes: int) -> None:
+    """Copy the tree under `source` into the empty directory `target`, assuming `source` is hostile.
+
+    Walked like every host access here (one descriptor per tree, however deep; no link followed), it copies
+    regular files, directories, links (as links) and FIFOs (made anew, never opened), with their permission
+    bits (less setuid, setgid and sticky) and times; sockets and devices are left out. OSError, with `target`
+    partly filled, when a write fails or the tree holds more than `max_entries` entries or `max_bytes` bytes.
+    """
+    budget = _Budget(max_entries, max_bytes)
+    source_fd = os.open(source, _DIR)
+    try:
+        target_fd = os.open(target, _DIR)
+    except BaseException:
+        os.close(source_fd)
+        raise
+    try:
+        stack = [_level(source_fd, target_fd, budget)]
+        while stack:
+            level = stack[-1]
+            if level.names:
+                opened = _copy_entry(source_fd, target_fd, level.names.pop(), budget)
+                if opened is not None:  # a directory: copy its contents before the rest of this one
+                    os.close(source_fd)
+                    os.close(target_fd)
+                    source_fd, target_fd = opened
+                    stack.append(_level(source_fd, target_fd, budget))
+                continue
+            os.fchmod(target_fd, level.mode)
+            os.utime(target_fd, ns=level.times)  # last: creating its entries changed its mtime
+            stack.pop()
+            if stack:
+                source_fd = _up(source_fd, stack[-1].source)
+                target_fd = _up(target_fd, stack[-1].copy)
+    finally:
+        os.close(source_fd)
+        os.close(target_fd)
+
+
+def _level(source_fd: int, target_fd: int, budget: _Budget) -> _Level:
+    info = os.fstat(source_fd)
+    names = []
+    with os.scandir(source_fd) as entries:
+        for entry in entries:
+            budget.take(entries=1)  # before reading on: a directory of millions of names stops here
+            names.append(os.fsencode(entry.name))
+    return _Level(names, _identity(info), _identity(os.fstat(target_fd)), info.st_mode & _PERMISSIONS,
+                  (info.st_atime_ns, info.st_mtime_ns))
+
+
+def _copy_entry(source_fd: int, target_fd: int, name: bytes, budget: _Budget) -> tuple[int, int] | None:
+    """Copy one entry; for a directory, made empty, the descriptors of it and its copy."""
+    try:
+        info = os.stat(name, dir_fd=source_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None  # removed since its directory was read
+    mode = info.st_mode & _PERMISSIONS
+    if stat.S_ISDIR(info.st_mode):
+        child = os.open(name, _DIR, dir_fd=source_fd)
+        try:
+            os.mkdir(name, 0o700, dir_fd=target_fd)
+            return child, os.open(name, _DIR, dir_fd=target_fd)
+        except BaseException:
+            os.close(child)
+            raise
+    if stat.S_ISREG(info.st_mode):
+        _copy_file(source_fd, target_fd, name, budget)
+        return None
+    if stat.S_ISLNK(info.st_mode):
+        os.symlink(os.readlink(name, dir_fd=source_fd), name, dir_fd=target_fd)
+    elif stat.S_ISFIFO(info.st_mode):
+        os.mkfifo(name, mode, dir_fd=target_fd)
+        os.chmod(name, mode, dir_fd=target_fd)  # mkfifo's mode went through the umask
+    else:
+        return None  # a socket or a device means nothing outside the sandbox that made it
+    os.utime(name, ns=(info.st_atime_ns, info.st_mtime_ns), dir_fd=target_fd, follow_symlinks=False)
+    return None
+
+
+def _copy_file(source_fd: int, target_fd: int, name: bytes, budget: _Budget) -> None:
+    leaf = os.open(name, os.O_RDONLY | _LEAF, dir_fd=source_fd)
+    try:
+        info = os.fstat(leaf)
+        if not stat.S_ISREG(info.st_mode):
+            return  # replaced since the lstat by a FIFO or a device, which O_NONBLOCK opened without waiting
+        budget.take(size=info.st_size)  # before copying: a sparse file of terabytes is refused, not read
+        out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _LEAF, 0o600, dir_fd=target_fd)
+        try:
+            left = info.st_size
+            while left > 0 and (chunk := os.read(leaf, min(left, 1 << 20))):
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(out, view):]
+                left -= len(chunk)
+            os.fchmod(out, info.st_mode & _PERMISSIONS)
+            os.utime(out, ns=(info.st_atime_ns, info.st_mtime_ns))
+        finally:
+            os.close(out)
+    finally:
+        os.close(leaf)
+
+
+def _identity(info: os.stat_result) -> tuple[int, int]:
+    return info.st_dev, info.st_ino
+
+
+def _up(fd: int, expected: tuple[int, int]) -> int:
+    """The parent of directory `fd`, which is closed, checked to be the directory the walk came down from."""
+    parent = os.open(b"..", _DIR, dir_fd=fd)
+    if _identity(os.fstat(parent)) != expected:  # moved meanwhile: `..` leads elsewhere
+        os.close(parent)
+        raise OSError(errno.ESTALE, "a directory moved during the walk")
+    os.close(fd)
+    return parent
