@@ -1,4 +1,4 @@
-"""Command line: thin commands over the library (serve, ask, models)."""
+"""Command line: thin commands over the library (serve, ask, chat, exec, models)."""
 
 from __future__ import annotations
 
@@ -347,6 +347,39 @@ def _load_format(path: Path, strict: bool) -> ResponseFormat:
         raise InvalidRequest(f"schema file {path} is not valid JSON: {exc}") from exc
     name = path.stem if path.stem.replace("-", "").replace("_", "").isalnum() else "schema"
     return ResponseFormat("json_schema", check_schema(schema, strict=strict, what=f"schema file {path}"), name, strict)
+
+
+@main.command()
+@click.option("--model", default=None, help=f"{MODEL_HELP}; default {DEFAULT_MODEL}, or the server's first model")
+@click.option("--backend", type=BACKENDS, default=None, help=BACKEND_HELP)
+@click.option("--url", default=None, help="talk to a running server instead, e.g. http://127.0.0.1:8000")
+@click.option("--api-key", default=None, help="with --url (or SMOLRUN_API_KEY)")
+@click.option("--system", default=None, help="system message")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="the most tokens one answer may take")
+@click.option("--temperature", type=click.FloatRange(0, 2), default=0.7, show_default=True)
+@click.option("--reasoning-effort", type=click.Choice(EFFORTS), default=None,
+              help="how long a thinking model (SmolLM3) may think; 'none' switches thinking off")
+def chat(model: str | None, backend: str | None, url: str | None, api_key: str | None, system: str | None,
+         max_tokens: int, temperature: float, reasoning_effort: Effort | None) -> None:
+    """Talk with a model: history, streamed answers, /reset, /schema FILE, /file PATH (/help lists them).
+
+    Ctrl+C stops the answer being written; Ctrl+D or /bye leaves.
+    """
+    from smolrun import repl
+
+    options: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature,
+                               **({"reasoning_effort": reasoning_effort} if reasoning_effort else {})}
+    if url is not None:
+        repl.main(repl.RemoteTalker(url, api_key or Settings.from_env().api_key, model), system, options)
+        return
+    from smolrun.engine import Engine
+
+    engine = Engine.load(Settings.from_env(model=model, backend=backend))
+    try:
+        repl.main(repl.LocalTalker(engine), system, options)
+    finally:
+        engine.shutdown()
 
 
 @main.command(name="exec")
