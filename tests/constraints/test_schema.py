@@ -9,28 +9,33 @@ def strict_obj(props: dict, **extra: object) -> dict:
 
 
 @pytest.mark.parametrize(
-    ("schema", "context", "keyword"),
+    ("schema", "context", "keyword", "strict"),
     [
-        (strict_obj({"data": {"not": {"type": "string"}}}), "('properties', 'data')", "'not'"),
+        # Strict mode refuses these as it always has; without strict they are rewritten (see test_rewrite.py).
+        (strict_obj({"data": {"not": {"type": "string"}}}), "('properties', 'data')", "'not'", True),
         (strict_obj({"a": {"type": "array", "items": {"type": "string"}, "uniqueItems": True}}),
-         "('properties', 'a')", "'uniqueItems'"),
-        (strict_obj({"a": {"type": "array", "contains": {"const": 1}}}), "('properties', 'a')", "'contains'"),
-        (strict_obj({"a": {"type": "string"}}, **{"if": {}, "then": {}}), "()", "'if'"),
+         "('properties', 'a')", "'uniqueItems'", True),
+        (strict_obj({"a": {"type": "array", "contains": {"const": 1}}}), "('properties', 'a')", "'contains'", True),
+        (strict_obj({"a": {"type": "string"}}, **{"if": {}, "then": {}}), "()", "'if'", True),
         (strict_obj({"a": {"type": "object", "propertyNames": {"maxLength": 3}}}), "('properties', 'a')",
-         "'propertyNames'"),
-        (strict_obj({"a": {"type": "string", "format": "credit-card"}}), "('properties', 'a')", "'format'"),
-        (strict_obj({"a": {"$ref": "https://example.com/s.json"}}), "('properties', 'a')", "'$ref'"),
-        (strict_obj({"a": {"type": "string", "pattern": "(?=x)y"}}), "('properties', 'a')", "'pattern'"),
+         "'propertyNames'", True),
+        (strict_obj({"a": {"type": "string", "format": "credit-card"}}), "('properties', 'a')", "'format'", True),
         (strict_obj({"a": {"anyOf": [{"type": "string"}, {"dependentRequired": {}}]}}),
-         "('properties', 'a', 'anyOf', '1')", "'dependentRequired'"),
+         "('properties', 'a', 'anyOf', '1')", "'dependentRequired'", True),
+        # Refused in both modes.
+        (strict_obj({"a": {"$ref": "https://example.com/s.json"}}), "('properties', 'a')", "'$ref'", False),
+        (strict_obj({"a": {"type": "string", "pattern": "(?=x)y"}}), "('properties', 'a')", "'pattern'", False),
         ({"type": "object", "$defs": {"n": {"type": "object", "unevaluatedProperties": False}}},
-         "('$defs', 'n')", "'unevaluatedProperties'"),
-        (strict_obj({"a": {"type": "strin"}}), "('properties', 'a')", "'type'"),
+         "('$defs', 'n')", "'unevaluatedProperties'", False),
+        (strict_obj({"a": {"type": "strin"}}), "('properties', 'a')", "'type'", False),
+        (strict_obj({"a": {"type": "array", "items": {"type": "string"}, "uniqueItems": True, "minItems": 2}}),
+         "('properties', 'a')", "'uniqueItems'", False),
     ],
 )
-def test_refuses_what_cannot_be_guaranteed_naming_keyword_and_path(schema: dict, context: str, keyword: str) -> None:
+def test_refuses_what_cannot_be_guaranteed_naming_keyword_and_path(schema: dict, context: str, keyword: str,
+                                                                  strict: bool) -> None:
     with pytest.raises(SchemaError) as err:
-        check_schema(schema, strict=False, what="response_format 'x'")
+        check_schema(schema, strict=strict, what="response_format 'x'")
     message = err.value.message
     assert f"In context={context}" in message
     assert keyword in message

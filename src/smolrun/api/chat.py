@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from smolrun import __version__
 from smolrun.api.state import get_state
 from smolrun.api.wire import ChatCompletionRequest
+from smolrun.constraints.grammar import warning_headers
 from smolrun.errors import GenerationFailed, SchemaError, client_error
 from smolrun.prompt.tools import OPEN as TOOL_OPEN
 from smolrun.prompt.tools import CallProgress, CallReader, read_calls
@@ -40,11 +41,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
         raise SchemaError(exc.message, param="response_format") from exc
     meta = _Meta(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), engine.name, bool(turn.tools.active),
                  prepared.think is not None)
+    headers = warning_headers(prepared.grammar)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(_sse(engine.stream(prepared), meta, include_usage),
-                                 media_type="text/event-stream")
-    return JSONResponse(await _complete(engine.stream(prepared), meta, request))
+                                 media_type="text/event-stream", headers=headers)
+    return JSONResponse(await _complete(engine.stream(prepared), meta, request), headers=headers)
 
 
 @dataclass(frozen=True)

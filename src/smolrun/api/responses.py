@@ -27,6 +27,7 @@ from smolrun.api.responses_wire import (
 )
 from smolrun.api.state import AUTO, AppState, get_state
 from smolrun.api.wire import sampling
+from smolrun.constraints.grammar import warning_headers
 from smolrun.engine import Engine, Prepared
 from smolrun.errors import InvalidRequest, SmolrunError, client_error
 from smolrun.responses_store import StoredResponse
@@ -118,8 +119,9 @@ async def create_response(body: ResponsesRequest, request: Request) -> JSONRespo
     # The first model turn is prepared and admitted here, before any byte: its 400s and 429s are statuses.
     first = await prepare_first(spec, call.engine)
     admitted = _Admitted(call.engine.stream(first), call.engine.stream)
+    headers = warning_headers(first.grammar)
     if body.stream:
-        return StreamingResponse(_sse(call, spec, first, admitted), media_type="text/event-stream")
+        return StreamingResponse(_sse(call, spec, first, admitted), media_type="text/event-stream", headers=headers)
     final: dict[str, Any] | None = None
     watcher = asyncio.create_task(cancel_on_disconnect(request, asyncio.current_task()))
     try:
@@ -129,7 +131,7 @@ async def create_response(body: ResponsesRequest, request: Request) -> JSONRespo
     finally:
         watcher.cancel()
     assert final is not None
-    return JSONResponse(final)
+    return JSONResponse(final, headers=headers)
 
 
 async def _plan(state: AppState, body: ResponsesRequest, engine: Engine) -> _Plan:

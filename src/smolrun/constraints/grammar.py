@@ -6,12 +6,13 @@ import hashlib
 import json
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from threading import Lock
 from typing import Any
 
 from llguidance import LLMatcher, LLParserLimits, LLTokenizer
 
+from smolrun.constraints.rewrite import ignored_formats
 from smolrun.errors import SchemaError
 from smolrun.prompt.profiles import FENCE, CodeFormat
 from smolrun.prompt.tools import CLOSE as TOOL_CLOSE
@@ -31,6 +32,7 @@ class Grammar:
     key: str
     source: str
     template: LLMatcher  # pristine matcher: copying it skips re-compiling the grammar
+    ignored_formats: tuple[str, ...] = ()  # formats in the schemas accepted without being enforced
 
     def matcher(self) -> LLMatcher:
         return self.template.deep_copy()
@@ -195,6 +197,8 @@ class GrammarCache:
                 self._items.move_to_end(key)
                 return self._items[key]
         grammar = self._compile(key, source, fmt)
+        schemas = [fmt.schema, *(t.parameters for t in tools.active)]
+        grammar = replace(grammar, ignored_formats=tuple(sorted({f for s in schemas for f in ignored_formats(s)})))
         with self._lock:
             self._items[key] = grammar
             while len(self._items) > self.maxsize:
@@ -213,8 +217,9 @@ class GrammarCache:
 
     def _compile(self, key: str, source: str, fmt: ResponseFormat) -> Grammar:
         is_error, messages = LLMatcher.validate_grammar_with_warnings(source, self.tokenizer, limits=self._limits)
-        if is_error or messages:
-            raise SchemaError(f"Invalid schema for response_format {fmt.name!r}: {'; '.join(messages)}")
+        if is_error or messages:  # first lines only: the next ones quote the grammar, schema included
+            reasons = "; ".join(m.strip().splitlines()[0] for m in messages if m.strip())
+            raise SchemaError(f"Invalid schema for response_format {fmt.name!r}: {reasons}")
         matcher = LLMatcher(self.tokenizer, source, log_level=0, limits=self._limits)
         if matcher.is_error():
             raise SchemaError(f"Invalid schema for response_format {fmt.name!r}: {matcher.get_error()}")
@@ -225,3 +230,11 @@ def compile_format(fmt: ResponseFormat, tokenizer: LLTokenizer) -> Grammar | Non
     """Compile without a cache (tests, one-off use)."""
     return GrammarCache(tokenizer, maxsize=1).get(fmt)
 
+
+
+def warning_headers(grammar: Grammar | None) -> dict[str, str]:
+    """Response headers saying what a schema asked that the grammar does not enforce (formats smolrun does not
+    know, which JSON Schema 2020-12 lets a validator accept as annotations)."""
+    if grammar is None or not grammar.ignored_formats:
+        return {}
+    return {"x-smolrun-warnings": "formats not enforced: " + ", ".join(grammar.ignored_formats)}

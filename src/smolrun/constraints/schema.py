@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Iterator
 from typing import Any
 
+from smolrun.constraints.formats import FORMATS, STRICT_FORMATS
+from smolrun.constraints.rewrite import Unsupported, rewrite
 from smolrun.errors import SchemaError
 
 Path = tuple[str, ...]
 
-# Keywords llguidance enforces during decoding.
+# Keywords llguidance enforces during decoding: all that strict mode takes.
 ENFORCED = frozenset(
     {
         "type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "$defs", "definitions",
@@ -20,7 +23,8 @@ ENFORCED = frozenset(
         "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
     }
 )
-# Validation keywords no grammar here can enforce: refused rather than silently ignored.
+# Keywords strict mode refuses, as it always has; without strict, constraints.rewrite turns them into the
+# keywords above (see README, "Structured outputs") and refuses only what it cannot enforce.
 REFUSED = frozenset(
     {
         "not", "if", "then", "else", "uniqueItems", "contains", "minContains", "maxContains",
@@ -28,18 +32,7 @@ REFUSED = frozenset(
         "unevaluatedProperties", "unevaluatedItems", "additionalItems", "$dynamicRef", "$recursiveRef",
     }
 )
-FORMATS = frozenset({"date-time", "time", "date", "duration", "email", "hostname", "ipv4", "ipv6", "uuid", "uri"})
 TYPES = frozenset({"object", "array", "string", "number", "integer", "boolean", "null"})
-
-# llguidance's own date/time formats let a few invalid values through (2021-02-30, a 60th second, year 0), so
-# these are enforced with stricter regular expressions. February 29th is never produced: a regex
-# cannot know leap years, and a guarantee beats completeness.
-_DATE = (
-    r"(?:[0-9]{3}[1-9]|[0-9]{2}[1-9][0-9]|[0-9][1-9][0-9]{2}|[1-9][0-9]{3})-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)"
-    r"|02-(?:0[1-9]|1[0-9]|2[0-8]))"
-)
-_TIME = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]{1,6})?(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
-STRICT_FORMATS = {"date": f"^{_DATE}$", "time": f"^{_TIME}$", "date-time": f"^{_DATE}T{_TIME}$"}
 
 # JSON nesting a schema may have (a property's schema is two levels below its object's: "properties", its
 # name): about 50 schema levels, five times what OpenAI's strict mode allows, and far from the recursion limit.
@@ -78,6 +71,14 @@ def check_schema(raw: Any, *, strict: bool, what: str) -> dict[str, Any]:
     schema: dict[str, Any] = copy.deepcopy(raw)
     if strict and (schema.get("type") != "object" or "anyOf" in schema):
         _fail(what, (), "the root schema must be an object (\"type\": \"object\") and not use 'anyOf'")
+    if not strict:
+        try:
+            rewritten = rewrite(schema)
+        except Unsupported as exc:
+            _fail(what, exc.path, exc.reason)
+        for note in rewritten.approximations:
+            logging.getLogger("smolrun").debug("%s: %s", what, note)
+        schema = rewritten.schema
     for path, node in _walk(schema, ()):
         _check_node(node, path, strict=strict, what=what)
     return schema
@@ -110,7 +111,7 @@ def _fail(what: str, path: Path, reason: str) -> None:
 
 def _check_node(node: dict[str, Any], path: Path, *, strict: bool, what: str) -> None:
     for key in node:
-        if key in REFUSED:
+        if strict and key in REFUSED:
             _fail(what, path, f"'{key}' is not permitted (smolrun cannot guarantee it during decoding)")
     types = node.get("type")
     type_list = types if isinstance(types, list) else [types] if types is not None else []
@@ -118,7 +119,7 @@ def _check_node(node: dict[str, Any], path: Path, *, strict: bool, what: str) ->
         if t not in TYPES:
             _fail(what, path, f"'type' {t!r} is not a JSON Schema type")
     fmt = node.get("format")
-    if fmt is not None and fmt not in FORMATS:
+    if fmt is not None and fmt not in FORMATS:  # without strict, rewrite has replaced every other format
         _fail(what, path, f"'format' {fmt!r} is not supported (supported: {', '.join(sorted(FORMATS))})")
     if fmt in STRICT_FORMATS and "pattern" not in node:
         node["pattern"] = STRICT_FORMATS[fmt]
