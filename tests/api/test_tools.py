@@ -101,7 +101,7 @@ def test_streamed_calls_merge_in_the_sdk(make_server) -> None:  # type: ignore[n
             "type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}}}]},
          "tools[0].function.parameters"),
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
-            "a": {"not": {}}}}}}]}, "tools[0].function.parameters"),
+            "a": {"$ref": "https://example.com/a.json"}}}}}]}, "tools[0].function.parameters"),
         ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "missing"}}}, "tool_choice"),
         ({"tool_choice": "required"}, "tool_choice"),
         ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools[0].function.name"),
