@@ -169,6 +169,39 @@ def test_circular_reference_beside_other_keywords_compiles() -> None:
     check(schema, ['{"kids":[{"v":1},{"kids":[]}]}'], ['{"kids":[1]}'])
 
 
+# As WashingtonPost's ANS schemas are: a listed property that a pattern also matches, where both sides are
+# references and one is recursive. llguidance cannot intersect a recursive reference; the rewrite intersects the
+# targets itself and drops the branches that cannot meet (here the leaf, by its "type" tag).
+RELATED = {"$schema": DRAFT4, "definitions": {
+    "content": {"type": "object", "properties": {"type": S, "related": {"$ref": "#/definitions/related"}},
+                "required": ["type"]},
+    "leaf": {"type": "object", "properties": {"type": {"enum": ["leaf"]}}, "required": ["type"],
+             "additionalProperties": False},
+    "redirect": {"type": "object", "properties": {"type": {"enum": ["redirect"]}, "url": S},
+                 "required": ["type", "url"], "additionalProperties": False},
+    "related": {"type": "object", "properties": {"redirect": {"type": "array", "items": {
+        "$ref": "#/definitions/redirect"}, "maxItems": 1}}, "patternProperties": {".*": {"type": "array", "items": {
+            "anyOf": [{"$ref": "#/definitions/content"}, {"$ref": "#/definitions/leaf"}]}}}}},
+    "$ref": "#/definitions/content"}
+
+
+def test_a_property_and_a_pattern_meet_through_a_recursive_reference() -> None:
+    check(RELATED, ['{"type":"a","related":{"redirect":[{"type":"redirect","url":"u"}]}}',
+                    '{"type":"a","related":{"x":[{"type":"leaf"},{"type":"b","related":{}}]}}'],
+          ['{"type":"a","related":{"redirect":[{"type":"leaf"}]}}',
+           '{"type":"a","related":{"redirect":[{"type":"redirect"}]}}',
+           '{"type":"a","related":{"redirect":[{"type":"redirect","url":"u"},{"type":"redirect","url":"v"}]}}'])
+
+
+def test_draft4_fragment_ids_are_anchors_and_the_root_uri_is_local() -> None:
+    check({"$schema": DRAFT4, "definitions": {"gate": {"id": "#gate", "type": "object", "properties": {"n": I},
+                                                       "required": ["n"]}},
+           "type": "object", "properties": {"g": {"$ref": "#gate"}}}, ['{"g":{"n":1}}', "{}"], ['{"g":{}}'])
+    uri = "http://example.com/tree.json#"
+    check({"$schema": DRAFT4, "id": uri, "type": "object", "properties": {"v": I, "kids": {
+        "type": "array", "items": {"$ref": uri}}}}, ['{"v":1,"kids":[{"v":2,"kids":[]}]}'], ['{"kids":[{"v":"x"}]}'])
+
+
 def test_draft4_tuples_and_exclusive_flags() -> None:
     check({"$schema": DRAFT4, "type": "array", "items": [I, S], "additionalItems": False},
           ['[1,"a"]', "[1]"], ['[1,"a",2]', '["a"]'])
@@ -196,7 +229,7 @@ def test_strict_mode_refuses_what_it_always_refused() -> None:
 
 
 CORPUS = [TAGGED, PETS, COORDINATES, DEPENDENCIES, DEPENDENT, CONDITIONAL, SWITCH, NOT_REQUIRED, NOT_ENUM,
-          NOT_TYPE, NOT_CHARS, UNIQUE_ENUM, UNIQUE_OPEN, MIN_PROPERTIES, MAX_PROPERTIES]
+          NOT_TYPE, NOT_CHARS, UNIQUE_ENUM, UNIQUE_OPEN, MIN_PROPERTIES, MAX_PROPERTIES, RELATED]
 
 
 @pytest.mark.parametrize("schema", CORPUS, ids=[str(i) for i in range(len(CORPUS))])

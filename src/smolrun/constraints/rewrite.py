@@ -70,7 +70,7 @@ def draft_of(schema: dict[str, Any]) -> int | None:
 def rewrite(schema: dict[str, Any]) -> Rewritten:
     """`schema` in the keywords llguidance compiles, read with the draft its `$schema` names (2020-12 without
     one, with the older forms that 2020-12 gives no meaning, like `items` as a list, read as draft 7 does)."""
-    normal = normalize(schema, draft_of(schema), (), root=True)
+    normal = normalize(schema, draft_of(schema), (), root=True, base=_base_uri(schema))
     assert isinstance(normal, dict)
     rewriter = _Rewriter(Resolver(None if _has_inner_ids(normal, True) else normal))
     rewritten = rewriter.node(normal, ())
@@ -213,7 +213,7 @@ def _unfold_siblings(node: Schema, resolve: Resolver) -> Schema:
     if not isinstance(node, dict):
         return node
     out: dict[str, Any] = _align_items(_flatten(_disjoint_patterns(
-        {k: _unfold_children(k, v, resolve) for k, v in node.items()})))
+        {k: _unfold_children(k, v, resolve) for k, v in node.items()}, resolve)))
     if "type" in out:  # a type every alternative has anyway: dropped, so that nothing needs intersecting
         kinds = type_kinds(out["type"])
         alternatives = [out[k] for k in ("anyOf", "oneOf") if isinstance(out.get(k), list)]
@@ -312,7 +312,7 @@ def _char(c: str) -> str:
     return c if c.isascii() and c.isalnum() else f"\\u{ord(c):04x}"
 
 
-def _disjoint_patterns(node: dict[str, Any]) -> dict[str, Any]:
+def _disjoint_patterns(node: dict[str, Any], resolve: Resolver) -> dict[str, Any]:
     """A pattern beside listed properties that some of them match, made to match only the others: llguidance
     intersects a property with each pattern its name matches, which it cannot do with a recursive reference."""
     patterns, props = node.get("patternProperties"), node.get("properties")
@@ -331,7 +331,7 @@ def _disjoint_patterns(node: dict[str, Any]) -> dict[str, Any]:
     for name in matching:
         schema = props[name]
         same = isinstance(schema, dict) and _validation(schema) == bare
-        new_props[name] = schema if same or schema is False else all_of([schema, sub])
+        new_props[name] = schema if same or schema is False else _intersect(schema, sub, resolve)
     return {**node, "properties": new_props, "patternProperties": {_names_but(chars, least, matching): sub}}
 
 
@@ -555,13 +555,34 @@ def _has_inner_ids(node: Schema, root: bool) -> bool:
     return any(_has_inner_ids(sub, False) for _, _, sub in _children(node))
 
 
-def normalize(node: Any, draft: int | None, path: Path, root: bool = False) -> Schema:
-    """The same schema in 2020-12 keywords (draft 4 to 2019-09 forms translated, by the draft's rules)."""
+def _base_uri(schema: dict[str, Any]) -> str | None:
+    """The root's own URI (its `$id`, or draft 4's `id`) without a fragment, where no subschema changes it:
+    references to it are references into the schema itself."""
+    uri = schema.get("$id", schema.get("id"))
+    if not isinstance(uri, str) or not uri.split("#", 1)[0] or _has_inner_ids(schema, True):
+        return None
+    return uri.split("#", 1)[0]
+
+
+_ANCHOR = re.compile(r"#([A-Za-z_][-A-Za-z0-9._]*)")
+
+
+def normalize(node: Any, draft: int | None, path: Path, root: bool = False, base: str | None = None) -> Schema:
+    """The same schema in 2020-12 keywords (draft 4 to 2019-09 forms translated, by the draft's rules); a
+    reference through the root's own URI `base` made local."""
     if isinstance(node, bool):
         return node
     if not isinstance(node, dict):
         raise Unsupported(path, "a schema must be an object or a boolean")
     node = {k: v for k, v in node.items() if root or k != "$schema"}
+    ref = node.get("$ref")
+    if base is not None and isinstance(ref, str) and ref.split("#", 1)[0] == base:
+        node["$ref"] = "#" + ref.partition("#")[2]
+    for key in ("$id", "id"):  # drafts 4-7 name a subschema with a fragment id: 2020-12's $anchor
+        anchor = _ANCHOR.fullmatch(node[key]) if isinstance(node.get(key), str) else None
+        if anchor is not None and "$anchor" not in node:
+            del node[key]
+            node["$anchor"] = anchor.group(1)
     if "$ref" in node and draft is not None and draft <= 7:  # drafts 4-7: keywords beside $ref are ignored
         node = {k: v for k, v in node.items() if k in ("$ref", "definitions", "$defs", "$schema")}
     for bound, plain in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
@@ -582,7 +603,7 @@ def normalize(node: Any, draft: int | None, path: Path, root: bool = False) -> S
             node[key] = {**node.get(key, {}), name: dep}
     for key, name, sub in _children(node):
         where = (*path, key) if name is None else (*path, key, name)
-        value = normalize(sub, draft, where)
+        value = normalize(sub, draft, where, base=base)
         if name is None:
             node[key] = value
         elif key in _LISTS:
