@@ -12,6 +12,7 @@
     ├── ModelUnavailable              503 server_error: known model, weights not on this machine
     ├── SandboxUnavailable            503 server_error: no sandbox here, so no code execution
     ├── EngineUnavailable             503 server_error: no server of a remote engine (vLLM) answers
+    ├── ServerShuttingDown            503 server_error: the engine closed before the request was finished
     ├── StorageFull                   507 server_error (code insufficient_storage): the data directory's disk
     ├── QueueFull                     429 rate_limit_error
     ├── BackendMissing                500 server_error: an optional extra is not installed
@@ -97,6 +98,15 @@ class SandboxUnavailable(SmolrunError):
 class EngineUnavailable(SmolrunError):
     status = 503
     exit_code = 2
+
+
+class ServerShuttingDown(SmolrunError):
+    """Every live and queued request hears this when its engine closes, rather than waiting for ever."""
+
+    status = 503
+
+
+SHUTTING_DOWN = "the server is shutting down: the request was not finished"
 
 
 class StorageFull(SmolrunError):

@@ -7,18 +7,40 @@ sequence) and `backends.batch.BatchEngine` (continuous batching). Both hand even
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from smolrun.errors import QueueFull
+from smolrun.errors import SHUTTING_DOWN, QueueFull, ServerShuttingDown
 from smolrun.turn import Event
 
 Item = list[Event] | BaseException | None  # what a runner sends: events, an error, or None at the end
 Sink = Callable[[Item], None]
 Work = Callable[[Callable[[], bool]], Iterator[Event]]  # given "is it cancelled?", yields events
+
+log = logging.getLogger("smolrun")
+
+
+class Guarded:
+    """A runner's request whose sink may raise (its event loop closed, a bug): `send` hands an item over and
+    says whether the request still listens. The first failure is logged at ERROR and every later item is
+    dropped; the runner then ends that request only, so that one broken sink never takes the runner's thread,
+    and every other request with it."""
+
+    sink: Sink
+    failed = False
+
+    def send(self, item: Item) -> bool:
+        if not self.failed:
+            try:
+                self.sink(item)
+            except Exception as exc:  # noqa: BLE001 - whatever it is, it ends this request only
+                self.failed = True
+                log.error("a request's event sink failed: the request is dropped", exc_info=exc)
+        return not self.failed
 
 
 class EventStream:
@@ -68,7 +90,7 @@ class EventStream:
 
 
 @dataclass
-class _Job:
+class _Job(Guarded):
     work: Work
     sink: Sink
     cancelled: Callable[[], bool]
@@ -81,6 +103,8 @@ class Scheduler:
     max_queue: int
     _jobs: queue.Queue[_Job | None] = field(init=False)
     _thread: threading.Thread = field(init=False)
+    _closing: threading.Event = field(init=False, default_factory=threading.Event)
+    _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         self._jobs = queue.Queue()  # bounded by submit, so that a continuing turn is never refused
@@ -88,29 +112,49 @@ class Scheduler:
         self._thread.start()
 
     def submit(self, work: Work, sink: Sink, cancelled: Callable[[], bool], bounded: bool = True) -> None:
-        """`bounded`: refused (QueueFull) when max_queue turns wait; a later turn of an admitted response is not."""
-        if bounded and self._jobs.qsize() >= self.max_queue:
-            raise QueueFull("the model is busy: too many requests are waiting; retry shortly")
-        self._jobs.put_nowait(_Job(work, sink, cancelled))
+        """`bounded`: refused (QueueFull) when max_queue turns wait; a later turn of an admitted response is not.
+        After close(), ServerShuttingDown (a 503)."""
+        with self._lock:  # nothing lands behind close()'s end marker, where nobody would serve it
+            if self._closing.is_set():
+                raise ServerShuttingDown(SHUTTING_DOWN)
+            if bounded and self._jobs.qsize() >= self.max_queue:
+                raise QueueFull("the model is busy: too many requests are waiting; retry shortly")
+            self._jobs.put_nowait(_Job(work, sink, cancelled))
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
-            if job.cancelled():
-                job.sink(None)
-                continue
-            try:
-                for event in job.work(job.cancelled):
-                    job.sink([event])
-                    if job.cancelled():
-                        break
-            except BaseException as exc:  # handed to the waiting request, which re-raises it
-                job.sink(exc)
-            job.sink(None)
+            self._serve(job)
+
+    def _serve(self, job: _Job) -> None:
+        if self._closing.is_set():  # queued when close() came: it hears why it will not run
+            job.send(ServerShuttingDown(SHUTTING_DOWN))
+            job.send(None)
+            return
+        if job.cancelled():
+            job.send(None)
+            return
+        end: Item = None
+        try:
+            for event in job.work(lambda: job.cancelled() or self._closing.is_set()):
+                if self._closing.is_set():  # not its own end: the turn was cut short, and hears why
+                    end = ServerShuttingDown(SHUTTING_DOWN)
+                    break
+                if not job.send([event]) or job.cancelled():
+                    break  # dropping the generator stops the turn; a failed sink hears nothing more (send)
+        except BaseException as exc:  # handed to the waiting request, which re-raises it
+            end = exc
+        if end is not None:
+            job.send(end)
+        job.send(None)
 
     def waiting(self) -> int:
         """Turns queued behind the one being generated."""
         return self._jobs.qsize()
 
     def close(self) -> None:
-        self._jobs.put(None)
-        self._thread.join(timeout=5)
+        """End the running turn (at its next token) and every queued one with ServerShuttingDown, and return
+        once the thread has exited: never with a timeout that leaves it running beside a later runner."""
+        with self._lock:
+            self._closing.set()
+            self._jobs.put(None)
+        self._thread.join()

@@ -1,6 +1,8 @@
 """Server behaviour that needs no real model: API keys, the queue, cancellation, error shapes."""
 
 import json
+import logging
+import re
 import threading
 import time
 from collections.abc import Sequence
@@ -13,6 +15,7 @@ import pytest
 
 from smolrun.backends.base import Pixels
 from smolrun.engine import Engine
+from smolrun.errors import SHUTTING_DOWN
 from tests.fakes import ByteModel
 
 BODY = {"model": "byte-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 400}
@@ -166,6 +169,75 @@ def test_non_streaming_disconnect_cancels_too(make_server) -> None:  # type: ign
         httpx.post(f"{server.url}/chat/completions", json=BODY, timeout=0.5)
     assert _short(server, model) == alone
     assert model.steps - 2 * alone < 100
+
+
+LONG = {"chat/completions": BODY, "responses": {"model": "byte-model", "input": "hi", "max_output_tokens": 400}}
+
+
+@pytest.mark.parametrize("route", ["chat/completions", "responses"])
+def test_a_non_streamed_client_that_leaves_is_one_info_line(make_server, caplog, route: str) -> None:  # type: ignore[no-untyped-def]
+    model = SlowModel()
+    server = make_server(Engine(model))
+    caplog.set_level(logging.INFO, logger="smolrun")
+    uvicorn_errors = logging.getLogger("uvicorn.error")  # uvicorn's own handlers do not reach caplog's
+    uvicorn_errors.addHandler(caplog.handler)
+    try:
+        alone = _short(server, model)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{server.url}/{route}", json=LONG[route], timeout=0.5)
+        assert _short(server, model) == alone  # the next request runs, alone: the left one had stopped
+        assert model.steps - 2 * alone < 100  # well before its 400 tokens
+        deadline = time.monotonic() + 10
+        while not caplog.records and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        uvicorn_errors.removeHandler(caplog.handler)
+    lines = [(r.name, r.levelname, r.getMessage()) for r in caplog.records]
+    prefix = "chatcmpl-" if route == "chat/completions" else "resp_"
+    assert len(lines) == 1 and lines[0][:2] == ("smolrun", "INFO"), lines  # no ERROR, no traceback
+    assert re.fullmatch(f"request {prefix}[0-9a-f]{{32}} cancelled: the client disconnected", lines[0][2])
+
+
+def test_a_responses_client_that_leaves_its_stream_cancels_its_generation(make_server) -> None:  # type: ignore[no-untyped-def]
+    model = SlowModel()
+    server = make_server(Engine(model))
+    alone = _short(server, model)
+    with httpx.stream("POST", f"{server.url}/responses", json={**LONG["responses"], "stream": True}, timeout=60) as r:
+        for line in r.iter_lines():
+            if "response.output_text.delta" in line and model.steps > alone + 3:
+                break
+    assert _short(server, model) == alone
+    assert model.steps - 2 * alone < 100
+
+
+def test_closing_the_engine_answers_its_live_and_queued_requests_503(make_server) -> None:  # type: ignore[no-untyped-def]
+    model = SlowModel()
+    engine = Engine(model)
+    server = make_server(engine)
+    alone = _short(server, model)
+    model.started.clear()
+    answers: dict[str, tuple[int, object]] = {}
+
+    def post(name: str) -> None:
+        reply = httpx.post(f"{server.url}/chat/completions", json=BODY, timeout=60)
+        answers[name] = (reply.status_code, reply.json())
+
+    live = threading.Thread(target=post, args=("live",))
+    live.start()
+    assert model.started.wait(10)
+    queued = threading.Thread(target=post, args=("queued",))
+    queued.start()
+    deadline = time.monotonic() + 10
+    while engine.waiting() < 1 and time.monotonic() < deadline:  # until it waits behind the live one
+        time.sleep(0.01)
+    assert engine.waiting() == 1
+    engine.close()
+    live.join(30)
+    queued.join(30)
+    error = {"error": {"message": SHUTTING_DOWN, "type": "server_error", "param": None, "code": None}}
+    assert answers == {"live": (503, error), "queued": (503, error)}
+    assert model.steps < 400  # the live one was cut short
+    assert _short(server, model) == alone  # a later request starts a new runner and is served
 
 
 def test_unknown_route_and_bad_json_use_openai_error_shape(make_server) -> None:  # type: ignore[no-untyped-def]

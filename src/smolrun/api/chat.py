@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from smolrun import __version__
 from smolrun.api.state import get_state
@@ -25,10 +26,13 @@ from smolrun.turn import DecodeStats, Done, ReasoningDelta, TextDelta, ToolCall
 
 router = APIRouter()
 FINGERPRINT = f"smolrun-{__version__}"
+CLIENT_CLOSED = 499  # nginx's "client closed request": the status of an answer nobody is left to read
+log = logging.getLogger("smolrun")
+T = TypeVar("T")
 
 
 @router.post("/v1/chat/completions", response_model=None)
-async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     state = get_state(request)
     engine = state.engine_for(body.model, body.has_pictures())  # before reading pictures: 400s come cheap
     try:
@@ -46,7 +50,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(_sse(engine.stream(prepared), meta, include_usage),
                                  media_type="text/event-stream", headers=headers)
-    return JSONResponse(await _complete(engine.stream(prepared), meta, request), headers=headers)
+    result = await unless_disconnected(request, _complete(engine.stream(prepared), meta), meta.id)
+    return Response(status_code=CLIENT_CLOSED) if result is None else JSONResponse(result, headers=headers)
 
 
 @dataclass(frozen=True)
@@ -76,11 +81,10 @@ def usage(stats: DecodeStats) -> dict[str, Any]:
     }
 
 
-async def _complete(events: EventStream, meta: _Meta, request: Request) -> dict[str, Any]:
+async def _complete(events: EventStream, meta: _Meta) -> dict[str, Any]:
     parts: list[str] = []
     thoughts: list[str] = []
     done: Done | None = None
-    watcher = asyncio.create_task(cancel_on_disconnect(request, asyncio.current_task()))
     try:
         async for event in events:
             if isinstance(event, TextDelta):
@@ -90,7 +94,6 @@ async def _complete(events: EventStream, meta: _Meta, request: Request) -> dict[
             else:
                 done = event
     finally:
-        watcher.cancel()
         await events.aclose()
     if done is None:
         raise GenerationFailed("generation ended without a result")
@@ -110,12 +113,28 @@ async def _complete(events: EventStream, meta: _Meta, request: Request) -> dict[
             "service_tier": "default"}
 
 
-async def cancel_on_disconnect(request: Request, task: asyncio.Task[Any] | None) -> None:
-    """A non-streaming client that hangs up cancels its generation instead of leaving it running."""
+async def unless_disconnected(request: Request, work: Coroutine[Any, Any, T], request_id: str) -> T | None:
+    """`work` (a non-streaming answer), unless the client hangs up first: then the work is cancelled, so its
+    generation stops instead of running for nobody, one INFO line says so, and the result is None. It runs as
+    a task of its own, so that the route's task is never cancelled: a CancelledError escaping the route would be
+    the server's "Exception in ASGI application" ERROR, with a traceback, for a client that merely left."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # the work is cancelled when the client left, or when the route itself is (the server stopping)
+        watcher.cancel()
+        task.cancel()
+    if task.done():
+        return task.result()
+    await asyncio.gather(task, return_exceptions=True)  # its cleanup (the turn's cancellation) runs to the end
+    log.info("request %s cancelled: the client disconnected", request_id)
+    return None
+
+
+async def _disconnected(request: Request) -> None:
     while not await request.is_disconnected():
         await asyncio.sleep(0.25)
-    if task is not None:
-        task.cancel()
 
 
 def _chunk(meta: _Meta, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:

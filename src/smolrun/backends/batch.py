@@ -30,14 +30,15 @@ from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask_par
 
 from smolrun.backends.base import BatchModel, Feed, KVFull, Pixels, reusable_prefix, reusable_with_pixels
 from smolrun.backends.decode import SequenceState
-from smolrun.errors import GenerationFailed, QueueFull
-from smolrun.scheduler import Sink
+from smolrun.errors import SHUTTING_DOWN, GenerationFailed, QueueFull, ServerShuttingDown
+from smolrun.scheduler import Guarded, Sink
 from smolrun.turn import FinishReason
 
 
 @dataclass(eq=False)
-class Job:
-    """One request in the loop: the tokens its sequence must hold, its decoding state, where events go."""
+class Job(Guarded):
+    """One request in the loop: the tokens its sequence must hold, its decoding state, where events go (`send`:
+    a sink that raises ends this request only)."""
 
     tokens: list[int]  # the prompt, then every generated token (the last ones perhaps not evaluated yet)
     pixels: tuple[Pixels, ...]
@@ -116,7 +117,7 @@ class BatchLoop:
         self._held = False
         for slot in self.slots:
             if slot.job is not None:
-                slot.job.sink(error)
+                slot.job.send(error)
                 slot.job = None
             self.model.forget(slot.seq, 0)
             slot.keep(0)
@@ -124,7 +125,7 @@ class BatchLoop:
             job = self.waiting.popleft()
             if not job.started:
                 self.on_dequeue(job)
-            job.sink(error)
+            job.send(error)
 
     # -- admission ----------------------------------------------------------------------------------------
 
@@ -137,8 +138,8 @@ class BatchLoop:
             if not job.started:
                 self.on_dequeue(job)
             job.state.finish("cancelled")
-            job.sink(job.state.take())
-            job.sink(None)
+            job.send(job.state.take())
+            job.send(None)
 
     def _admit(self) -> None:
         while self.waiting and not self._held and (free := [s for s in self.slots if s.job is None]):
@@ -311,8 +312,8 @@ class BatchLoop:
             job.tokens += more
             events = state.take()
             if events:
-                job.sink(events)
-            if state.done:
+                job.send(events)
+            if state.done or job.failed:
                 self._release(slot)
 
     # -- the end of a request -----------------------------------------------------------------------------
@@ -321,17 +322,19 @@ class BatchLoop:
         job = slot.job
         assert job is not None
         job.state.finish(reason)
-        job.sink(job.state.take())
+        job.send(job.state.take())
         self._release(slot)
 
     def _release(self, slot: Slot, error: BaseException | None = None) -> None:
-        """The request leaves its slot, whose tokens stay as cache; its sink hears the end, or the error."""
+        """The request leaves its slot, whose tokens stay as cache; its sink hears the end, or the error. A
+        request whose sink failed leaves its slot empty: its sequence and KV cells are freed for the others."""
         job = slot.job
         assert job is not None
         slot.job = None
         self._held = False
         slot.used = self._clock
-        job.sink(error)
+        if not job.send(error):
+            self._empty(slot)
 
 
 class BatchEngine:
@@ -344,18 +347,21 @@ class BatchEngine:
         self._loop.on_dequeue = self._dequeued
         self._inbox: queue.Queue[Job | None] = queue.Queue()
         self._waiting = 0  # submitted, not yet in a sequence
+        self._closed = False
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="smolrun-batch", daemon=True)
         self._thread.start()
 
     def submit(self, job: Job, bounded: bool = True) -> None:
         """`bounded`: refused (QueueFull) when max_queue requests wait; a later turn of an admitted response is
-        not, so that nothing accepted is lost."""
-        with self._lock:
+        not, so that nothing accepted is lost. After close(), ServerShuttingDown (a 503)."""
+        with self._lock:  # put under the lock: nothing lands behind close()'s end marker, where nobody reads it
+            if self._closed:
+                raise ServerShuttingDown(SHUTTING_DOWN)
             if bounded and self._waiting >= self.max_queue:
                 raise QueueFull("the model is busy: too many requests are waiting; retry shortly")
             self._waiting += 1
-        self._inbox.put(job)
+            self._inbox.put(job)
 
     def _dequeued(self, job: Job) -> None:
         with self._lock:
@@ -367,25 +373,35 @@ class BatchEngine:
 
     def _run(self) -> None:
         loop = self._loop
-        while True:
-            if not loop.busy:  # idle: sleep until a request comes
-                job = self._inbox.get()
-                if job is None:
-                    return
-                loop.submit(job)
-            while True:  # whatever else arrived joins this step
-                try:
-                    job = self._inbox.get_nowait()
-                except queue.Empty:
-                    break
-                if job is None:
-                    return
-                loop.submit(job)
+        while self._take(wait=not loop.busy):
             try:
                 loop.step()
             except Exception as exc:  # noqa: BLE001 - the engine failed: every request hears it, the thread lives
                 loop.fail_all(GenerationFailed(f"generation failed: {type(exc).__name__}: {exc}"))
+        loop.fail_all(ServerShuttingDown(SHUTTING_DOWN))  # close(): every live and queued request hears why
+
+    def _take(self, wait: bool) -> bool:
+        """Hand what arrived to the loop, to join its next step (idle: sleep until a request comes); False once
+        close() has said stop."""
+        if wait:
+            job = self._inbox.get()
+            if job is None:
+                return False
+            self._loop.submit(job)
+        while True:
+            try:
+                job = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+            if job is None:
+                return False
+            self._loop.submit(job)
 
     def close(self) -> None:
-        self._inbox.put(None)
-        self._thread.join(timeout=5)
+        """End every live and queued request with ServerShuttingDown, and return once the thread has exited. No
+        timeout: it stops at its next step (after one forward pass at most), and a thread left running would
+        drive the model beside the next runner's."""
+        with self._lock:
+            self._closed = True
+            self._inbox.put(None)
+        self._thread.join()

@@ -25,8 +25,15 @@ from typing import Any
 
 from smolrun.backends.decode import SequenceState
 from smolrun.backends.tokenizer import HFTokenizer
-from smolrun.errors import BackendMissing, EngineUnavailable, GenerationFailed, QueueFull
-from smolrun.scheduler import Sink
+from smolrun.errors import (
+    SHUTTING_DOWN,
+    BackendMissing,
+    EngineUnavailable,
+    GenerationFailed,
+    QueueFull,
+    ServerShuttingDown,
+)
+from smolrun.scheduler import Guarded, Sink
 from smolrun.turn import Done, Event, SamplingParams
 
 GUIDANCE = '{"backend": "guidance"}'  # vLLM's --structured-outputs-config for llguidance
@@ -138,8 +145,9 @@ def completion_body(model: VllmModel, prompt: Sequence[int], grammar: str | None
 
 
 @dataclass(eq=False)
-class RemoteJob:
-    """One turn for a vLLM server: its request body, and its local decoding state that replays the tokens."""
+class RemoteJob(Guarded):
+    """One turn for a vLLM server: its request body, and its local decoding state that replays the tokens
+    (`send`: a sink that raises ends this request only)."""
 
     body: dict[str, Any]
     state: SequenceState
@@ -161,6 +169,8 @@ class VllmRunner:
         self.max_inflight = max_inflight
         self._admitted = 0  # in flight or waiting for a place
         self._inflight = 0
+        self._tasks: set[asyncio.Task[None]] = set()  # every request's, for close() to end them
+        self._closed = False
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="smolrun-vllm", daemon=True)
@@ -174,26 +184,46 @@ class VllmRunner:
         return asyncio.Semaphore(self.max_inflight)
 
     def submit(self, job: RemoteJob, bounded: bool = True) -> Future[None]:
-        """`bounded`: refused (QueueFull) past max_inflight + max_queue; a later turn of an admitted response is not."""
-        with self._lock:
+        """`bounded`: refused (QueueFull) past max_inflight + max_queue; a later turn of an admitted response is not.
+        After close(), ServerShuttingDown (a 503)."""
+        with self._lock:  # scheduled under the lock: every request close() does not refuse, it ends
+            if self._closed:
+                raise ServerShuttingDown(SHUTTING_DOWN)
             if bounded and self._admitted >= self.max_inflight + self.max_queue:
                 raise QueueFull("the vLLM engine is busy: too many requests are waiting; retry shortly")
             self._admitted += 1
-        return asyncio.run_coroutine_threadsafe(self._run(job), self._loop)
+            return asyncio.run_coroutine_threadsafe(self._run(job), self._loop)
 
     def waiting(self) -> int:
         with self._lock:
             return max(0, self._admitted - self._inflight)
 
     def close(self) -> None:
-        if self._loop.is_closed():
-            return
-        asyncio.run_coroutine_threadsafe(self._client.aclose(), self._loop).result(timeout=5)
+        """End every request in flight or waiting for a place with ServerShuttingDown (their upstream requests
+        are closed, which vLLM aborts), close the connections, and return once the loop's thread has exited."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            # Scheduled after every submitted request (the loop runs callbacks in order): each has registered
+            # its task by the time this runs.
+            ended = asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
+        ended.result()
         self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=5)
+        self._thread.join()
         self._loop.close()
 
+    async def _shutdown(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._client.aclose()
+
     async def _run(self, job: RemoteJob) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)  # before any await: close() may come next
         try:
             async with self._places:
                 with self._lock:
@@ -203,12 +233,15 @@ class VllmRunner:
                 finally:
                     with self._lock:
                         self._inflight -= 1
+        except asyncio.CancelledError:  # only close() cancels a request's task
+            job.send(ServerShuttingDown(SHUTTING_DOWN))
         except Exception as exc:  # handed to the waiting request, which re-raises it
-            job.sink(exc)
+            job.send(exc)
         finally:
+            self._tasks.discard(task)
             with self._lock:
                 self._admitted -= 1
-            job.sink(None)
+            job.send(None)
 
     async def _serve(self, job: RemoteJob) -> None:
         """Stream the turn, and close the upstream request (vLLM then aborts it) as soon as the client leaves,
@@ -216,14 +249,20 @@ class VllmRunner:
         if job.cancelled():
             return
         task = asyncio.ensure_future(self._attempts(job))
-        while not task.done():
-            await asyncio.wait({task}, timeout=0.05)
-            if not task.done() and job.cancelled():
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=0.05)
+                if not task.done() and (job.cancelled() or job.failed):
+                    break
+        finally:  # the client left, its sink failed, or close() cancelled this request: close the upstream one
+            left = not task.done()
+            if left:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-                job.state.finish("cancelled")
-                job.sink(job.state.take())
-                return
+        if left:
+            job.state.finish("cancelled")
+            job.send(job.state.take())
+            return
         task.result()
 
     async def _attempts(self, job: RemoteJob) -> None:
@@ -281,12 +320,12 @@ class VllmRunner:
                     if state.done:
                         events, done = _hold_done(events)
                     if events:
-                        job.sink(events)
+                        job.send(events)
                 if done is None:
                     self._end(replica, state, finish)
                     events, done = _hold_done(state.take())
-                    job.sink(events)
-                job.sink([done])
+                    job.send(events)
+                job.send([done])
         except httpx.TransportError as exc:
             raise _Unreachable(f"{type(exc).__name__}: {exc}".rstrip(": ")) from exc
 
