@@ -49,6 +49,22 @@ def test_ask_with_schema_prints_pretty_valid_json(tmp_path: Path) -> None:
 
 
 @pytest.mark.model
+def test_ask_closes_a_schema_answer_at_the_budget_and_says_so(tmp_path: Path) -> None:
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is installed by `make setup`")
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},
+              "required": ["city", "population"], "additionalProperties": False}
+    path = tmp_path / "city.json"
+    path.write_text(json.dumps(schema))
+    out = subprocess.run([sys.executable, "-m", "smolrun", "ask", "Describe Paris at length.", "--schema", str(path),
+                          "--max-tokens", "12"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("{\n  ") and set(json.loads(out.stdout)) == {"city", "population"}
+    assert out.stderr.strip().splitlines()[-1] == (
+        "smolrun: the answer reached the token limit (--max-tokens) and was closed there: the document is valid, "
+        "its last values are cut short")
+
+
+@pytest.mark.model
 def test_ask_with_a_file_runs_the_code_loop_and_ends_cleanly(tmp_path: Path) -> None:
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is installed by `make setup`")
     from smolrun.sandbox import default_config, unavailable_reason

@@ -82,6 +82,9 @@ def main() -> None:
                    "has CUDA or Metal, else 0)")
 @click.option("--max-calls-per-turn", type=click.IntRange(min=1), default=None,
               help="function calls one model turn may make with parallel_tool_calls (default 8)")
+@click.option("--dry-multiplier", type=click.FloatRange(0, 10), default=None,
+              help="strength of the DRY repetition penalty inside JSON answers, which ends the loops of small models; "
+                   "0 turns it off; requests may set their own (default 0.8)")
 @click.option("--vllm-url", "vllm_urls", multiple=True,
               help="vllm: a running vLLM server of --model, e.g. http://gpu1:8000 (repeat for replicas); none: "
                    "smolrun launches `vllm serve` here and stops it on exit")
@@ -248,11 +251,14 @@ def _answer(engine: Any, turn: Turn, stream: bool, typed: bool) -> None:
     text = "".join(parts)
     if stream:
         click.echo()
-    elif typed and done is not None and done.finish_reason == "stop":
+    elif typed and done is not None and (done.finish_reason == "stop" or done.stats.closed):
         click.echo(json.dumps(json.loads(text), indent=2, ensure_ascii=False))
     else:
         click.echo(text)
-    if done is not None and done.finish_reason == "length":
+    if done is not None and done.stats.closed:
+        click.echo("smolrun: the answer reached the token limit (--max-tokens) and was closed there: the document "
+                   "is valid, its last values are cut short", err=True)
+    elif done is not None and done.finish_reason == "length":
         click.echo("smolrun: the answer was cut at the token limit (--max-tokens)", err=True)
         sys.exit(1)
 

@@ -46,6 +46,7 @@ class Settings:
     vllm_args: tuple[str, ...] = ()  # vllm: more arguments for the `vllm serve` that smolrun launches
     vllm_python: str | None = None  # vllm: the Python whose vLLM smolrun launches (default: where `make vllm` puts it)
     max_calls_per_turn: int = 8  # function calls one model turn may make (parallel_tool_calls)
+    dry_multiplier: float = 0.8  # DRY repetition penalty inside JSON answers (0: off; requests may set it)
     max_inflight: int = 64  # vllm: requests in flight on its servers; --max-queue more wait before 429
     offline: bool | None = None  # None: follow HF_HUB_OFFLINE
     data_dir: Path = field(default_factory=lambda: default_data_dir())  # files and the metadata database

@@ -14,7 +14,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import cast
@@ -23,7 +23,9 @@ from llguidance import LLMatcher
 
 from smolrun.backends.base import BatchModel, Model, Pixels
 from smolrun.backends.batch import BatchEngine, Job
+from smolrun.backends.closing import Closing, Vocabulary, schema_hints, shortest_close
 from smolrun.backends.decode import SequenceState, decode, never, token_budget
+from smolrun.backends.repetition import DRY_MULTIPLIER
 from smolrun.backends.vllm import RemoteJob, VllmModel, VllmRunner, completion_body
 from smolrun.config import Settings
 from smolrun.constraints.grammar import Grammar, GrammarCache
@@ -46,11 +48,16 @@ class Prepared:
     params: SamplingParams
     think: ThinkBlock | None = None  # the turn starts with a think block
     pixels: tuple[Pixels, ...] = ()  # the pictures at the prompt's image tokens
+    closing: Closing | None = None  # a JSON answer, closed within the budget
+    plan: tuple[int, ...] | None = None  # a closing from the grammar's start (None: the search found none)
 
 
 class Engine:
-    def __init__(self, model: Model | BatchModel | VllmModel, max_queue: int = 16, max_inflight: int = 64) -> None:
+    def __init__(self, model: Model | BatchModel | VllmModel, max_queue: int = 16, max_inflight: int = 64,
+                 dry_multiplier: float = DRY_MULTIPLIER) -> None:
         self.model = model
+        self.dry_multiplier = dry_multiplier  # the DRY penalty of JSON answers that do not set their own
+        self._plans: dict[tuple[str, Closing], tuple[int, ...] | None] = {}  # closings from each grammar's start
         self.max_queue = max_queue  # turns waiting for the model before QueueFull
         self.max_inflight = max_inflight  # vLLM: turns on its servers at once
         self._runner: BatchEngine | Scheduler | VllmRunner | None = None  # started by the first turn
@@ -75,7 +82,8 @@ class Engine:
                                      param="mmproj")
             from smolrun.backends.vllm_server import connect
 
-            return cls(connect(settings, name), max_queue=settings.max_queue, max_inflight=settings.max_inflight)
+            return cls(connect(settings, name), max_queue=settings.max_queue, max_inflight=settings.max_inflight,
+                       dry_multiplier=settings.dry_multiplier)
         if settings.backend == "transformers" or (name not in REGISTRY and Path(name).expanduser().is_dir()):
             if mmproj is not None:
                 raise InvalidRequest("--mmproj is for GGUF models on llama.cpp; on transformers a vision model "
@@ -85,13 +93,13 @@ class Engine:
             source = hf_source(name, offline=settings.offline)
             return cls(TransformersModel(source, n_ctx=settings.n_ctx, device=settings.device,
                                          threads=settings.threads, offline=hub_offline(settings.offline)),
-                       max_queue=settings.max_queue)
+                       max_queue=settings.max_queue, dry_multiplier=settings.dry_multiplier)
         from smolrun.backends.llama_cpp import LlamaCppModel
 
         resolved = resolve(name, offline=settings.offline, mmproj=mmproj)
         return cls(LlamaCppModel(resolved.path, name=resolved.name, n_ctx=settings.n_ctx, n_threads=settings.threads,
                                  mmproj=resolved.mmproj, n_seq=settings.parallel, gpu_layers=settings.gpu_layers),
-                   max_queue=settings.max_queue)
+                   max_queue=settings.max_queue, dry_multiplier=settings.dry_multiplier)
 
     @property
     def name(self) -> str:
@@ -115,8 +123,10 @@ class Engine:
         return render(m.chat_template, messages, bos_token=m.bos_token, eos_token=m.eos_token,
                       parts=profile.content_parts, **profile.template_kwargs(thinks, turn.tools))
 
-    def prepare(self, turn: Turn, allow_code: bool = False, must_code: bool = False) -> Prepared:
-        """`allow_code`: the turn may be a code call; `must_code`: it must be one."""
+    def prepare(self, turn: Turn, allow_code: bool = False, must_code: bool = False,
+                continuing: bool = False) -> Prepared:
+        """`allow_code`: the turn may be a code call; `must_code`: it must be one. A JSON answer whose shortest
+        document does not fit the budget is a 400, unless the turn is `continuing` an admitted response."""
         think = self.think_block(turn)
         grammar = self.grammars.get(turn.format, allow_code=allow_code or must_code, tools=turn.tools, think=think,
                                     code=self.profile.code, must_code=must_code)
@@ -137,8 +147,56 @@ class Engine:
                                  "model (smolrun serve --vision-model ...)", param="messages")
         else:
             prompt = self.model.tokenize(text)
-        token_budget(self.model.n_ctx, len(prompt), turn.params.max_tokens)  # 400 before queueing, not mid-stream
-        return Prepared(prompt, grammar, turn.params, think, pixels)
+        budget = token_budget(self.model.n_ctx, len(prompt), turn.params.max_tokens)  # 400 before queueing
+        closing = self._closing(turn, grammar, think, allow_code, must_code)
+        plan = self._plan(grammar, closing) if grammar is not None and closing is not None else None
+        if plan is not None and len(plan) > budget and not continuing:
+            limit = (f"max_tokens is {turn.params.max_tokens}" if turn.params.max_tokens is not None
+                     else f"the context leaves {budget} tokens")
+            raise InvalidRequest(f"The shortest JSON document that the response format allows takes {len(plan)} "
+                                 f"tokens, but {limit}: raise max_tokens to at least {len(plan)}.",
+                                 param="max_tokens")
+        return Prepared(prompt, grammar, self._sampling(turn, closing), think, pixels, closing, plan)
+
+    def _sampling(self, turn: Turn, closing: Closing | None) -> SamplingParams:
+        """The turn's sampling parameters, the DRY penalty resolved: unless the request set it, the engine's for
+        a JSON answer (it applies inside that answer only: function calls and code repeat themselves for good
+        reasons), none otherwise. vLLM has no DRY sampler: a request that asks for it there is a 400."""
+        params = turn.params
+        if params.dry_multiplier is None:
+            on = closing is not None and not isinstance(self.model, VllmModel)
+            return replace(params, dry_multiplier=self.dry_multiplier if on else 0.0)
+        if params.dry_multiplier > 0 and isinstance(self.model, VllmModel):
+            raise InvalidRequest("the vLLM engine has no DRY repetition penalty: leave out dry_multiplier (or send 0)",
+                                 param="dry_multiplier")
+        return params
+
+    def _closing(self, turn: Turn, grammar: Grammar | None, think: ThinkBlock | None, allow_code: bool,
+                 must_code: bool) -> Closing | None:
+        """How to close the turn's JSON answer at the budget; None when the answer is free text or cannot come
+        (function calls and code are never closed: nobody should run cut arguments or code). Nor is a turn that
+        starts with a think block: its grammar's thought lexeme has a token limit, and then llguidance cannot
+        roll back, which the search needs."""
+        if (grammar is None or turn.format.type == "text" or must_code or not turn.tools.answer_allowed
+                or think is not None):
+            return None
+        keys, texts = schema_hints(turn.format.schema)
+        return Closing(self.model.lltokenizer, self._vocabulary, keys, texts,
+                       answer_only=not allow_code and not turn.tools.active)
+
+    def _plan(self, grammar: Grammar, closing: Closing) -> tuple[int, ...] | None:
+        """A closing from the grammar's start: the shortest document, as far as the search sees (cached)."""
+        key = (grammar.key, closing)
+        if key not in self._plans:
+            found = shortest_close(grammar.matcher(), closing.scan(), closing, limit=self.model.n_ctx)
+            if len(self._plans) >= 256:
+                self._plans.clear()
+            self._plans[key] = tuple(found) if found is not None else None
+        return self._plans[key]
+
+    @cached_property
+    def _vocabulary(self) -> Vocabulary:
+        return Vocabulary.of(self.model.lltokenizer)
 
     async def prepare_async(self, turn: Turn, allow_code: bool = False, must_code: bool = False,
                             continuing: bool = False) -> Prepared:
@@ -151,7 +209,7 @@ class Engine:
         self._preparing += 1
         try:
             return await asyncio.get_running_loop().run_in_executor(self._prepare_pool, self.prepare, turn,
-                                                                    allow_code, must_code)
+                                                                    allow_code, must_code, continuing)
         finally:
             self._preparing -= 1
 
@@ -226,11 +284,13 @@ class Engine:
         return 0 if self._runner is None else self._runner.waiting()
 
     def close(self) -> None:
-        """Stop the runner's thread; a later turn starts a new one."""
+        """End every live and queued turn (ServerShuttingDown, a 503) and stop the runner's thread; a later turn
+        starts a new one. The lock is held until the old thread has exited, so that a new runner never drives
+        the model beside it (two threads on one llama.cpp context)."""
         with self._runner_lock:
             runner, self._runner = self._runner, None
-        if runner is not None:
-            runner.close()
+            if runner is not None:
+                runner.close()
 
     def shutdown(self) -> None:
         """Close, and stop the vLLM server launched for the model, if any: the engine is done."""
@@ -242,7 +302,7 @@ class Engine:
     def _state(self, prepared: Prepared) -> SequenceState:
         """A turn's own decoding state (a fresh grammar matcher), for the batch loop or the vLLM replay."""
         return SequenceState(len(prepared.prompt), self.model.n_ctx, prepared.params, self._matcher(prepared),
-                             self.model.eog_tokens, self.model.token_bytes)
+                             self.model.eog_tokens, self.model.token_bytes, prepared.closing, prepared.plan)
 
     @staticmethod
     def _matcher(prepared: Prepared) -> LLMatcher | None:
@@ -250,4 +310,4 @@ class Engine:
 
     def _decode(self, prepared: Prepared, cancelled: Callable[[], bool]) -> Iterator[Event]:
         return decode(cast(Model, self.model), prepared.prompt, prepared.params, self._matcher(prepared), cancelled,
-                      prepared.pixels)
+                      prepared.pixels, prepared.closing, prepared.plan)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from smolrun.engine import Engine, Prepared
+from smolrun.errors import InvalidRequest
 from smolrun.prompt.profiles import CodeFormat
 from smolrun.prompt.tools import OPEN as TOOL_OPEN
 from smolrun.prompt.tools import CallReader
@@ -241,7 +242,14 @@ async def prepare_first(spec: RunSpec, engine: Engine) -> Prepared:
     """The loop's first model turn, prepared: a route prepares and admits it before its response starts, so
     that its 400s and 429s are HTTP statuses (see `run`'s `first`)."""
     turn = Turn(tuple(_conversation(spec, engine)), spec.format, spec.params, spec.tools, spec.reasoning)
-    return await engine.prepare_async(turn, *_code_mode(spec, 0))
+    try:
+        return await engine.prepare_async(turn, *_code_mode(spec, 0))
+    except InvalidRequest as exc:
+        if exc.param != "max_tokens":
+            raise
+        # The Responses API names the budget max_output_tokens.
+        raise type(exc)(exc.message.replace("max_tokens", "max_output_tokens"), param="max_output_tokens",
+                        code=exc.code) from exc
 
 
 def _code_mode(spec: RunSpec, calls: int) -> tuple[bool, bool]:

@@ -123,6 +123,10 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     frequency_penalty: float = 0.0  # OpenAI semantics: minus penalty x count of each token generated so far
     presence_penalty: float = 0.0  # minus penalty once for each token generated so far
+    # The DRY repetition penalty (backends/repetition.py); None: the engine's default, on for JSON answers only.
+    dry_multiplier: float | None = None
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
 
 
 @dataclass(frozen=True)
@@ -178,6 +182,8 @@ class DecodeStats:
     mask_us: tuple[float, ...] = ()  # per sampled token, time to compute the grammar mask
     reasoning_tokens: int = 0  # of completion_tokens, those of the think block (its tags included)
     cached_tokens: int = 0  # of prompt_tokens, those the KV cache already held (prefix reuse)
+    closed: bool = False  # the JSON answer was closed at the token budget (finish_reason "length", yet valid)
+    close_us: tuple[float, ...] = ()  # each search for a closing (near the budget), in microseconds
 
 
 @dataclass(frozen=True)

@@ -3,19 +3,23 @@ in a batch, prompts are chunked, the prefix cache picks the best slot, a full ca
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+import numpy.typing as npt
 import pytest
 
 from smolrun.backends.base import Feed, reusable_prefix
 from smolrun.backends.batch import BatchEngine, BatchLoop, Job
 from smolrun.engine import Engine
-from smolrun.errors import GenerationFailed, QueueFull
+from smolrun.errors import SHUTTING_DOWN, GenerationFailed, QueueFull, ServerShuttingDown
 from smolrun.turn import Done, Event, Message, ResponseFormat, SamplingParams, TextDelta, Tool, ToolUse, Turn
-from tests.fakes import BatchByteModel
+from tests.fakes import EOS, BatchByteModel
 
 PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
           "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer"}}}
@@ -42,6 +46,9 @@ TURNS: dict[str, Turn] = {
     "cancelled": turn("cancel me", max_tokens=60, temperature=0),
     "grammar error": turn("break", ResponseFormat("json_schema", PERSON, strict=True), max_tokens=60,
                           temperature=0),
+    # A budget its random answer overruns: the document is closed at the budget, in a batch as alone.
+    "closed at the budget": turn("a person", ResponseFormat("json_schema", PERSON, strict=True), max_tokens=24,
+                                 seed=4, dry_multiplier=0.0),
 }
 
 
@@ -97,6 +104,9 @@ def test_a_batch_gives_each_request_exactly_what_it_gives_alone() -> None:
     assert alone["cancelled"].events[-1][:2] == ("done", "cancelled")
     assert alone["grammar error"].error is not None and "grammar" in alone["grammar error"].error
     assert alone["short budget"].events[-1][:2] == ("done", "length")
+    closed = alone["closed at the budget"].events
+    assert "".join(e[1] for e in closed if e[0] == "text") == '{"name":"p턮N","age":0}'
+    assert closed[-1][:4] == ("done", "length", closed[-1][2], 24)
 
     engine = Engine(BatchByteModel(n_seq=4))
     model = engine.model
@@ -324,3 +334,150 @@ def test_thinking_budgets_hold_in_a_batch_as_alone() -> None:
     for budget, r in zip((8, 20, 40), together, strict=False):
         tokens = [t for e in r.events if e[0] == "text" for t in e[2]]  # type: ignore[union-attr]
         assert tokens[0] == THINK and tokens.index(UNTHINK) + 1 == budget  # the block, tags included, at its budget
+
+
+class SinkGone(Exception):
+    """What a request's sink raises in these tests (its client's event loop closed, say)."""
+
+
+def _failing(calls: list[object]) -> Callable[[object], None]:
+    def sink(item: object) -> None:
+        calls.append(item)
+        raise SinkGone("the client's event loop is closed")
+    return sink
+
+
+def _errors(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str, str]]:
+    return [(r.name, r.getMessage(), repr(r.exc_info[1]) if r.exc_info else "") for r in caplog.records
+            if r.levelno >= logging.ERROR]
+
+
+SINK_FAILED = ("smolrun", "a request's event sink failed: the request is dropped",
+               "SinkGone(\"the client's event loop is closed\")")
+
+
+def test_a_sink_that_raises_ends_its_own_request_only(caplog: pytest.LogCaptureFixture) -> None:
+    engine = Engine(BatchByteModel(n_seq=2))
+    model = engine.model
+    loop = BatchLoop(model)  # type: ignore[arg-type]
+    calls: list[object] = []
+    loop.submit(engine.job(engine.prepare(TURNS["free greedy"]), _failing(calls), lambda: False))  # slot 0
+    other = Run()
+    loop.submit(make_job(engine, "schema", other))  # slot 1, in the same passes
+    steps = 0
+    while loop.busy and steps < 1000:
+        loop.step()
+        steps += 1
+    assert not loop.busy
+    assert len(calls) == 1 and isinstance(calls[0], list)  # its first events, then nothing: no error, no end
+    assert _errors(caplog) == [SINK_FAILED]  # logged once, with the exception
+    assert (loop.slots[0].job, loop.slots[0].tokens, model.kv[0], model.cells[0]) == (None, [], [], [])  # type: ignore[attr-defined]
+    assert other == run_alone("schema")  # the other request in the batch went on, untouched
+    later = Run()
+    loop.submit(make_job(engine, "free greedy", later))
+    while loop.busy and steps < 2000:
+        loop.step()
+        steps += 1
+    assert later == run_alone("free greedy")  # and so does a later one
+
+
+def _until(done: Callable[[], bool], seconds: float = 10) -> bool:
+    deadline = time.monotonic() + seconds
+    while not done() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return done()
+
+
+def test_a_sink_that_raises_leaves_the_engine_thread_serving(caplog: pytest.LogCaptureFixture) -> None:
+    engine = Engine(BatchByteModel(n_seq=2))
+    runner = BatchEngine(engine.model, max_queue=4)  # type: ignore[arg-type]
+    calls: list[object] = []
+    runner.submit(engine.job(engine.prepare(TURNS["free greedy"]), _failing(calls), lambda: False))
+    beside, later = Run(), Run()
+    runner.submit(make_job(engine, "schema", beside))
+    assert _until(lambda: beside.ended or beside.error is not None)
+    runner.submit(make_job(engine, "penalties", later))
+    assert _until(lambda: later.ended or later.error is not None)
+    runner.close()
+    assert len(calls) == 1 and _errors(caplog) == [SINK_FAILED]
+    assert (beside, later) == (run_alone("schema"), run_alone("penalties"))
+
+
+class Endless(BatchByteModel):
+    """Never ends on its own (EOS banned), 5 ms a pass: a request is still decoding when close() comes."""
+
+    def decode(self, feeds: Sequence[Feed]) -> list[npt.NDArray[np.float32]]:
+        time.sleep(0.005)
+        return super().decode(feeds)
+
+    def _logits(self, history: list[int]) -> npt.NDArray[np.float32]:
+        logits = super()._logits(history)
+        logits[EOS] = -np.inf
+        return logits
+
+
+async def _outcome(events: AsyncIterator[Event]) -> tuple[int, tuple[str, int, str] | None]:
+    """How many events a stream gave, and the error it ended with."""
+    count = 0
+    try:
+        async for _ in events:
+            count += 1
+    except ServerShuttingDown as exc:
+        return count, (type(exc).__name__, exc.status, exc.message)
+    return count, None
+
+
+def test_close_ends_the_live_and_the_queued_request_and_stops_the_thread() -> None:
+    engine = Engine(Endless(n_seq=1))
+    prepared = engine.prepare(turn("go on", max_tokens=4000, temperature=0))
+
+    async def scenario() -> tuple[list[tuple[int, tuple[str, int, str] | None]], int, bool]:
+        live, queued = engine.stream(prepared), engine.stream(prepared)
+        await asyncio.wait_for(live.__anext__(), 10)  # decoding: it holds the only sequence ...
+        waiting = engine.waiting()  # ... and the other waits for it
+        runner = engine._runner
+        assert isinstance(runner, BatchEngine)
+        await asyncio.to_thread(engine.close)
+        alive = runner._thread.is_alive()
+        ends = [await asyncio.wait_for(_outcome(s), 10) for s in (live, queued)]
+        return ends, waiting, alive
+
+    ends, waiting, alive = asyncio.run(scenario())
+    error = ("ServerShuttingDown", 503, "the server is shutting down: the request was not finished")
+    assert error[2] == SHUTTING_DOWN
+    assert (waiting, alive) == (1, False)
+    assert ends[0][1] == error and ends[0][0] < 4000  # the live one, cut short
+    assert ends[1] == (0, error)  # the queued one, never started
+
+
+def test_close_waits_for_the_thread_before_another_runner_starts() -> None:
+    """A forward pass outlasting close()'s wait must not leave its thread running beside a new one (two threads
+    on one llama.cpp context): a later turn starts its runner once the old thread has exited."""
+    in_pass, release = threading.Event(), threading.Event()
+
+    class Held(Endless):
+        def decode(self, feeds: Sequence[Feed]) -> list[npt.NDArray[np.float32]]:
+            if self.passes:  # the request is decoding: hold this pass (1 s at most)
+                in_pass.set()
+                release.wait(1)
+            return super().decode(feeds)
+
+    engine = Engine(Held(n_seq=1))
+    old = list(engine.generate(engine.prepare(turn("warm", max_tokens=1, temperature=0))))  # starts the runner
+    assert isinstance(old[-1], Done)
+    first = engine._runner
+    assert isinstance(first, BatchEngine)
+    live = engine.generate(engine.prepare(turn("go on", max_tokens=4000, temperature=0)))
+    assert in_pass.wait(10)
+    closer = threading.Thread(target=engine.close)
+    closer.start()
+    assert _until(lambda: engine._runner is None)  # close() has begun: the old thread is still in its pass
+    later = engine.generate(engine.prepare(turn("later", max_tokens=3, temperature=0)))  # a new runner
+    old_alive = first._thread.is_alive()
+    release.set()
+    closer.join(10)
+    assert not old_alive  # the new runner started only once the old thread had exited
+    with pytest.raises(ServerShuttingDown):
+        list(live)
+    assert isinstance(list(later)[-1], Done)  # and it serves
+    engine.close()

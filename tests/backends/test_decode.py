@@ -1,11 +1,14 @@
-"""The decode loop's text handling: stop sequences, UTF-8 across tokens, penalties, context budget."""
+"""The decode loop: stop sequences, UTF-8 across tokens, penalties, the repetition breaker, context budget, and a JSON
+answer closed within its budget."""
 
+import numpy as np
 import pytest
 
 from smolrun.backends.decode import decode, token_budget
-from smolrun.errors import ContextLengthExceeded
-from smolrun.turn import Done, SamplingParams, TextDelta
-from tests.fakes import ByteModel
+from smolrun.engine import Engine
+from smolrun.errors import ContextLengthExceeded, InvalidRequest
+from smolrun.turn import NO_TOOLS, Done, Message, ResponseFormat, SamplingParams, TextDelta, Tool, ToolUse, Turn
+from tests.fakes import EOS, ByteModel
 
 
 def generate(model: ByteModel, **params: object) -> tuple[list[str], Done]:
@@ -65,3 +68,80 @@ def test_token_budget() -> None:
         token_budget(100, 30, 71)
     with pytest.raises(ContextLengthExceeded):
         token_budget(100, 100, None)
+
+
+class Looper(ByteModel):
+    """Once in a string, writes "la " forever; its second choice is the closing quote, then "}", then EOS."""
+
+    def _logits(self):  # type: ignore[no-untyped-def]
+        text = b"".join(bytes(c) for c in self.calls[1:])
+        run = text[text.rfind(b'"') + 1:]
+        logits = np.full(self.n_vocab, -10.0, dtype=np.float32)
+        logits[b"la "[len(run) % 3]] = 10.0
+        logits[ord('"')], logits[ord("}")], logits[EOS] = 8.0, 7.0, 6.0
+        return logits
+
+
+NAME = ResponseFormat("json_schema", {"type": "object", "properties": {"name": {"type": "string"}},
+                                      "required": ["name"], "additionalProperties": False}, "name", True)
+
+
+def answer(fmt: ResponseFormat, tools: ToolUse = NO_TOOLS, **params: object) -> tuple[str, Done]:
+    engine = Engine(Looper())
+    turn = Turn((Message("user", "a name"),), fmt, SamplingParams(temperature=0, **params), tools)  # type: ignore[arg-type]
+    events = list(engine.generate(engine.prepare(turn)))
+    done = events[-1]
+    assert isinstance(done, Done)
+    return "".join(e.text for e in events if isinstance(e, TextDelta)), done
+
+
+def test_the_repetition_breaker_ends_a_loop_inside_a_string() -> None:
+    text, done = answer(NAME, max_tokens=400)  # the breaker is on by default for JSON
+    assert (text, done.finish_reason, done.stats.closed) == ('{"name":"la la l"}', "stop", False)
+    text, done = answer(NAME, max_tokens=40, dry_multiplier=0.0)
+    assert text == '{"name":"la la la la la la la la la la"}'  # looped to the budget, then closed there
+    assert (done.finish_reason, done.stats.closed, done.stats.completion_tokens) == ("length", True, 40)
+
+
+def test_past_a_quarter_of_the_budget_the_lean_ends_the_value() -> None:
+    # The DRY penalty kept out of reach: the lean alone. After 10 of the 40 tokens the closing quote (logit 8,
+    # the loop's 10) gains 50 * (used - 0.25) / 0.75: 3.3 at the 12th token, where it wins.
+    text, done = answer(NAME, max_tokens=40, dry_allowed_length=64)
+    assert (text, done.finish_reason, done.stats.closed) == ('{"name":"la "}', "stop", False)
+    text, done = answer(NAME, max_tokens=80, dry_allowed_length=64)  # 20 tokens free, 2.5 at the 24th
+    assert (text, done.finish_reason) == ('{"name":"la la la la la"}', "stop")
+
+
+def test_free_text_loops_without_the_breaker_unless_asked() -> None:
+    text, done = answer(ResponseFormat(), max_tokens=12)
+    assert (text, done.finish_reason) == ("la la la la ", "length")
+    text, _ = answer(ResponseFormat(), max_tokens=12, dry_multiplier=0.8)
+    assert text == 'la la l"la l'  # the breaker moved it to its second choice
+
+
+def test_a_cut_closes_the_document_with_what_the_schema_requires() -> None:
+    fmt = ResponseFormat("json_schema", {"type": "object", "required": ["name", "tags"], "properties": {
+        "name": {"type": "string"}, "tags": {"type": "array", "items": {"type": "string", "minLength": 2},
+                                             "minItems": 2}}}, "x", False)
+    text, done = answer(fmt, max_tokens=33, dry_multiplier=0.0)
+    assert (text, done.finish_reason, done.stats.closed) == ('{"name":"la ","tags":["aa","aa"]}', "length", True)
+    assert done.stats.completion_tokens == 33
+
+
+def test_a_budget_below_the_shortest_document_is_refused_naming_it() -> None:
+    fmt = ResponseFormat("json_schema", {"type": "array", "items": {"type": "integer"}, "minItems": 20}, "x", False)
+    with pytest.raises(InvalidRequest) as refused:
+        answer(fmt, max_tokens=40)
+    assert refused.value.param == "max_tokens"
+    assert refused.value.message == ("The shortest JSON document that the response format allows takes 41 tokens, "
+                                     "but max_tokens is 40: raise max_tokens to at least 41.")
+    text, done = answer(fmt, max_tokens=41)
+    assert (text, done.finish_reason) == ("[" + ",".join(["0"] * 20) + "]", "length")
+
+
+def test_function_call_arguments_are_never_closed() -> None:
+    tools = ToolUse((Tool("lookup", {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"],
+                                     "additionalProperties": False}, strict=True),), choice="required")
+    text, done = answer(NAME, tools, max_tokens=60, dry_multiplier=0.0)
+    assert text == '<tool_call>\n{"name":"lookup","arguments":{"q":"la la la la l'  # cut, as without closing
+    assert (done.finish_reason, done.stats.closed) == ("length", False)

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from smolrun import media
-from smolrun.api.chat import cancel_on_disconnect
+from smolrun.api.chat import CLIENT_CLOSED, unless_disconnected
 from smolrun.api.pages import page
 from smolrun.api.responses_wire import (
     INCLUDE_OUTPUTS,
@@ -110,7 +110,7 @@ class _Call:
 
 
 @router.post("/v1/responses", response_model=None)
-async def create_response(body: ResponsesRequest, request: Request) -> JSONResponse | StreamingResponse:
+async def create_response(body: ResponsesRequest, request: Request) -> Response:
     state = get_state(request)
     pictures = body.has_pictures() or await asyncio.to_thread(_auto_needs_eyes, state, body)
     engine = state.engine_for(body.model, pictures)
@@ -122,16 +122,18 @@ async def create_response(body: ResponsesRequest, request: Request) -> JSONRespo
     headers = warning_headers(first.grammar)
     if body.stream:
         return StreamingResponse(_sse(call, spec, first, admitted), media_type="text/event-stream", headers=headers)
+    final = await unless_disconnected(request, _final(call, spec, first, admitted), call.id)
+    return Response(status_code=CLIENT_CLOSED) if final is None else JSONResponse(final, headers=headers)
+
+
+async def _final(call: _Call, spec: RunSpec, first: Prepared, admitted: _Admitted) -> dict[str, Any]:
+    """The finished response of a non-streaming request."""
     final: dict[str, Any] | None = None
-    watcher = asyncio.create_task(cancel_on_disconnect(request, asyncio.current_task()))
-    try:
-        async for event in _run(call, spec, first, admitted):
-            if event["type"] in ("response.completed", "response.incomplete"):
-                final = event["response"]
-    finally:
-        watcher.cancel()
+    async for event in _run(call, spec, first, admitted):
+        if event["type"] in ("response.completed", "response.incomplete"):
+            final = event["response"]
     assert final is not None
-    return JSONResponse(final, headers=headers)
+    return final
 
 
 async def _plan(state: AppState, body: ResponsesRequest, engine: Engine) -> _Plan:
@@ -174,7 +176,7 @@ async def _plan(state: AppState, body: ResponsesRequest, engine: Engine) -> _Pla
                 await state.containers.call(state.containers.add_file, container_id, meta["filename"], data)
     system = [Message("system", body.instructions)] if body.instructions else []
     params = sampling(body.max_output_tokens, body.temperature, body.top_p, body.frequency_penalty,
-                      body.presence_penalty)
+                      body.presence_penalty, dry=body)
     max_calls = DEFAULT_MAX_TOOL_CALLS if body.max_tool_calls is None else body.max_tool_calls
     spec = RunSpec(tuple(system + history + messages), fmt, params, code is not None, max_calls, tools,
                    reasoning, code_required=code is not None and code.required)

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import Field, TypeAdapter, ValidationError
 
 from smolrun import media
-from smolrun.api.wire import MAX_MESSAGES, NAME, WireModel, choose_tools, refuse_null, wire_param
+from smolrun.api.wire import MAX_MESSAGES, NAME, DryFields, WireModel, choose_tools, refuse_null, wire_param
 from smolrun.constraints import check_schema
 from smolrun.errors import InvalidRequest, SchemaError
 from smolrun.prompt.profiles import FENCE, CodeFormat
@@ -87,7 +87,7 @@ def checked(adapter: TypeAdapter[T], value: Any, param: str, expected: str | Non
 ROLES: dict[str, Role] = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
 
 
-class ResponsesRequest(WireModel):
+class ResponsesRequest(DryFields):
     model: str
     input: str | Annotated[list[dict[str, Any]], Field(max_length=MAX_MESSAGES)]
     instructions: str | None = None
@@ -106,7 +106,7 @@ class ResponsesRequest(WireModel):
     parallel_tool_calls: bool | None = None
     reasoning: dict[str, Any] | None = None  # {"effort", "summary"}; no effect on models that do not think
     # Extensions (send with the SDK's extra_body): Chat Completions' penalties, which help tiny models end,
-    # and vLLM's thinking budget.
+    # vLLM's thinking budget, and the DRY penalty (DryFields).
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     thinking_token_budget: int | None = Field(default=None, ge=1)

@@ -34,13 +34,19 @@ _UNION_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
 
 def sampling(max_tokens: int | None, temperature: float | None, top_p: float | None,
              frequency_penalty: float | None, presence_penalty: float | None, *, top_k: int | None = None,
-             seed: int | None = None, stop: tuple[str, ...] = ()) -> SamplingParams:
+             seed: int | None = None, stop: tuple[str, ...] = (), dry: DryFields | None = None) -> SamplingParams:
     """Sampling parameters as both APIs take them: None is OpenAI's default (temperature 1, top_p 1, no
-    penalties, no top-k cut); a seed anywhere in OpenAI's int64 range (the engines take non-negative ones)."""
-    return SamplingParams(max_tokens=max_tokens, temperature=1.0 if temperature is None else temperature,
-                          top_p=1.0 if top_p is None else top_p, top_k=top_k or 0,
-                          seed=None if seed is None else seed % 2**63, stop=stop,
-                          frequency_penalty=frequency_penalty or 0.0, presence_penalty=presence_penalty or 0.0)
+    penalties, no top-k cut); a seed anywhere in OpenAI's int64 range (the engines take non-negative ones);
+    the DRY penalty's fields where the request set them (else the server's)."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=1.0 if temperature is None else temperature,
+                            top_p=1.0 if top_p is None else top_p, top_k=top_k or 0,
+                            seed=None if seed is None else seed % 2**63, stop=stop,
+                            frequency_penalty=frequency_penalty or 0.0, presence_penalty=presence_penalty or 0.0)
+    if dry is None:
+        return params
+    return replace(params, dry_multiplier=dry.dry_multiplier,
+                   dry_base=params.dry_base if dry.dry_base is None else dry.dry_base,
+                   dry_allowed_length=dry.dry_allowed_length or params.dry_allowed_length)
 
 
 def choose_tools(choice: str | None, named: str | None, functions: Collection[str]) -> str:
@@ -76,6 +82,17 @@ class WireModel(BaseModel):
     # is a value once parsed: nothing along the way changes it. Types are strict, as OpenAI checks them: `true` is
     # no number, "123" no integer (an integer is a number, though).
     model_config = ConfigDict(extra="allow", frozen=True, strict=True)
+
+
+class DryFields(WireModel):
+    """Extension of both APIs (the names are llama.cpp server's; OpenAI's SDK sends them through `extra_body`):
+    the DRY repetition penalty, which ends the loops a small model falls into inside a JSON string. Left out,
+    the server's default holds: on inside JSON answers (`smolrun serve --dry-multiplier`), off for free text,
+    function calls and code. `dry_multiplier` 0 turns it off."""
+
+    dry_multiplier: float | None = Field(default=None, ge=0, le=10)
+    dry_base: float | None = Field(default=None, ge=1, le=4)
+    dry_allowed_length: int | None = Field(default=None, ge=1, le=64)
 
 
 def refuse_null(*fields: str) -> Any:
@@ -190,7 +207,7 @@ class StreamOptions(WireModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(WireModel):
+class ChatCompletionRequest(DryFields):
     model: str
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     response_format: AnyFormat | None = None
@@ -226,7 +243,7 @@ class ChatCompletionRequest(WireModel):
             raise InvalidRequest("'stop' accepts at most 4 sequences", param="stop")
         params = sampling(self.max_completion_tokens or self.max_tokens, self.temperature, self.top_p,
                           self.frequency_penalty, self.presence_penalty, top_k=self.top_k, seed=self.seed,
-                          stop=stop)
+                          stop=stop, dry=self)
         messages = tuple(_message(m, i, files) for i, m in enumerate(self.messages))
         functions = _tools(self.tools or [])
         choice = self.tool_choice

@@ -12,6 +12,8 @@ from llguidance import LLMatcher
 from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
 
 from smolrun.backends.base import Model, Pixels
+from smolrun.backends.closing import Closer, Closing
+from smolrun.backends.repetition import Dry
 from smolrun.backends.sampling import Bitmask, sample
 from smolrun.errors import ContextLengthExceeded, GenerationFailed
 from smolrun.turn import DecodeStats, Done, Event, FinishReason, SamplingParams, TextDelta
@@ -23,12 +25,15 @@ def never() -> bool:
 
 class SequenceState:
     """One request's decoding, as a value the loop drives: sampler and RNG, grammar, penalties, stop sequences,
-    budget. Both loops use it: `decode` over a model with one sequence, and the batch step over many
-    (backends/batch.py), so a request decodes the same alone or in a batch. The loop owns the model.
+    budget, and the closing of a JSON answer at that budget (`closing`; `plan` is a closing from the grammar's
+    start, found when the request was admitted). Both loops use it: `decode` over a model with one sequence,
+    and the batch step over many (backends/batch.py), so a request decodes the same alone or in a batch. The
+    loop owns the model.
     """
 
     def __init__(self, prompt_tokens: int, n_ctx: int, params: SamplingParams, matcher: LLMatcher | None,
-                 eog_tokens: frozenset[int], token_bytes: Callable[[int], bytes]) -> None:
+                 eog_tokens: frozenset[int], token_bytes: Callable[[int], bytes], closing: Closing | None = None,
+                 plan: tuple[int, ...] | None = None) -> None:
         self.budget = token_budget(n_ctx, prompt_tokens, params.max_tokens)
         self.params = params
         self.matcher = matcher
@@ -39,6 +44,9 @@ class SequenceState:
         self.rng = np.random.default_rng(params.seed)
         self.text = _TextStream(params.stop)
         self.penalties = _Penalties(params.frequency_penalty, params.presence_penalty)
+        self.dry = Dry(params.dry_multiplier or 0.0, params.dry_base, params.dry_allowed_length, token_bytes)
+        self.closer = Closer(matcher, closing, plan) if matcher is not None and closing is not None else None
+        self.closed = False  # the answer was closed at the budget
         self.generated = self.forced = self.passes = 0
         self.mask_us: list[float] = []
         self.unsent: list[int] = []  # tokens whose text is not yet out (held back for stop sequences or UTF-8)
@@ -64,7 +72,15 @@ class SequenceState:
         self._pass()
         if self.matcher is not None:
             _check(self.matcher)
+        if self.closer is not None and (closing := self.closer.before(self.budget - self.generated)) is not None:
+            return self._close(closing)
         self.penalties.apply(logits)
+        if self.closer is None:
+            self.dry.apply(logits)
+        elif self.closer.scan.phase == "json":  # with a JSON answer, inside it only
+            self.dry.apply(logits)
+            if self.dry.on:
+                self.closer.lean(logits, self.budget - self.generated, self.budget)
         token = sample(logits, bitmask if self.matcher is not None else None, self.params, self.rng)
         return self._advance(token, fast_forward=True)
 
@@ -98,15 +114,31 @@ class SequenceState:
             if ff:
                 _consume(matcher, ff)
                 batch += ff
-                self.forced += len(ff)
+            if fast_forward and self.closer is not None:
+                kept = self.closer.after(batch, self.budget - self.generated - len(batch))
+                if kept is not batch:
+                    return self._close(kept)
+            self.forced += len(ff)
+        return self._emit(batch)
+
+    def _close(self, closing: list[int]) -> list[int]:
+        """Write the closing of the answer (already consumed by the grammar) and end: the budget is spent."""
+        self.closed = True
+        return self._emit(closing, closed=True)
+
+    def _emit(self, batch: list[int], closed: bool = False) -> list[int]:
+        matcher = self.matcher
         self.generated += len(batch)
         self.penalties.add(batch)
+        self.dry.add(batch)
         self.unsent += batch
         delta, stopped = self.text.push(b"".join(self.token_bytes(t) for t in batch))
         if delta:
             self.events.append(TextDelta(delta, tuple(self.unsent)))
             self.unsent = []
-        if stopped or (matcher is not None and matcher.is_stopped()):
+        if closed:
+            self.finish("length")
+        elif stopped or (matcher is not None and matcher.is_stopped()):
             self.finish("stop")
         elif self.generated >= self.budget:
             self.finish("length")
@@ -131,6 +163,8 @@ class SequenceState:
             decode_s=now - prefilled,
             mask_us=tuple(self.mask_us),
             cached_tokens=self.cached_tokens,
+            closed=self.closed,
+            close_us=tuple(self.closer.search_us) if self.closer is not None else (),
         )))
 
     def take(self) -> list[Event]:
@@ -145,14 +179,17 @@ def decode(
     matcher: LLMatcher | None = None,
     cancelled: Callable[[], bool] = never,
     pixels: Sequence[Pixels] = (),
+    closing: Closing | None = None,
+    plan: tuple[int, ...] | None = None,
 ) -> Iterator[Event]:
     """Generate from `prompt` on a model with one sequence, yielding text deltas then one Done.
 
     With a matcher every token is allowed by the grammar; tokens the grammar forces are appended to the
     next forward pass together (fast-forward). A matcher error raises GenerationFailed: an answer is never
-    silently cut short.
+    silently cut short. With `closing`, a JSON answer is closed within the budget (see SequenceState).
     """
-    state = SequenceState(len(prompt), model.n_ctx, params, matcher, model.eog_tokens, model.token_bytes)
+    state = SequenceState(len(prompt), model.n_ctx, params, matcher, model.eog_tokens, model.token_bytes, closing,
+                          plan)
     bitmask = allocate_token_bitmask(1, model.lltokenizer.vocab_size) if matcher is not None else None
     logits = model.prefill(prompt, reuse=params.seed is None, pixels=pixels)  # seeded runs must repeat exactly
     state.cached_tokens = model.reused

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+# An unknown format stays visible in the compiled schema under this key (llguidance ignores "x-" keys), so
+# that the grammar built from it can say which formats it did not enforce.
+IGNORED_FORMAT = "x-smolrun-ignored-format"
+
 # Formats llguidance 1.9 enforces itself.
 FORMATS = frozenset({"date-time", "time", "date", "duration", "email", "hostname", "ipv4", "ipv6", "uuid", "uri"})
 

@@ -7,8 +7,9 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
+from smolrun.constraints.drafts import Unsupported
 from smolrun.constraints.formats import FORMATS, STRICT_FORMATS
-from smolrun.constraints.rewrite import Unsupported, rewrite
+from smolrun.constraints.rewrite import rewrite
 from smolrun.errors import SchemaError
 
 Path = tuple[str, ...]
