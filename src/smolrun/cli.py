@@ -139,11 +139,19 @@ def serve(**options: Any) -> None:
     reason = unavailable_reason(default_config())
     click.echo(f"code execution: {'ready' if reason is None else 'unavailable, ' + reason}\n", err=True)
     try:
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", log_config=_log_config())
     finally:
         for served in (engine, vision):
             if served is not None:
                 served.shutdown()
+
+
+def _log_config() -> dict[str, Any]:
+    """uvicorn's logging, with smolrun's loggers (the per-request lines among them) beside its own."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    smolrun = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    return {**LOGGING_CONFIG, "loggers": {**LOGGING_CONFIG["loggers"], "smolrun": smolrun}}
 
 
 def _banner(settings: Settings, model: str) -> str:

@@ -283,6 +283,17 @@ class Engine:
         """Turns waiting for the model (not yet decoding)."""
         return 0 if self._runner is None else self._runner.waiting()
 
+    def running(self) -> int:
+        """Turns being decoded."""
+        return 0 if self._runner is None else self._runner.running()
+
+    def kv_cells(self) -> tuple[int, int] | None:
+        """KV cells in use and in all, on a model that batches (its sequences share one cache); else None."""
+        if not self.batches:
+            return None
+        runner = self._runner
+        return (runner.kv_used() if isinstance(runner, BatchEngine) else 0), self.model.n_ctx
+
     def close(self) -> None:
         """End every live and queued turn (ServerShuttingDown, a 503) and stop the runner's thread; a later turn
         starts a new one. The lock is held until the old thread has exited, so that a new runner never drives

@@ -105,6 +105,7 @@ class Scheduler:
     _thread: threading.Thread = field(init=False)
     _closing: threading.Event = field(init=False, default_factory=threading.Event)
     _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
+    _serving: bool = field(init=False, default=False)  # a turn is being generated
 
     def __post_init__(self) -> None:
         self._jobs = queue.Queue()  # bounded by submit, so that a continuing turn is never refused
@@ -123,7 +124,9 @@ class Scheduler:
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
+            self._serving = True
             self._serve(job)
+            self._serving = False
 
     def _serve(self, job: _Job) -> None:
         if self._closing.is_set():  # queued when close() came: it hears why it will not run
@@ -150,6 +153,10 @@ class Scheduler:
     def waiting(self) -> int:
         """Turns queued behind the one being generated."""
         return self._jobs.qsize()
+
+    def running(self) -> int:
+        """1 while a turn is being generated."""
+        return int(self._serving)
 
     def close(self) -> None:
         """End the running turn (at its next token) and every queued one with ServerShuttingDown, and return

@@ -188,14 +188,18 @@ def test_a_non_streamed_client_that_leaves_is_one_info_line(make_server, caplog,
         assert _short(server, model) == alone  # the next request runs, alone: the left one had stopped
         assert model.steps - 2 * alone < 100  # well before its 400 tokens
         deadline = time.monotonic() + 10
-        while not caplog.records and time.monotonic() < deadline:
+        while len(caplog.records) < 4 and time.monotonic() < deadline:  # the cancellation, 3 request lines
             time.sleep(0.01)
     finally:
         uvicorn_errors.removeHandler(caplog.handler)
-    lines = [(r.name, r.levelname, r.getMessage()) for r in caplog.records]
+    lines = [(r.name, r.levelname, r.getMessage()) for r in caplog.records if r.name != "smolrun.requests"]
     prefix = "chatcmpl-" if route == "chat/completions" else "resp_"
     assert len(lines) == 1 and lines[0][:2] == ("smolrun", "INFO"), lines  # no ERROR, no traceback
-    assert re.fullmatch(f"request {prefix}[0-9a-f]{{32}} cancelled: the client disconnected", lines[0][2])
+    found = re.fullmatch(f"request ({prefix}[0-9a-f]{{32}}) cancelled: the client disconnected", lines[0][2])
+    assert found is not None
+    requests = [r.getMessage() for r in caplog.records if r.name == "smolrun.requests"]
+    assert len(requests) == 3 and sum(f"id={found[1]} " in line for line in requests) == 1
+    assert [line.rsplit(" ", 1)[1] for line in requests if f"id={found[1]} " in line] == ["status=499"]
 
 
 def test_a_responses_client_that_leaves_its_stream_cancels_its_generation(make_server) -> None:  # type: ignore[no-untyped-def]

@@ -62,3 +62,12 @@ def test_all_down_is_engine_unavailable_naming_each(clock: list[float]) -> None:
 def test_no_url_is_refused() -> None:
     with pytest.raises(ValueError):
         Replicas([])
+
+
+def test_replicas_up_leaves_out_those_failed_until_their_retry(clock: list[float]) -> None:
+    replicas = Replicas(["http://a", "http://b"], retry_s=5.0)
+    assert replicas.up() == 2
+    replicas.failed(replicas.all[0], "ConnectError")
+    assert replicas.up() == 1
+    clock[0] += 5.0
+    assert replicas.up() == 2  # tried again from now on

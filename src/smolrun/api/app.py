@@ -11,7 +11,8 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -20,6 +21,7 @@ from smolrun.api.browser import BrowserGuard, BrowserPolicy
 from smolrun.api.chat import router as chat_router
 from smolrun.api.containers import router as containers_router
 from smolrun.api.files import router as files_router
+from smolrun.api.metrics import LiveGauges, Metrics, MetricsMiddleware
 from smolrun.api.playground import router as playground_router
 from smolrun.api.responses import router as responses_router
 from smolrun.api.state import AppState, get_state
@@ -118,6 +120,9 @@ def create_app(engine: Engine, settings: Settings, vision: Engine | None = None)
     for served in state.engines:
         served.max_queue = settings.max_queue  # before its first turn starts the runner
     created = int(time.time())
+    metrics = Metrics(tuple(served.name for served in state.engines))
+    metrics.registry.register(LiveGauges(state))
+    containers.on_exec = lambda result: metrics.exec.observe(result.duration_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -171,9 +176,11 @@ def create_app(engine: Engine, settings: Settings, vision: Engine | None = None)
 
     app.add_middleware(_BodyLimit, limit=settings.max_body_mb * 1024 * 1024)
     app.add_middleware(_UnexpectedErrors)  # outside the limit: an oversized body is the limit's to answer
-    # The outermost: a foreign Host or Origin is refused before any body is read.
+    # Outside the limit: a foreign Host or Origin is refused before any body is read.
     app.add_middleware(BrowserGuard, policy=BrowserPolicy.build(settings.host, settings.allowed_hosts,
                                                                 settings.allowed_origins))
+    # The outermost: refusals (403, 413) and bugs' 500s are counted too, as the client saw them.
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -183,6 +190,10 @@ def create_app(engine: Engine, settings: Settings, vision: Engine | None = None)
         # "capabilities" is smolrun's extension (clients ignore fields they do not know): the playground shows it.
         return {"id": served.name, "object": "model", "created": created, "owned_by": "smolrun",
                 "capabilities": {"vision": served.sees, "reasoning": served.profile.thinking is not None}}
+
+    @app.get("/metrics", dependencies=[Depends(check_api_key)], include_in_schema=False)
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", dependencies=[Depends(check_api_key)])
     async def list_models() -> dict[str, Any]:

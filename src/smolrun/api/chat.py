@@ -15,13 +15,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from smolrun import __version__
+from smolrun.api.metrics import Record, Watched, record_of
 from smolrun.api.state import get_state
 from smolrun.api.wire import ChatCompletionRequest
 from smolrun.constraints.grammar import warning_headers
 from smolrun.errors import GenerationFailed, SchemaError, client_error
 from smolrun.prompt.tools import OPEN as TOOL_OPEN
 from smolrun.prompt.tools import CallProgress, CallReader, read_calls
-from smolrun.scheduler import EventStream
 from smolrun.turn import DecodeStats, Done, ReasoningDelta, TextDelta, ToolCall
 
 router = APIRouter()
@@ -35,6 +35,8 @@ T = TypeVar("T")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     state = get_state(request)
     engine = state.engine_for(body.model, body.has_pictures())  # before reading pictures: 400s come cheap
+    record = record_of(request)
+    record.model = engine.name
     try:
         turn = await asyncio.to_thread(body.to_turn, state.file_bytes)
         turn = replace(turn, tools=replace(turn.tools, max_calls=state.settings.max_calls_per_turn))
@@ -45,12 +47,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         raise SchemaError(exc.message, param="response_format") from exc
     meta = _Meta(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), engine.name, bool(turn.tools.active),
                  prepared.think is not None)
+    record.id = meta.id
     headers = warning_headers(prepared.grammar)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_sse(engine.stream(prepared), meta, include_usage),
+        return StreamingResponse(_sse(record.watch(engine.stream(prepared)), meta, include_usage, record),
                                  media_type="text/event-stream", headers=headers)
-    result = await unless_disconnected(request, _complete(engine.stream(prepared), meta), meta.id)
+    events = record.watch(engine.stream(prepared))
+    result = await unless_disconnected(request, _complete(events, meta, record), meta.id)
     return Response(status_code=CLIENT_CLOSED) if result is None else JSONResponse(result, headers=headers)
 
 
@@ -81,7 +85,7 @@ def usage(stats: DecodeStats) -> dict[str, Any]:
     }
 
 
-async def _complete(events: EventStream, meta: _Meta) -> dict[str, Any]:
+async def _complete(events: Watched, meta: _Meta, record: Record) -> dict[str, Any]:
     parts: list[str] = []
     thoughts: list[str] = []
     done: Done | None = None
@@ -108,6 +112,7 @@ async def _complete(events: EventStream, meta: _Meta) -> dict[str, Any]:
         message["content"] = None
         message["tool_calls"] = [_wire_call(c) for c in calls.all]
         finish = "tool_calls" if finish == "stop" else finish
+    record.finish = finish
     choice = {"index": 0, "message": message, "finish_reason": finish, "logprobs": None}
     return {**meta.envelope("chat.completion"), "choices": [choice], "usage": usage(done.stats),
             "service_tier": "default"}
@@ -164,7 +169,7 @@ def _call_deltas(progress: list[CallProgress]) -> list[dict[str, Any]]:
     return deltas
 
 
-async def _sse(events: EventStream, meta: _Meta, include_usage: bool) -> AsyncIterator[str]:
+async def _sse(events: Watched, meta: _Meta, include_usage: bool, record: Record) -> AsyncIterator[str]:
     yield _data(_chunk(meta, {"role": "assistant", "content": "", "refusal": None}, None))
     calls: CallReader | None = None  # set when the turn is function calls
     first = True
@@ -186,11 +191,13 @@ async def _sse(events: EventStream, meta: _Meta, include_usage: bool) -> AsyncIt
             finish: str = event.finish_reason
             if calls is not None and finish == "stop":
                 finish = "tool_calls"
+            record.finish = finish
             yield _data(_chunk(meta, {}, finish))
             if include_usage:
                 yield _data({**meta.envelope("chat.completion.chunk"), "choices": [], "usage": usage(event.stats)})
     except Exception as exc:
         # Headers are sent: the SDK raises APIError on a data object with an "error" key.
+        record.finish = "error"
         yield _data(client_error(exc, "in a chat stream").to_dict())
     finally:
         await events.aclose()

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from smolrun import media
 from smolrun.api.chat import CLIENT_CLOSED, unless_disconnected
+from smolrun.api.metrics import Record, Watched, record_of
 from smolrun.api.pages import page
 from smolrun.api.responses_wire import (
     INCLUDE_OUTPUTS,
@@ -77,6 +78,7 @@ class _Call:
     request: ResponsesRequest
     engine: Engine
     plan: _Plan
+    record: Record  # for the metrics and the request's log line
     id: str = field(default_factory=lambda: f"resp_{uuid.uuid4().hex}")
     created_at: int = field(default_factory=lambda: int(time.time()))
     container_id: str | None = field(init=False)  # the plan's, until auto mode makes one at the first code call
@@ -114,11 +116,14 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
     state = get_state(request)
     pictures = body.has_pictures() or await asyncio.to_thread(_auto_needs_eyes, state, body)
     engine = state.engine_for(body.model, pictures)
-    call = _Call(state, body, engine, await _plan(state, body, engine))
+    record = record_of(request)
+    record.model = engine.name
+    call = _Call(state, body, engine, await _plan(state, body, engine), record)
+    record.id = call.id
     spec = call.plan.spec
     # The first model turn is prepared and admitted here, before any byte: its 400s and 429s are statuses.
     first = await prepare_first(spec, call.engine)
-    admitted = _Admitted(call.engine.stream(first), call.engine.stream)
+    admitted = _Admitted(record.watch(call.engine.stream(first)), call.engine.stream, record)
     headers = warning_headers(first.grammar)
     if body.stream:
         return StreamingResponse(_sse(call, spec, first, admitted), media_type="text/event-stream", headers=headers)
@@ -267,16 +272,18 @@ def _citations(call: _Call, text: str) -> list[dict[str, Any]]:
 
 
 class _Admitted:
-    """`Engine.stream` whose first turn was already admitted: its events come first."""
+    """`Engine.stream` whose first turn was already admitted: its events come first. Every turn's events pass
+    the request's record."""
 
-    def __init__(self, events: EventStream, stream: Callable[[Prepared, bool], EventStream]) -> None:
-        self.events: EventStream | None = events
+    def __init__(self, events: Watched, stream: Callable[[Prepared, bool], EventStream], record: Record) -> None:
+        self.events: Watched | None = events
         self.stream = stream
+        self.record = record
 
-    def __call__(self, prepared: Prepared) -> EventStream:
+    def __call__(self, prepared: Prepared) -> Watched:
         """The first turn's events, then each later turn's, admitted as continuing: never refused."""
         events, self.events = self.events, None
-        return events if events is not None else self.stream(prepared, True)
+        return events if events is not None else self.record.watch(self.stream(prepared, True))
 
 
 async def _run(call: _Call, spec: RunSpec, first: Prepared, generate: _Admitted) -> AsyncIterator[dict[str, Any]]:
@@ -322,6 +329,7 @@ async def _run(call: _Call, spec: RunSpec, first: Prepared, generate: _Admitted)
                 yield e
         elif isinstance(event, Finished):
             status = event.status
+            call.record.finish = status
             final = _response(call, status, output, _usage(event), event.incomplete_reason)
             await asyncio.to_thread(_save, call, spec, output, final)
             yield {"type": f"response.{status}", "response": final}
@@ -389,6 +397,7 @@ async def _sse(call: _Call, spec: RunSpec, first: Prepared, generate: _Admitted)
             yield _data({**event, "sequence_number": sequence})
             sequence += 1
     except Exception as exc:  # headers are sent: report in the stream, as OpenAI does
+        call.record.finish = "error"
         error = client_error(exc, "in a responses stream")
         yield _data({"type": "error", "code": error.code or error.type, "message": error.message,
                      "param": error.param, "sequence_number": sequence})

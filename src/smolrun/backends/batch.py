@@ -371,6 +371,15 @@ class BatchEngine:
         with self._lock:
             return self._waiting
 
+    def running(self) -> int:
+        """Requests in a sequence now, read from another thread (a gauge: a step may be changing them)."""
+        return sum(slot.job is not None for slot in self._loop.slots)
+
+    def kv_used(self) -> int:
+        """KV cells in use, shared ones once, read from another thread: each slot's cells are copied first (a
+        slice is one step under the GIL), so the loop's thread may change them meanwhile."""
+        return len({cell for cells in [slot.cells[:] for slot in self._loop.slots] for cell in cells})
+
     def _run(self) -> None:
         loop = self._loop
         while self._take(wait=not loop.busy):

@@ -80,6 +80,11 @@ class Replicas:
         self._next = (self._next + 1) % len(self.all)
         return min(up, key=lambda r: (r.outstanding, (self.all.index(r) - self._next) % len(self.all)))
 
+    def up(self) -> int:
+        """Replicas not left out after a failure."""
+        now = time.monotonic()
+        return sum(r.down_until <= now for r in self.all)
+
     def failed(self, replica: Replica, reason: str) -> None:
         replica.failures += 1
         replica.reason = reason
@@ -197,6 +202,10 @@ class VllmRunner:
     def waiting(self) -> int:
         with self._lock:
             return max(0, self._admitted - self._inflight)
+
+    def running(self) -> int:
+        with self._lock:
+            return self._inflight
 
     def close(self) -> None:
         """End every request in flight or waiting for a place with ServerShuttingDown (their upstream requests

@@ -43,6 +43,7 @@ class ContainerManager:
         kept = self._adopt_leftovers()
         sweep_orphans(config.root, kept, store.path)
         self._pool: WarmPool | None = WarmPool(config, size=warm) if warm > 0 else None
+        self.on_exec: Callable[[Execution], None] = lambda result: None  # each cell that ran (for metrics)
         self._closed = threading.Event()
         self._reaper = threading.Thread(target=self._reap_loop, name="smolrun-container-reaper", daemon=True)
         self._reaper.start()
@@ -142,6 +143,7 @@ class ContainerManager:
         """Run a cell; also the container files it created or changed, registered (path -> file object)."""
         container = self.live(container_id)
         result = container.run(code, timeout)
+        self.on_exec(result)
         self.records.touch(container_id, int(time.time()))
         self.sync_files(container_id)
         written: dict[str, dict[str, Any]] = {}
@@ -150,6 +152,15 @@ class ContainerManager:
             if file_id is not None:  # None: deleted again before the walk (a file the code removed at once)
                 written[f"/mnt/data/{rel}"] = self.file(container_id, file_id)
         return result, written
+
+    def active(self) -> int:
+        """Containers running now (those kept across a restart start again at their first use)."""
+        with self._lock:
+            return len(self._live)
+
+    def warm(self) -> int:
+        """Started containers waiting in the warm pool."""
+        return 0 if self._pool is None else self._pool.ready()
 
     def _stop(self, container_id: str) -> None:
         with self._lock:
