@@ -1,6 +1,7 @@
 """The contract on real-world schemas, with a model: a JSON Schema in the request, a valid document back.
 
-    python bench/contract.py [--threads 2] [--budgets 400,1200] [--limit N] [--out BENCHMARKS.md]
+    python bench/contract.py [--threads 2] [--parallel 8] [--budgets 400,1200] [--limit N] [--log FILE]
+                             [--out BENCHMARKS.md]
 
 Every schema of ../shared/data/jsonschemabench-sample (the section says so when it is absent) is sent as a
 non-strict json_schema format, as such schemas come, with the prompt "Produce one example JSON document for this
@@ -20,8 +21,10 @@ import sys
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from report import write_section
 from schemas import BENCH_DATA, ROOT, Compiled, compile_corpus, refusal_reason, validators
@@ -78,15 +81,22 @@ def answer(engine: Engine, item: Compiled, budget: int) -> Outcome:
     errors = [e.message for v in validators(item.schema) for e in v.iter_errors(document)]
     if errors:
         return Outcome("invalid", f"{errors[0][:120]} in {text[:160]!r}", done.stats.completion_tokens)
-    return Outcome("finished" if done.finish_reason == "stop" else "closed", "", done.stats.completion_tokens)
+    if done.finish_reason == "stop":
+        return Outcome("finished", "", done.stats.completion_tokens)
+    return Outcome("closed", text[-160:], done.stats.completion_tokens)
 
 
-def run(engine: Engine, corpus: list[Compiled], budget: int, workers: int) -> list[Outcome]:
+def run(engine: Engine, corpus: list[Compiled], budget: int, workers: int, log: IO[str] | None) -> list[Outcome]:
     compiled = [item for item in corpus if item.grammar is not None]
     out: list[Outcome] = []
     with ThreadPoolExecutor(workers) as pool:  # the batch engine decodes them together
-        for i, outcome in enumerate(pool.map(lambda item: answer(engine, item, budget), compiled)):
+        for i, (item, outcome) in enumerate(zip(compiled, pool.map(lambda item: answer(engine, item, budget),
+                                                                    compiled), strict=True)):
             out.append(outcome)
+            if log is not None:
+                log.write(json.dumps({"budget": budget, "schema": f"{item.subset}/{item.name}", "kind": outcome.kind,
+                                      "tokens": outcome.tokens, "detail": outcome.detail}) + "\n")
+                log.flush()
             print(f"  max_tokens {budget}: {i + 1}/{len(compiled)}", end="\r", file=sys.stderr)
     print(file=sys.stderr)
     return out
@@ -98,6 +108,8 @@ def main() -> None:
     parser.add_argument("--budgets", default="400,1200", help="max_tokens values, comma-separated")
     parser.add_argument("--limit", type=int, default=0, help="the first N schemas of each subset (0: all)")
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    parser.add_argument("--parallel", type=int, default=8, help="sequences decoded together")
+    parser.add_argument("--log", type=Path, help="also write every outcome here, one JSON object per line")
     args = parser.parse_args()
     if not BENCH_DATA.is_dir():
         write_section(args.out, "contract", f"## The contract on real-world schemas\n\n{BENCH_DATA} not found: "
@@ -109,13 +121,13 @@ def main() -> None:
     if args.limit:
         seen: Counter[str] = Counter()
         corpus = [c for c in corpus if (seen.update([c.subset]) or seen[c.subset] <= args.limit)]
-    engine = Engine.load(Settings(threads=args.threads))
-    workers = engine.model.n_seq if engine.batches else 1  # type: ignore[union-attr]
-    results = {budget: run(engine, corpus, budget, workers) for budget in budgets}
+    engine = Engine.load(Settings(threads=args.threads, parallel=args.parallel, n_ctx=16384))
+    with args.log.open("w") if args.log else nullcontext() as log:
+        results = {budget: run(engine, corpus, budget, args.parallel, log) for budget in budgets}
+    compiled_items = [c for c in corpus if c.grammar is not None]
 
     rows: dict[str, Row] = defaultdict(Row)
     refusals: Counter[str] = Counter()
-    compiled_items = [c for c in corpus if c.grammar is not None]
     for item in corpus:
         for key in (item.subset, "**all**"):
             row = rows[key]
@@ -163,7 +175,7 @@ def main() -> None:
     print("\n".join(headline))
     doc = f"""## The contract on real-world schemas
 
-Written by `python bench/contract.py --threads {args.threads} --budgets {args.budgets}` in
+Written by `python bench/contract.py --threads {args.threads} --parallel {args.parallel} --budgets {args.budgets}` in
 {(time.perf_counter() - started) / 60:.0f} min, on {platform.machine()} with {args.threads} threads, model
 `{engine.name}`: {everything.schemas} schemas of `../shared/data/jsonschemabench-sample`, each sent as a non-strict
 json_schema format with the prompt "{PROMPT}" and the schema after it, greedy, nothing else set (the repetition

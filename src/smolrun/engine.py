@@ -180,8 +180,8 @@ class Engine:
         if (grammar is None or turn.format.type == "text" or must_code or not turn.tools.answer_allowed
                 or think is not None):
             return None
-        keys, texts = schema_hints(turn.format.schema)
-        return Closing(self.model.lltokenizer, self._vocabulary, keys, texts,
+        keys, texts, names, values = schema_hints(turn.format.schema)
+        return Closing(self.model.lltokenizer, self._vocabulary, keys, texts, names, values,
                        answer_only=not allow_code and not turn.tools.active)
 
     def _plan(self, grammar: Grammar, closing: Closing) -> tuple[int, ...] | None:

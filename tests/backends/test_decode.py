@@ -145,3 +145,14 @@ def test_function_call_arguments_are_never_closed() -> None:
     text, done = answer(NAME, tools, max_tokens=60, dry_multiplier=0.0)
     assert text == '<tool_call>\n{"name":"lookup","arguments":{"q":"la la la la l'  # cut, as without closing
     assert (done.finish_reason, done.stats.closed) == ("length", False)
+
+
+def test_near_the_end_the_lean_follows_the_way_out_where_a_pattern_holds_the_quote() -> None:
+    # The quote is masked until the string ends in "x", which the model never writes by itself (logit -10):
+    # the closing's first token ("x") gains the lean's bonus too, 50 * (used - 0.25) / 0.75, past 20 (its gap
+    # to the loop's 10) once 24 of the 40 tokens are out, the forced '{"name":"' among them; then the quote
+    # (8 + the bonus) beats the loop.
+    fmt = ResponseFormat("json_schema", {"type": "object", "properties": {"name": {
+        "type": "string", "pattern": "^(la )*x$"}}, "required": ["name"], "additionalProperties": False}, "n", True)
+    text, done = answer(fmt, max_tokens=40, dry_allowed_length=64)
+    assert (text, done.finish_reason, done.stats.closed) == ('{"name":"la la la la la x"}', "stop", False)

@@ -11,9 +11,12 @@ grammar that can roll back (llguidance cannot past a lexeme with a token limit, 
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from re import _parser as re_parser  # type: ignore[attr-defined]  # the stdlib's own regex parser
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -34,6 +37,7 @@ _STRING_KINDS = (b"abcdefghijklmnopqrstuvwxyz", b"0123456789", b"ABCDEFGHIJKLMNO
                  b"_", b" ", b":", b"/", b"+", b"#", b"!$%&'()*,;<=>?[]^`{|}~")
 _ESCAPES = b'n"\\/bfrtu'
 _ENDERS = b'"]}'
+_TRAILING = frozenset(b"]} \n\r\t")  # what may follow in a token that ends a value: more ends, never a new start
 _SEARCH_LIMIT = 4096  # tokens: a document needing more is not closed (the cut is as without closing)
 _STUCK_LIMIT = 64  # string bytes written without seeing how the string ends: the search gives up
 
@@ -41,8 +45,8 @@ _STUCK_LIMIT = 64  # string bytes written without seeing how the string ends: th
 @dataclass(frozen=True)
 class Vocabulary:
     """The tokens the search writes with (one token per byte, where the vocabulary has it), and the tokens that
-    end a value (`enders`: those starting with a quote, a bracket or a brace, by that byte), which the lean
-    near the budget favours."""
+    end a value (`enders`, by their first byte: a quote, a bracket or a brace, then only more brackets, braces
+    or blanks, so not `"},{"`, which goes on), which the lean near the budget favours."""
 
     byte_tokens: tuple[int, ...]  # indexed by byte value; -1 where no token is that byte alone
     enders: dict[int, npt.NDArray[np.int64]] = field(default_factory=dict, compare=False, hash=False)
@@ -57,21 +61,25 @@ class Vocabulary:
             data = tokenizer.decode_bytes([token])
             if len(data) == 1 and found[data[0]] < 0:
                 found[data[0]] = token
-            if data and data[0] in enders:
+            if data and data[0] in enders and all(b in _TRAILING for b in data[1:]):
                 enders[data[0]].append(token)
         return cls(tuple(found), {b: np.array(t, dtype=np.int64) for b, t in enders.items()})
 
 
 @dataclass(frozen=True)
 class Closing:
-    """What closing one turn's JSON answer needs: the vocabulary, the names the schema requires somewhere (the
-    key to write where an object still lacks one), the literal parts of its patterns, and whether the turn's
-    grammar has other branches (code, function calls), whose start is never closed."""
+    """What closing one turn's JSON answer needs: the vocabulary; from the schema (see `schema_hints`) the names
+    it requires somewhere (the key to write where an object still lacks one), texts that its patterns want (the
+    literal parts, and a shortest match of each), every property name (to finish a key begun) and every string
+    its enums and consts list (to finish a value begun); and whether the turn's grammar has other branches
+    (code, function calls), whose start is never closed."""
 
     tokenizer: LLTokenizer
     vocabulary: Vocabulary
     keys: tuple[bytes, ...] = ()
     texts: tuple[bytes, ...] = ()
+    names: tuple[bytes, ...] = ()
+    values: tuple[bytes, ...] = ()
     answer_only: bool = True
 
     def scan(self) -> JsonScan:
@@ -90,11 +98,11 @@ class JsonScan:
     escape: bool = False
     in_key: bool = False  # the open string is a key
     expect_key: bool = False  # an object's next string is a key
-    key: bytearray = field(default_factory=bytearray)
+    chars: bytearray = field(default_factory=bytearray)  # the open string's bytes so far, as written
 
     def copy(self) -> JsonScan:
         return JsonScan(self.phase, list(self.stack), [set(k) for k in self.keys],
-                        self.in_string, self.escape, self.in_key, self.expect_key, bytearray(self.key))
+                        self.in_string, self.escape, self.in_key, self.expect_key, bytearray(self.chars))
 
     def feed(self, data: bytes) -> None:
         for byte in data:
@@ -115,13 +123,13 @@ class JsonScan:
             elif b == _QUOTE:
                 self.in_string = False
                 if self.in_key and self.keys:
-                    self.keys[-1].add(bytes(self.key))
-            elif self.in_key:
-                self.key.append(b)
+                    self.keys[-1].add(bytes(self.chars))
+                return
+            self.chars.append(b)
             return
         if b == _QUOTE:
             self.in_string, self.in_key, self.expect_key = True, self.expect_key, False
-            self.key.clear()
+            self.chars.clear()
         elif b in b"{[":
             self.stack.append(bytes([b]))
             self.keys.append(set())
@@ -206,10 +214,12 @@ class _Search:
             return [token] if token >= 0 else self._any()
         if (token := self._byte(_QUOTE)) >= 0:
             return [token]
-        if scan.in_key and not scan.key:
+        if scan.in_key and not scan.chars:
             key = self._required_key()
             if key:
                 return key
+        if (rest := self._complete()) is not None:
+            return rest
         kinds = [t for t in (self._first(kind) for kind in _STRING_KINDS) if t >= 0]
         if not kinds:
             return self._any()
@@ -217,7 +227,7 @@ class _Search:
             if self._try([token], self._quote_allowed):
                 return [token]
         # A pattern may want a literal first ("^file:.+\\.geodatabase$"): the schema's own pattern texts.
-        texts = [t for t in ([self.bytes[b] for b in text] for text in self.closing.texts) if min(t) >= 0]
+        texts = [t for t in ([self.bytes[b] for b in text] for text in self.closing.texts) if t and min(t) >= 0]
         for tokens in texts:
             if self._try(tokens, self._quote_allowed):
                 return tokens
@@ -246,6 +256,25 @@ class _Search:
             if min(tokens) >= 0 and self._try(tokens, lambda: True):
                 return tokens
         return []
+
+    def _complete(self) -> list[int] | None:
+        """The rest of a property name (in a key) or of an enum's string (in a value) that the open string
+        begins, with its closing quote, if the grammar takes it: names not yet in the object first, shortest
+        first."""
+        scan = self.scan
+        begun = bytes(scan.chars)
+        if scan.in_key:
+            written = scan.keys[-1] if scan.keys else set()
+            candidates = sorted(self.closing.names, key=lambda n: (n in written, len(n)))
+        else:
+            candidates = sorted(self.closing.values, key=len)
+        for text in candidates:
+            if len(text) < len(begun) or not text.startswith(begun):
+                continue
+            tokens = [self.bytes[b] for b in text[len(begun):] + b'"']
+            if min(tokens) >= 0 and self._try(tokens, lambda: True):
+                return tokens
+        return None
 
     def _lookahead(self, candidates: bytes, ends: object) -> int:
         """The first allowed candidate after which `ends()` holds, or -1."""
@@ -296,10 +325,14 @@ def _fewer_tokens(matcher: LLMatcher, tokens: list[int], closing: Closing) -> li
     return tokens
 
 
-def schema_hints(schema: object) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
-    """The names that some object of `schema` requires, and the literal parts of its patterns, for `Closing`."""
+def schema_hints(schema: object) -> tuple[tuple[bytes, ...], tuple[bytes, ...], tuple[bytes, ...], tuple[bytes, ...]]:
+    """From `schema`, for `Closing`: the names some object requires, texts its patterns want (literal parts and
+    a shortest match), every property name, and the strings its enums and consts list; each as the bytes that
+    stand between the quotes in JSON."""
     keys: dict[bytes, None] = {}
     texts: dict[bytes, None] = {}
+    names: dict[bytes, None] = {}
+    values: dict[bytes, None] = {}
     stack = [schema]
     while stack:
         node = stack.pop()
@@ -308,12 +341,101 @@ def schema_hints(schema: object) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
         elif isinstance(node, dict):
             required = node.get("required")
             if isinstance(required, list):
-                keys.update((name.encode(), None) for name in required if isinstance(name, str))
+                keys.update((_inner(name), None) for name in required if isinstance(name, str))
             pattern = node.get("pattern")
             if isinstance(pattern, str):
                 texts.update((text.encode(), None) for text in pattern_literals(pattern))
+                if example := pattern_example(pattern):
+                    texts[_inner(example)] = None
+            properties = node.get("properties")
+            if isinstance(properties, dict):
+                names.update((_inner(name), None) for name in properties)
+            enum = node.get("enum")
+            listed: list[Any] = enum if isinstance(enum, list) else [node.get("const")]
+            values.update((_inner(v), None) for v in listed if isinstance(v, str))
             stack += [v for v in node.values() if isinstance(v, dict | list)]
-    return tuple(keys), tuple(texts)
+    return tuple(keys), tuple(texts), tuple(names), tuple(values)
+
+
+def _inner(text: str) -> bytes:
+    """A string as JSON writes it between its quotes."""
+    return json.dumps(text, ensure_ascii=False)[1:-1].encode()
+
+
+def pattern_example(pattern: str, limit: int = 256) -> str | None:
+    """A short string that `pattern` matches (each repetition at its least, the shortest branch, the first
+    character of each class), or None where Python's parser cannot read it or the example would be long. Only a
+    hint: the search writes it only where the grammar takes it."""
+    try:
+        text = _example(re_parser.parse(pattern), {})
+    except (re.error, ValueError, RecursionError, KeyError, OverflowError):
+        return None
+    return text if len(text) <= limit and re.search(pattern, text) else None
+
+
+_CATEGORY = {"CATEGORY_DIGIT": "0", "CATEGORY_NOT_DIGIT": "a", "CATEGORY_SPACE": " ", "CATEGORY_NOT_SPACE": "a",
+             "CATEGORY_WORD": "a", "CATEGORY_NOT_WORD": "-"}
+_CLASS = {"CATEGORY_DIGIT": r"\d", "CATEGORY_NOT_DIGIT": r"\D", "CATEGORY_SPACE": r"\s", "CATEGORY_NOT_SPACE": r"\S",
+          "CATEGORY_WORD": r"\w", "CATEGORY_NOT_WORD": r"\W"}
+
+
+def _example(pattern: Any, groups: dict[int, str]) -> str:
+    out = []
+    for op, arg in pattern:
+        name = str(op)
+        if name == "LITERAL":
+            out.append(chr(arg))
+        elif name == "NOT_LITERAL":
+            out.append("a" if arg != ord("a") else "b")
+        elif name == "ANY":
+            out.append("a")
+        elif name == "IN":
+            out.append(_in_class(arg))
+        elif name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+            low, _, sub = arg
+            out.append(_example(sub, groups) * low)
+        elif name == "SUBPATTERN":
+            group, _, _, sub = arg
+            text = _example(sub, groups)
+            if group is not None:
+                groups[group] = text
+            out.append(text)
+        elif name == "BRANCH":
+            out.append(min((_example(branch, groups) for branch in arg[1]), key=len))
+        elif name == "GROUPREF":
+            out.append(groups[arg])
+        elif name in ("AT", "ASSERT", "ASSERT_NOT"):
+            continue
+        else:
+            raise ValueError(name)
+    return "".join(out)
+
+
+def _in_class(items: list[tuple[Any, Any]]) -> str:
+    """A character of a class: its first member, or, for a negated class, a common character outside it."""
+    if items and str(items[0][0]) == "NEGATE":
+        members = items[1:]
+        return next(c for c in "a0A_-. x" if not any(_member(c, op, arg) for op, arg in members))
+    op, arg = items[0]
+    name = str(op)
+    if name == "LITERAL":
+        return chr(arg)
+    if name == "RANGE":
+        return chr(arg[0])
+    if name == "CATEGORY":
+        return _CATEGORY[str(arg)]
+    raise ValueError(name)
+
+
+def _member(c: str, op: Any, arg: Any) -> bool:
+    name = str(op)
+    if name == "LITERAL":
+        return bool(ord(c) == arg)
+    if name == "RANGE":
+        return bool(arg[0] <= ord(c) <= arg[1])
+    if name == "CATEGORY":
+        return re.fullmatch(_CLASS[str(arg)], c) is not None
+    raise ValueError(name)
 
 
 _META = frozenset("^$.|?*+()[]{}\\")
@@ -355,7 +477,8 @@ def pattern_literals(pattern: str) -> list[str]:
 
 LEAN_FROM = 0.25  # share of the budget after which the innermost value is eased towards its end
 LEAN_MAX = 50.0  # the logit bonus of the tokens that end it, at the budget's end
-WINDOW = 64  # tokens: closer to the end than twice the last closing's length plus this, it is kept up to date
+WINDOW = 128  # tokens: closer to the end than twice the last closing's length plus this, it is kept up to date
+REFRESH = 32  # tokens: farther from the end, the closing's length is measured again this often (it may grow)
 
 
 class Closer:
@@ -369,10 +492,15 @@ class Closer:
         self.plan = list(plan) if plan is not None else None  # a closing from the current state, when known
         self.size = len(plan) if plan is not None else 0  # the last closing's length: how near "near" is
         self.off = False  # not closable (code or calls, or a state the search could not close)
+        self.since = 0  # tokens since the closing's length was last measured
+        self.tracking = False  # the end came near: a closing is kept at hand from then on
         self.search_us: list[float] = []
 
     def near(self, room: int) -> bool:
-        return room <= 2 * self.size + WINDOW
+        """Whether the end is near enough to keep a closing at hand; once it is, it stays so (the closing may
+        shrink as the document nears its end, then grow again in one forced run of tokens)."""
+        self.tracking = self.tracking or room <= 2 * self.size + WINDOW
+        return self.tracking
 
     def before(self, room: int) -> list[int] | None:
         """Before a token is sampled, with `room` tokens left: the closing, consumed, when it takes all the room
@@ -403,6 +531,9 @@ class Closer:
             return batch
         if not self.near(room):
             self.plan = None
+            self.since += len(batch)
+            if self.since >= REFRESH:  # deep in a document the way out grows: "near" must grow with it
+                self._search(room)
             return batch
         plan = self._still(previous) or self._search(room)
         if plan is not None and len(plan) <= room:
@@ -417,15 +548,21 @@ class Closer:
 
     def lean(self, logits: npt.NDArray[np.float32], room: int, budget: int) -> None:
         """Past `LEAN_FROM` of the budget, raise (in place) the logits of the tokens that end the innermost open
-        value, up to `LEAN_MAX` at the budget's end: a model that has not finished by then, often in a loop,
-        ends the document itself. Probabilities only: the mask still decides what may come."""
+        value, and near the end the first token of the closing known, up to `LEAN_MAX` at the budget's end: a
+        model that has not finished by then, often in a loop, ends the document itself. Probabilities only: the
+        mask still decides what may come."""
         used = 1 - room / budget
         closer = self.scan.closer if self.scan.phase == "json" else None
         if used <= LEAN_FROM or closer is None:
             return
+        bonus = np.float32(LEAN_MAX * (used - LEAN_FROM) / (1 - LEAN_FROM))
         tokens = self.closing.vocabulary.enders.get(closer)
         if tokens is not None and tokens.size:
-            logits[tokens[tokens < logits.shape[0]]] += np.float32(LEAN_MAX * (used - LEAN_FROM) / (1 - LEAN_FROM))
+            logits[tokens[tokens < logits.shape[0]]] += bonus
+        # Near the end, the way out too: where a pattern holds the quote back, it says what the string still needs.
+        first = self.plan[0] if self.plan else -1
+        if 0 <= first < logits.shape[0] and (tokens is None or not (tokens == first).any()):
+            logits[first] += bonus
 
     def _write(self, plan: list[int]) -> list[int]:
         if plan and not self.m.consume_tokens(plan):  # a bug: the search took every token on a copy first
@@ -446,6 +583,7 @@ class Closer:
         started = time.perf_counter()
         plan = shortest_close(self.m, self.scan, self.closing)
         self.search_us.append((time.perf_counter() - started) * 1e6)
+        self.since = 0
         if plan is not None:
             self.size = len(plan)
         return plan
