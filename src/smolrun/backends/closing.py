@@ -478,7 +478,7 @@ def pattern_literals(pattern: str) -> list[str]:
 LEAN_FROM = 0.25  # share of the budget after which the innermost value is eased towards its end
 LEAN_MAX = 50.0  # the logit bonus of the tokens that end it, at the budget's end
 WINDOW = 128  # tokens: closer to the end than twice the last closing's length plus this, it is kept up to date
-REFRESH = 32  # tokens: farther from the end, the closing's length is measured again this often (it may grow)
+REFRESH = 32  # tokens: the shortest interval between two measures of the closing's length before the end is near
 
 
 class Closer:
@@ -532,7 +532,9 @@ class Closer:
         if not self.near(room):
             self.plan = None
             self.since += len(batch)
-            if self.since >= REFRESH:  # deep in a document the way out grows: "near" must grow with it
+            # Deep in a document the way out may grow, and "near" must grow with it; far from the end, where only
+            # a very large jump could matter, it is measured less often.
+            if self.since >= max(REFRESH, (room - 2 * self.size - WINDOW) // 8):
                 self._search(room)
             return batch
         plan = self._still(previous) or self._search(room)
