@@ -75,4 +75,7 @@ def test_the_breaker_field_is_checked_and_changes_the_answer(server: Server) -> 
     assert plain.choices[0].message.content == ", ".join(["1"] * 14)  # off for free text: the loop goes on
     broken = client.chat.completions.create(model=MODEL, messages=count, max_tokens=40, temperature=0,  # type: ignore[arg-type]
                                             extra_body={"dry_multiplier": 2.0})
-    assert broken.choices[0].message.content == "1, 1, 11, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12"
+    # The breaker acts at the third item, where the plain answer repeats: that choice has a wide margin. What
+    # follows it is a near tie that machines with other SIMD paths break differently (12 or 2 after "11, ").
+    text = broken.choices[0].message.content or ""
+    assert text.startswith("1, 1, 11, ") and "1, 1, 1," not in text, text
