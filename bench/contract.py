@@ -1,7 +1,7 @@
 """The contract on real-world schemas, with a model: a JSON Schema in the request, a valid document back.
 
     python bench/contract.py [--threads 2] [--parallel 8] [--budgets 400,1200] [--limit N] [--log FILE]
-                             [--out BENCHMARKS.md]
+                             [--out BENCHMARKS.md] [--resume]
 
 Every schema of ../shared/data/jsonschemabench-sample (the section says so when it is absent) is sent as a
 non-strict json_schema format, as such schemas come, with the prompt "Produce one example JSON document for this
@@ -9,7 +9,9 @@ schema." and the schema after it, greedy, with nothing else set (the repetition 
 budget as they are by default), at each budget. Every answer is parsed and validated with `jsonschema` under the
 schema's own draft (formats checked). Per subset: compiled or refused (by reason), finished by itself and valid,
 closed at the budget and valid, not valid, not parseable; llguidance's own compile rates beside. Not a test: it
-takes a while, and the outputs are the model's.
+takes a while (about an hour per budget on 2 cores), and the outputs are the model's. With --log FILE --resume,
+the answers already in FILE are read back rather than asked again, so an interrupted run goes on where it
+stopped.
 """
 
 from __future__ import annotations
@@ -86,20 +88,36 @@ def answer(engine: Engine, item: Compiled, budget: int) -> Outcome:
     return Outcome("closed", text[-160:], done.stats.completion_tokens)
 
 
-def run(engine: Engine, corpus: list[Compiled], budget: int, workers: int, log: IO[str] | None) -> list[Outcome]:
+def logged(path: Path) -> dict[tuple[int, str], Outcome]:
+    """The outcomes an earlier run wrote with --log, by budget and schema."""
+    out: dict[tuple[int, str], Outcome] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            entry = json.loads(line)
+            out[(entry["budget"], entry["schema"])] = Outcome(entry["kind"], entry["detail"], entry["tokens"])
+    return out
+
+
+def run(engine: Engine, corpus: list[Compiled], budget: int, workers: int, log: IO[str] | None,
+        known: dict[tuple[int, str], Outcome]) -> list[Outcome]:
+    """Each compiled schema's outcome at this budget, in corpus order; those in `known` are not asked again."""
     compiled = [item for item in corpus if item.grammar is not None]
-    out: list[Outcome] = []
+    out = {key(item): known[(budget, key(item))] for item in compiled if (budget, key(item)) in known}
+    todo = [item for item in compiled if key(item) not in out]
     with ThreadPoolExecutor(workers) as pool:  # the batch engine decodes them together
-        for i, (item, outcome) in enumerate(zip(compiled, pool.map(lambda item: answer(engine, item, budget),
-                                                                    compiled), strict=True)):
-            out.append(outcome)
+        for item, outcome in zip(todo, pool.map(lambda item: answer(engine, item, budget), todo), strict=True):
+            out[key(item)] = outcome
             if log is not None:
-                log.write(json.dumps({"budget": budget, "schema": f"{item.subset}/{item.name}", "kind": outcome.kind,
+                log.write(json.dumps({"budget": budget, "schema": key(item), "kind": outcome.kind,
                                       "tokens": outcome.tokens, "detail": outcome.detail}) + "\n")
                 log.flush()
-            print(f"  max_tokens {budget}: {i + 1}/{len(compiled)}", end="\r", file=sys.stderr)
+            print(f"  max_tokens {budget}: {len(out)}/{len(compiled)}", end="\r", file=sys.stderr)
     print(file=sys.stderr)
-    return out
+    return [out[key(item)] for item in compiled]
+
+
+def key(item: Compiled) -> str:
+    return f"{item.subset}/{item.name}"
 
 
 def main() -> None:
@@ -110,6 +128,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     parser.add_argument("--parallel", type=int, default=8, help="sequences decoded together")
     parser.add_argument("--log", type=Path, help="also write every outcome here, one JSON object per line")
+    parser.add_argument("--resume", action="store_true", help="read back the outcomes already in --log")
     args = parser.parse_args()
     if not BENCH_DATA.is_dir():
         write_section(args.out, "contract", f"## The contract on real-world schemas\n\n{BENCH_DATA} not found: "
@@ -122,8 +141,11 @@ def main() -> None:
         seen: Counter[str] = Counter()
         corpus = [c for c in corpus if (seen.update([c.subset]) or seen[c.subset] <= args.limit)]
     engine = Engine.load(Settings(threads=args.threads, parallel=args.parallel, n_ctx=16384))
-    with args.log.open("w") if args.log else nullcontext() as log:
-        results = {budget: run(engine, corpus, budget, args.parallel, log) for budget in budgets}
+    if args.resume and args.log is None:
+        parser.error("--resume reads the file that --log names")
+    known = logged(args.log) if args.resume and args.log.exists() else {}
+    with args.log.open("a" if args.resume else "w") if args.log else nullcontext() as log:
+        results = {budget: run(engine, corpus, budget, args.parallel, log, known) for budget in budgets}
     compiled_items = [c for c in corpus if c.grammar is not None]
 
     rows: dict[str, Row] = defaultdict(Row)
@@ -173,10 +195,11 @@ def main() -> None:
     text = "\n".join(table)
     print(text)
     print("\n".join(headline))
+    resumed = f" (and {len(known)} answers read back from an earlier run's log)" if known else ""
     doc = f"""## The contract on real-world schemas
 
 Written by `python bench/contract.py --threads {args.threads} --parallel {args.parallel} --budgets {args.budgets}` in
-{(time.perf_counter() - started) / 60:.0f} min, on {platform.machine()} with {args.threads} threads, model
+{(time.perf_counter() - started) / 60:.0f} min{resumed}, on {platform.machine()} with {args.threads} threads, model
 `{engine.name}`: {everything.schemas} schemas of `../shared/data/jsonschemabench-sample`, each sent as a non-strict
 json_schema format with the prompt "{PROMPT}" and the schema after it, greedy, nothing else set (the repetition
 breaker and the closing at the budget as they are by default). "Finished": finish_reason `stop`, valid, what
