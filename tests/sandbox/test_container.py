@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from smolrun.sandbox import Container, WarmPool
 
 
@@ -81,3 +83,15 @@ def test_code_runs_below_the_model_on_the_cpu_and_cannot_climb_back(box: Contain
     # SCHED_BATCH is a hint any process may drop; the niceness, which sets the share, stays.
     policy = box.run("import os\nos.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))\nos.nice(0)")
     assert (policy.error, policy.result) == (None, "10")
+
+
+AUTOGROUP = Path("/proc/sys/kernel/sched_autogroup_enabled")
+
+
+@pytest.mark.skipif(not AUTOGROUP.exists() or AUTOGROUP.read_text().strip() != "1",
+                    reason="this kernel groups no tasks by session (no autogroups): the process's nice is the share")
+def test_the_cells_session_is_niced_too_where_the_kernel_shares_the_cpu_by_session(box: Container) -> None:
+    # With autogroups, a session of its own at nice 0 would get half a core beside the model whatever the nice.
+    # Code may raise it back to 0 (the kernel lets any task do that): as root the cpu cgroup below holds.
+    group = box.run("open('/proc/self/autogroup').read().split()[-1]")
+    assert (group.error, group.result) == (None, "'10'")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import resource
+import shutil
 import socket
 import stat
 import threading
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from smolrun.sandbox.files import chown_tree, copy_tree, listing
+from smolrun.sandbox.files import chown_tree, copy_tree, listing, remove_tree
 from tests.sandbox.conftest import needs_root
 
 DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
@@ -166,6 +167,7 @@ def test_a_tree_a_thousand_directories_deep_is_copied_with_a_few_descriptors(tmp
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, limits)
     assert _bottom(target, 1000)[0] == ["bottom"]
+    remove_tree(tmp_path)  # shutil.rmtree cannot: pytest's clean-up of old runs would fail on these trees
 
 
 @needs_root
@@ -182,6 +184,27 @@ def test_a_tree_a_thousand_directories_deep_is_given_to_a_new_uid_with_a_few_des
     names, leaf, link = _bottom(tmp_path / "tree", 1000)
     assert names == ["bottom", "planted"] and leaf.st_uid == 4242 and link is not None and link.st_uid == 4242
     assert host_file.stat().st_uid == 0  # the link was given away, never what it points to
+    remove_tree(tmp_path)
+
+
+def test_a_tree_a_thousand_directories_deep_is_removed_with_a_few_descriptors(tmp_path: Path) -> None:
+    host_file = tmp_path / "host-owned"
+    host_file.write_text("root's")
+    (tmp_path / "tree").mkdir()
+    _chain(tmp_path / "tree", 1000, link_to=host_file)
+    os.symlink(tmp_path, tmp_path / "tree" / "up")  # a link to above the tree: removed, never followed
+    with pytest.raises(RecursionError):
+        shutil.rmtree(tmp_path / "tree")  # what the sandbox used before
+    limits = _few_descriptors()
+    try:
+        remove_tree(tmp_path / "tree")
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+    assert sorted(os.listdir(tmp_path)) == ["host-owned"] and host_file.read_text() == "root's"
+    remove_tree(tmp_path / "tree")  # gone already: nothing to do
+    os.symlink(host_file, tmp_path / "link")
+    remove_tree(tmp_path / "link")  # a link where a tree was expected: the link goes
+    assert sorted(os.listdir(tmp_path)) == ["host-owned"]
 
 
 def test_a_tree_past_its_quota_of_entries_or_bytes_is_refused(tmp_path: Path) -> None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from smolrun.errors import InvalidRequest
 from smolrun.sandbox import Container
-from smolrun.sandbox.container import _alive
+from smolrun.sandbox.container import _alive, release_directory
 from smolrun.sandbox.files import read_file
 from tests.sandbox.conftest import needs_root
 
@@ -237,6 +238,13 @@ def test_io_uring_and_bpf_are_denied(box: Container) -> None:
     assert logs.split() == ["-1", "1", "-1", "1"]
 
 
+def test_typing_into_a_terminal_is_denied(box: Container) -> None:
+    logs = run_ok(box, "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nc = ctypes.c_char(b'x')\n"
+                       "print(libc.ioctl(0, 0x5412, ctypes.byref(c)), ctypes.get_errno())\n"  # TIOCSTI
+                       "print(libc.ioctl(0, 0x541C, ctypes.byref(c)), ctypes.get_errno())")  # TIOCLINUX
+    assert logs.split() == ["-1", "1", "-1", "1"]  # EPERM from seccomp, not ENOTTY from the pipe
+
+
 def test_planted_symlinks_are_never_followed_by_the_host(box: Container) -> None:
     run_ok(box, "import os\nos.symlink('/etc/shadow', 'leak.txt')\nos.symlink('/etc', 'etc')")
     for name in ("leak.txt", "etc/shadow", "etc/passwd"):
@@ -276,3 +284,38 @@ def test_cgroup_limits_memory_including_tmpfs(box: Container) -> None:
     result = box.run("import numpy as np\nblocks = [np.ones(32 * 1024 * 1024 // 8) for _ in range(20)]")
     assert result.error is not None
     healthy(box)
+
+
+@needs_root
+def test_code_cannot_climb_out_of_its_cpu_share(box: Container) -> None:
+    cpu = next(g for g in box._cgroups if g.parent.parent.name == "cpu")
+    assert (cpu.parent / "cpu.shares").read_text() == "110\n"  # all code as one task at nice 10 beside the model
+    # A new session (a fresh autogroup at nice 0 outside a cgroup) and the autogroup's nice lowered: the cpu
+    # cgroup holds every process regardless, and the cell cannot see or leave it.
+    logs = run_ok(box, "import os, subprocess\nopen('/proc/self/autogroup', 'w').write('0')\n"
+                       "child = subprocess.Popen(['sleep', '30'], start_new_session=True)\n"
+                       "print(os.getsid(child.pid) == child.pid)")
+    assert logs.split() == ["True"]
+    inside = {int(p) for p in (cpu / "cgroup.procs").read_text().split()}
+    assert len(inside) == 4, inside  # bwrap, the supervisor, the worker, and the child in its own session
+    memory = next(g for g in box._cgroups if g.parent.parent.name == "memory")
+    assert inside == {int(p) for p in (memory / "cgroup.procs").read_text().split()}
+    healthy(box)
+
+
+def test_a_tree_too_deep_for_shutil_goes_with_its_container(sandbox_config) -> None:  # type: ignore[no-untyped-def]
+    # shutil.rmtree recurses once per level: 1100 levels raised RecursionError, and the container stayed on disk.
+    config = replace(sandbox_config, limits=replace(sandbox_config.limits, work_files=1200))
+    box = Container(config).start()
+    directory = box.workdir.parent
+    try:
+        logs = run_ok(box, "import os\nfor _ in range(1100):\n    os.mkdir('d')\n    os.chdir('d')\n"
+                           "os.symlink('/etc', 'etc')\nprint(len(os.getcwd()))")
+        assert logs.split() == [str(len("/mnt/data") + 2 * 1100)]
+        box.close(keep_files=True)  # a server stopping: the tree is on disk now, a plain directory
+        assert (directory / "data" / "d" / "d").is_dir() and not os.path.ismount(directory / "data")
+        release_directory(directory)  # the container deleted by a later server
+        assert not directory.exists()
+        assert os.path.isdir("/etc/ssl")  # the planted link went, never what it points to
+    finally:
+        box.close()

@@ -470,7 +470,7 @@ def _keep_directory(directory: Path) -> None:
 
 
 def _remove_cgroups(container_id: str) -> None:
-    for controller in ("memory", "pids"):
+    for controller in ("memory", "pids", "cpu"):
         remove_cgroup(Path("/sys/fs/cgroup") / controller / "smolrun" / container_id)
 
 
@@ -507,15 +507,25 @@ def _descendants(pid: int) -> list[int]:
 
 
 def _make_cgroups(container_id: str, config: SandboxConfig) -> list[Path]:
-    """Memory and pids cgroups (v1 layout, as on this machine kind); absent or read-only cgroups are skipped."""
+    """Memory, pids and cpu cgroups (v1 layout, as on this machine kind); absent or read-only ones are skipped.
+
+    The cpu weight is set on the parent group, `smolrun`, which holds every container: all sandboxed code
+    together weighs as one task at the sandbox's nice beside the model's threads (CFS weighs nice 0 as 1024,
+    and each step of nice 1.25 times less), and containers share that equally. A weight on each container's
+    own group would only rank containers among themselves. Unlike the nice, code inside cannot undo it: a task
+    in a cgroup is not regrouped by session (autogroups), and the cgroup is not visible inside.
+    """
     made: list[Path] = []
     limits = config.limits
-    for controller, settings in (("memory", {"memory.limit_in_bytes": limits.memory_mb * MiB}),
-                                 ("pids", {"pids.max": limits.pids})):
+    for controller, shared, own in (("memory", {}, {"memory.limit_in_bytes": limits.memory_mb * MiB}),
+                                    ("pids", {}, {"pids.max": limits.pids}),
+                                    ("cpu", {"cpu.shares": round(1024 / 1.25 ** limits.nice)}, {})):
         group = Path("/sys/fs/cgroup") / controller / "smolrun" / container_id
         try:
             group.mkdir(parents=True, exist_ok=True)
-            for name, value in settings.items():
+            for name, value in shared.items():
+                (group.parent / name).write_text(str(value))
+            for name, value in own.items():
                 (group / name).write_text(str(value))
         except OSError:
             remove_cgroup(group)

@@ -286,6 +286,49 @@ def chown_tree(workdir: Path, uid: int) -> None:
         os.close(fd)
 
 
+def remove_tree(path: Path) -> None:
+    """Remove `path` and everything under it; nothing where it is gone already.
+
+    Unlike `shutil.rmtree`, which recurses once per level (a tree a thousand directories deep raises
+    RecursionError), the walk holds one directory descriptor and a list of names per level, and follows no
+    link, so no tree the sandbox made can stop its own removal. OSError where an entry cannot be removed.
+    """
+    try:
+        fd = os.open(path, _DIR)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+            raise
+        os.unlink(path)  # a file or a link where a directory was expected: the link itself goes
+        return
+    try:
+        stack = [(_identity(os.fstat(fd)), b"", os.listdir(fd))]
+        while stack:
+            names = stack[-1][2]
+            if not names:
+                _, name, _ = stack.pop()
+                if stack:
+                    fd = _up(fd, stack[-1][0])
+                    os.rmdir(name, dir_fd=fd)
+                continue
+            name = os.fsencode(names.pop())
+            try:
+                os.unlink(name, dir_fd=fd)
+                continue
+            except FileNotFoundError:
+                continue
+            except IsADirectoryError:
+                pass
+            child = os.open(name, _DIR, dir_fd=fd)
+            os.close(fd)
+            fd = child
+            stack.append((_identity(os.fstat(fd)), name, os.listdir(fd)))
+    finally:
+        os.close(fd)
+    os.rmdir(path)
+
+
 _PERMISSIONS = 0o777  # what a copy keeps of a mode: never a setuid, setgid or sticky bit
 
 

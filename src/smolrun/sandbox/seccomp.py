@@ -6,6 +6,7 @@ import errno
 import os
 import socket
 import tempfile
+import termios
 
 # Kernel surfaces untrusted Python never needs: debugging other processes, new namespaces and mounts,
 # kernel modules and keys, io_uring, SysV shared memory (escapes RLIMIT_AS), network sockets.
@@ -20,6 +21,8 @@ DENIED = (
     "shmget", "shmat", "msgget", "semget",
 )
 
+TIOCLINUX = 0x541C  # not in Python's termios
+
 
 def bpf_file() -> int:
     """A file descriptor holding the compiled filter, positioned at 0, for bwrap to read."""
@@ -30,6 +33,9 @@ def bpf_file() -> int:
         f.add_rule(sc.ERRNO(errno.EPERM), name)
     f.add_rule(sc.ERRNO(errno.EPERM), "socket", sc.Arg(0, sc.NE, socket.AF_UNIX))
     f.add_rule(sc.ERRNO(errno.EPERM), "socketpair", sc.Arg(0, sc.NE, socket.AF_UNIX))
+    # Typing into a terminal: the sandbox has none (its own session, pipes only), and these make sure.
+    for request in (termios.TIOCSTI, TIOCLINUX):
+        f.add_rule(sc.ERRNO(errno.EPERM), "ioctl", sc.Arg(1, sc.MASKED_EQ, 0xFFFFFFFF, request))
     # glibc falls back to clone() on ENOSYS; clone3's flags live in memory that seccomp cannot inspect.
     f.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
     handle = tempfile.TemporaryFile()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import shutil
 from pathlib import Path
 
 from smolrun.sandbox import files as tree
@@ -54,7 +53,16 @@ def is_full(workdir: Path) -> bool:
 def release(directory: Path, workdir: Path) -> None:
     """Unmount the work dir if it is a mount, then remove the container's directory."""
     _libc().umount2(os.fsencode(workdir), MNT_DETACH)  # EINVAL when it is no mount point: nothing to do
-    shutil.rmtree(directory, ignore_errors=True)
+    _remove(directory)
+
+
+def _remove(path: Path) -> None:
+    """Remove a tree the sandbox may have shaped (see `files.remove_tree`); what cannot go is logged, and the
+    container is gone all the same."""
+    try:
+        tree.remove_tree(path)
+    except OSError as exc:
+        logging.getLogger("smolrun").warning("%s could not be removed entirely: %s", path, exc)
 
 
 def persist(directory: Path) -> bool:
@@ -71,7 +79,7 @@ def persist(directory: Path) -> bool:
         _sync(directory)
         _unpack(directory)
     except OSError as exc:
-        shutil.rmtree(copying, ignore_errors=True)
+        _remove(copying)
         logging.getLogger("smolrun").warning("container %s keeps its files in memory, in the tmpfs at %s: "
                                              "moving them to disk failed: %s", directory.name, workdir, exc)
         return False
@@ -97,14 +105,14 @@ def restore(directory: Path, files: int, megabytes: int, uid: int | None) -> boo
         _unpack(directory)
         return False
     os.rename(kept, directory / COPYING)  # the commit point: the tmpfs holds the files now
-    shutil.rmtree(directory / COPYING, ignore_errors=True)
+    _remove(directory / COPYING)
     return True
 
 
 def recover(directory: Path) -> None:
     """Settle what a process stopped during `persist` or `restore` left: a copy under way is garbage, a
     complete one (`kept`) is the container's files, whatever `data` holds."""
-    shutil.rmtree(directory / COPYING, ignore_errors=True)
+    _remove(directory / COPYING)
     if os.path.isdir(directory / KEPT):
         _unpack(directory)
 
@@ -114,7 +122,7 @@ def _unpack(directory: Path) -> None:
     workdir = directory / "data"
     if os.path.ismount(workdir) and _libc().umount2(os.fsencode(workdir), MNT_DETACH) != 0:
         raise OSError(ctypes.get_errno(), f"cannot unmount {workdir}")
-    shutil.rmtree(workdir, ignore_errors=True)
+    _remove(workdir)
     os.rename(directory / KEPT, workdir)
 
 
