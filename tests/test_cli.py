@@ -99,3 +99,27 @@ def test_ask_progress_shows_tokens_and_rate_then_clears(capsys: pytest.CaptureFi
 def test_ask_stops_at_512_tokens_by_default() -> None:
     option = next(p for p in main.commands["ask"].params if p.name == "max_tokens")
     assert option.default == 512
+
+
+class _Loaded(Exception):
+    """Raised by the patched Engine.load, with the settings `ask` would have loaded the model with."""
+
+
+@pytest.mark.parametrize(("args", "env", "threads"), [
+    ([], {}, 7),  # the CPUs found idle (patched to 7)
+    (["--threads", "3"], {}, 3),
+    ([], {"SMOLRUN_THREADS": "5"}, 5),
+])
+def test_ask_takes_the_idle_cpus_unless_told(monkeypatch: pytest.MonkeyPatch, args: list[str], env: dict[str, str],
+                                             threads: int) -> None:
+    from smolrun.backends import llama_cpp
+    from smolrun.engine import Engine
+
+    def load(settings, *rest):  # type: ignore[no-untyped-def]
+        raise _Loaded(settings.threads)
+
+    monkeypatch.setattr(llama_cpp, "idle_threads", lambda: 7)
+    monkeypatch.setattr(Engine, "load", load)
+    monkeypatch.delenv("SMOLRUN_THREADS", raising=False)
+    result = CliRunner().invoke(main, ["ask", "hi", *args], env=env)
+    assert isinstance(result.exception, _Loaded) and result.exception.args == (threads,)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +197,8 @@ smolrun is serving {model} at {base}
               help="low: each picture as one tile; high/auto: split into tiles plus an overview")
 @click.option("--mmproj", default=None, help=MMPROJ_HELP)
 @click.option("--max-tool-calls", type=click.IntRange(min=0), default=4, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads (default: those idle when it starts, so a busy server beside it is not stalled)")
 @click.option("--reasoning-effort", type=click.Choice(EFFORTS), default=None,
               help="how long a thinking model (SmolLM3) may think; 'none' switches thinking off")
 @click.option("--thinking-budget", type=click.IntRange(min=1), default=None,
@@ -204,7 +206,8 @@ smolrun is serving {model} at {base}
 def ask(prompt: str, model: str | None, backend: str | None, schema_file: Path | None, json_mode: bool, strict: bool,
         system: str | None, stream: bool, max_tokens: int | None, temperature: float, seed: int | None,
         frequency_penalty: float, files: tuple[Path, ...], code: bool, images: tuple[Path, ...], detail: str,
-        mmproj: str | None, max_tool_calls: int, reasoning_effort: Effort | None, thinking_budget: int | None) -> None:
+        mmproj: str | None, max_tool_calls: int, threads: int | None, reasoning_effort: Effort | None,
+        thinking_budget: int | None) -> None:
     """Answer PROMPT once with a local model (no server needed).
 
     With --file or --code the model may write Python, which runs in a sandboxed container; each cell and
@@ -224,7 +227,11 @@ def ask(prompt: str, model: str | None, backend: str | None, schema_file: Path |
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed,
                             frequency_penalty=frequency_penalty)
     turn = Turn(messages, fmt or ResponseFormat(), params, reasoning=Reasoning(reasoning_effort, thinking_budget))
-    settings = Settings.from_env(model=model, backend=backend, mmproj=mmproj)
+    settings = Settings.from_env(model=model, backend=backend, mmproj=mmproj, threads=threads)
+    if settings.threads is None and settings.backend != "vllm":
+        from smolrun.backends.llama_cpp import idle_threads
+
+        settings = replace(settings, threads=idle_threads())
     if images and model is None:
         model = settings.vision_model or DEFAULT_VISION_MODEL
     engine = Engine.load(settings, model, settings.mmproj)

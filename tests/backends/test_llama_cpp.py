@@ -93,3 +93,23 @@ def test_a_shared_prefix_gives_the_logits_of_a_computed_one() -> None:
     assert np.allclose(shared, computed, atol=1e-3)
     [elsewhere] = model.decode([Feed(2, 0, prompt[:-4] + [model.tokenize(" x")[-1]] * 4, True)])
     assert not np.allclose(elsewhere, computed, atol=1e-3)  # the check can fail: other tokens, other logits
+
+
+@pytest.mark.parametrize(("before", "after", "cpus", "allowed", "threads"), [
+    ((100, 1000), (300, 1200), 2, 2, 2),  # both CPUs idle
+    ((100, 1000), (200, 1200), 2, 2, 1),  # one busy (a server decoding on one core)
+    ((100, 1000), (100, 1200), 2, 2, 1),  # both busy: still one thread
+    ((0, 0), (790, 800), 8, 4, 4),  # all idle, but this process may use only 4
+    ((5, 10), (5, 10), 4, 4, 4),  # no time passed: as if idle
+])
+def test_a_one_shot_run_takes_the_cpus_found_idle(before: tuple[int, int], after: tuple[int, int], cpus: int,
+                                                  allowed: int, threads: int) -> None:
+    from smolrun.backends.llama_cpp import threads_for_idle
+
+    assert threads_for_idle(before, after, cpus, allowed) == threads
+
+
+def test_idle_cpus_are_read_from_this_machine() -> None:
+    from smolrun.backends.llama_cpp import default_threads, idle_threads
+
+    assert 1 <= idle_threads(0.05) <= default_threads()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import time
 import warnings
 import weakref
 from collections.abc import Sequence
@@ -43,6 +44,36 @@ def _import_llama_cpp() -> Any:
 
 def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)))
+
+
+def idle_threads(sample_s: float = 0.1) -> int:
+    """Threads for a one-shot run beside whatever already runs here: the CPUs idle over `sample_s`, at least 1.
+
+    llama.cpp's threads spin while they wait for each other, so two processes that each take every core stall
+    each other's passes: beside a busy server, a 2-thread `smolrun ask` took 12x its time alone, a 1-thread
+    one under 2x (BENCHMARKS.md, cpu-share).
+    """
+    try:
+        before = _cpu_jiffies()
+        time.sleep(sample_s)
+        after = _cpu_jiffies()
+    except (OSError, ValueError, IndexError):  # no Linux /proc/stat: every CPU, as a server takes
+        return default_threads()
+    return threads_for_idle(before, after, os.cpu_count() or 1, default_threads())
+
+
+def threads_for_idle(before: tuple[int, int], after: tuple[int, int], cpus: int, allowed: int) -> int:
+    """From two (idle, total) jiffy counts of all `cpus`: the whole CPUs that were idle, within 1..`allowed`."""
+    total = after[1] - before[1]
+    idle = (after[0] - before[0]) / total * cpus if total > 0 else cpus
+    return max(1, min(allowed, round(idle)))
+
+
+def _cpu_jiffies() -> tuple[int, int]:
+    """(idle, total) jiffies of all CPUs since boot, from /proc/stat; idle counts iowait too."""
+    with open("/proc/stat") as stat:
+        fields = [int(v) for v in stat.readline().split()[1:]]
+    return fields[3] + fields[4], sum(fields[:8])  # user nice system idle iowait irq softirq steal
 
 
 def default_gpu_layers() -> int:
