@@ -95,3 +95,15 @@ def test_the_cells_session_is_niced_too_where_the_kernel_shares_the_cpu_by_sessi
     # Code may raise it back to 0 (the kernel lets any task do that): as root the cpu cgroup below holds.
     group = box.run("open('/proc/self/autogroup').read().split()[-1]")
     assert (group.error, group.result) == (None, "'10'")
+
+
+def test_no_cgroup_directory_is_made_where_no_v1_hierarchy_is_mounted(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # On cgroup v2 /sys/fs/cgroup is one tree, where mkdir "memory/smolrun/<id>" would make groups of nothing.
+    from smolrun.sandbox import container, default_config
+
+    monkeypatch.setattr(container, "CGROUPS", tmp_path)
+    (tmp_path / "memory").mkdir()  # a directory, not a mount of the memory controller
+    config = default_config()
+    assert container._make_cgroups("c1", config) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["memory"] and not any((tmp_path / "memory").iterdir())

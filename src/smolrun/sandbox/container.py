@@ -471,7 +471,7 @@ def _keep_directory(directory: Path) -> None:
 
 def _remove_cgroups(container_id: str) -> None:
     for controller in ("memory", "pids", "cpu"):
-        remove_cgroup(Path("/sys/fs/cgroup") / controller / "smolrun" / container_id)
+        remove_cgroup(CGROUPS / controller / "smolrun" / container_id)
 
 
 def _orphan_of(directory: Path, store: Path | None) -> bool:
@@ -506,6 +506,9 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
+CGROUPS = Path("/sys/fs/cgroup")
+
+
 def _make_cgroups(container_id: str, config: SandboxConfig) -> list[Path]:
     """Memory, pids and cpu cgroups (v1 layout, as on this machine kind); absent or read-only ones are skipped.
 
@@ -520,7 +523,9 @@ def _make_cgroups(container_id: str, config: SandboxConfig) -> list[Path]:
     for controller, shared, own in (("memory", {}, {"memory.limit_in_bytes": limits.memory_mb * MiB}),
                                     ("pids", {}, {"pids.max": limits.pids}),
                                     ("cpu", {"cpu.shares": round(1024 / 1.25 ** limits.nice)}, {})):
-        group = Path("/sys/fs/cgroup") / controller / "smolrun" / container_id
+        if not os.path.ismount(os.path.realpath(CGROUPS / controller)):
+            continue  # no v1 hierarchy of it (cgroup v2's one tree): making the directory would make a v2 group
+        group = CGROUPS / controller / "smolrun" / container_id
         try:
             group.mkdir(parents=True, exist_ok=True)
             for name, value in shared.items():
