@@ -142,8 +142,9 @@ class Scheduler:
                 if self._closing.is_set():  # not its own end: the turn was cut short, and hears why
                     end = ServerShuttingDown(SHUTTING_DOWN)
                     break
-                if not job.send([event]) or job.cancelled():
+                if not job.send([event]):
                     break  # dropping the generator stops the turn; a failed sink hears nothing more (send)
+                # a cancelled turn is ended by its work at the next token, with Done("cancelled") as in batching
         except BaseException as exc:  # handed to the waiting request, which re-raises it
             end = exc
         if end is not None:
