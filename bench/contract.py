@@ -195,11 +195,11 @@ def main() -> None:
     text = "\n".join(table)
     print(text)
     print("\n".join(headline))
-    resumed = f" (and {len(known)} answers read back from an earlier run's log)" if known else ""
+    resumed = f" for this pass, with {len(known)} answers read back from the log of earlier passes" if known else ""
     doc = f"""## The contract on real-world schemas
 
 Written by `python bench/contract.py --threads {args.threads} --parallel {args.parallel} --budgets {args.budgets}` in
-{(time.perf_counter() - started) / 60:.0f} min{resumed}, on {platform.machine()} with {args.threads} threads, model
+{(time.perf_counter() - started) / 60:.0f} min{resumed}, on {platform.machine()} with {args.threads} threads, {args.parallel} sequences decoded together, model
 `{engine.name}`: {everything.schemas} schemas of `../shared/data/jsonschemabench-sample`, each sent as a non-strict
 json_schema format with the prompt "{PROMPT}" and the schema after it, greedy, nothing else set (the repetition
 breaker and the closing at the budget as they are by default). "Finished": finish_reason `stop`, valid, what
