@@ -48,7 +48,7 @@ TURNS: dict[str, Turn] = {
                           temperature=0),
     # A budget its random answer overruns: the document is closed at the budget, in a batch as alone.
     "closed at the budget": turn("a person", ResponseFormat("json_schema", PERSON, strict=True), max_tokens=24,
-                                 seed=4, dry_multiplier=0.0),
+                                 seed=3, dry_multiplier=0.0),
 }
 
 
@@ -105,7 +105,7 @@ def test_a_batch_gives_each_request_exactly_what_it_gives_alone() -> None:
     assert alone["grammar error"].error is not None and "grammar" in alone["grammar error"].error
     assert alone["short budget"].events[-1][:2] == ("done", "length")
     closed = alone["closed at the budget"].events
-    assert "".join(e[1] for e in closed if e[0] == "text") == '{"name":"p턮N","age":0}'
+    assert "".join(e[1] for e in closed if e[0] == "text") == '{"name":"yCa*.","age":0}'
     assert closed[-1][:4] == ("done", "length", closed[-1][2], 24)
 
     engine = Engine(BatchByteModel(n_seq=4))

@@ -59,3 +59,41 @@ def test_top_p_keeps_only_the_nucleus() -> None:
     rng = np.random.default_rng(3)
     picks = {sample(logits, None, SamplingParams(top_p=0.85), rng) for _ in range(500)}
     assert picks == {0, 1}
+
+
+def test_masked_sampling_follows_the_masked_softmax_when_banned_tokens_hold_most_of_the_mass() -> None:
+    # Token 0 holds 70 % and is banned: most unmasked draws are rejected, and the answer must still be the
+    # softmax over the allowed tokens, 2/3 and 1/3.
+    logits = np.log(np.array([0.7, 0.2, 0.1], dtype=np.float32))
+    rng = np.random.default_rng(4)
+    bm = bitmask_of(3, [1, 2])
+    picks = np.bincount([sample(logits, bm, SamplingParams(temperature=1.0), rng) for _ in range(30000)],
+                        minlength=3) / 30000
+    assert picks[0] == 0.0
+    assert np.allclose(picks, [0.0, 2 / 3, 1 / 3], atol=0.015)
+
+
+def test_the_two_level_draw_follows_the_softmax_across_blocks_and_never_picks_the_padding() -> None:
+    # 600 tokens: two whole blocks of 256 and a padded third; the mass sits on both sides of each block edge.
+    probs = np.full(600, 1e-9)
+    probs[[0, 255, 256, 511, 512, 599]] = [0.1, 0.2, 0.15, 0.25, 0.05, 0.25]
+    logits = np.log(probs / probs.sum()).astype(np.float32)
+    rng = np.random.default_rng(5)
+    counts = np.bincount([sample(logits, None, SamplingParams(temperature=1.0), rng) for _ in range(30000)],
+                         minlength=600)
+    assert counts.shape == (600,)
+    picked = counts[[0, 255, 256, 511, 512, 599]] / 30000
+    assert np.allclose(picked, [0.1, 0.2, 0.15, 0.25, 0.05, 0.25], atol=0.015)
+
+
+@pytest.mark.parametrize("only", [0, 255, 256, 599])
+def test_a_single_allowed_token_is_always_drawn_wherever_it_sits(only: int) -> None:
+    logits = np.random.default_rng(6).normal(size=600).astype(np.float32)
+    bm = bitmask_of(600, [only])
+    assert {sample(logits, bm, SamplingParams(temperature=0.8), np.random.default_rng(s)) for s in range(50)} == {only}
+
+
+def test_no_allowed_token_is_an_error_not_a_draw() -> None:
+    logits = np.zeros(64, dtype=np.float32)
+    with pytest.raises(ValueError, match="no token is allowed"):
+        sample(logits, bitmask_of(64, []), SamplingParams(temperature=1.0), np.random.default_rng(7))
