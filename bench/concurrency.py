@@ -303,9 +303,12 @@ def main() -> None:
     ]
     ratio_rows = ["| ratio | measured | target |", "|---|---|---|"]
     for label, value, target in ratios:
-        verdict = "" if target is None else (f"at least {target} (met)" if value >= target
-                                             else f"at least {target} (missed by {target - value:.2f})")
-        ratio_rows.append(f"| {label} | {value:.2f}x | {verdict} |")
+        share = "share" in label
+        shown = f"{value:.0%}" if share else f"{value:.3f}x"
+        goal = f"{target:.0%}" if share and target is not None else f"{target}x"
+        verdict = "" if target is None else (f"at least {goal} (met)" if value >= target
+                                             else f"at least {goal} (missed: {value / target - 1:+.1%})")
+        ratio_rows.append(f"| {label} | {shown} | {verdict} |")
     limit = HOST_TARGET_MS
     host_rows = ["| workload | host ms per token, 1 sequence | host ms per token, "
                  f"{args.parallel} sequences |", "|---|---|---|"]

@@ -141,8 +141,9 @@ class ThinkingModel(ByteModel):
     chat_template = (TEMPLATES / "smollm3.jinja").read_text()
 
     def __init__(self, seed: int = 0, script: bytes | None = None, favour: bytes = b"ab ",
-                 turns: tuple[bytes, ...] = ()) -> None:
+                 turns: tuple[bytes, ...] = (), silent_tags: bool = False) -> None:
         super().__init__(seed=seed, favour=favour)
+        self.silent_tags = silent_tags  # the think tags' pieces render as nothing, as some control tokens do
         self.lltokenizer = LLTokenizer(TokenizerWrapper(_ThinkingTokenizer()))
         self.turns = [_with_think_tokens(t) for t in turns or ((script,) if script is not None else ())]
         self.script = self.turns[0] if self.turns else None
@@ -156,7 +157,9 @@ class ThinkingModel(ByteModel):
         return super().prefill(tokens, reuse, pixels)
 
     def token_bytes(self, token: int) -> bytes:
-        return {THINK: b"<think>", UNTHINK: b"</think>"}.get(token) or super().token_bytes(token)
+        if token in (THINK, UNTHINK):
+            return b"" if self.silent_tags else {THINK: b"<think>", UNTHINK: b"</think>"}[token]
+        return super().token_bytes(token)
 
     def _logits(self) -> npt.NDArray[np.float32]:
         logits = super()._logits()
@@ -243,7 +246,9 @@ class BatchThinkingModel(BatchByteModel):
         return self.lltokenizer.tokenize_str(text, parse_special=True)
 
     def token_bytes(self, token: int) -> bytes:
-        return {THINK: b"<think>", UNTHINK: b"</think>"}.get(token) or super().token_bytes(token)
+        if token in (THINK, UNTHINK):
+            return b"" if self.silent_tags else {THINK: b"<think>", UNTHINK: b"</think>"}[token]
+        return super().token_bytes(token)
 
     def _logits(self, history: list[int]) -> npt.NDArray[np.float32]:
         logits = super()._logits(history)

@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
+from smolrun.backends.parts import PartReader
 from smolrun.engine import Engine, Prepared
 from smolrun.runner import (
     CodeCallItem,
@@ -39,8 +40,13 @@ class Script:
     async def generate(self, prepared: Prepared) -> AsyncIterator[Event]:
         self.prompts.append(bytes(prepared.prompt).decode())  # the byte model: one token a byte
         text, reason = self.turns.pop(0)
+        # The branch as the decoder tags it, from the turn's layout (the byte model: one token a byte).
+        reader = PartReader(prepared.parts, lambda t: bytes([t]))
+        read = reader.read(list(text.encode())) + reader.flush()
+        branch = read[0].piece if read else "text"
+        assert branch != "thought"
         for i in range(0, len(text), 4):
-            yield TextDelta(text[i:i + 4])
+            yield TextDelta(text[i:i + 4], branch=branch)
         yield Done(reason, DecodeStats(len(prepared.prompt), len(text), 0, len(text), 0.0, 0.0,  # type: ignore[arg-type]
                                        cached_tokens=3))
 

@@ -48,9 +48,10 @@ def test_the_grammar_closes_the_think_block_at_the_budget(seed: int, budget: int
     jsonschema.validate(json.loads(answer), SCHEMA)
 
 
-def test_a_closed_thought_splits_from_the_answer_and_counts_its_tokens() -> None:
+@pytest.mark.parametrize("silent_tags", [False, True])
+def test_a_closed_thought_splits_from_the_answer_and_counts_its_tokens(silent_tags: bool) -> None:
     script = b'<think>two days</think>\n\n{"days":2}'
-    engine = Engine(ThinkingModel(script=script))
+    engine = Engine(ThinkingModel(script=script, silent_tags=silent_tags))
     thought, answer, done = run(engine, Turn(ASK, ResponseFormat("json_schema", SCHEMA), reasoning=Reasoning("low")))
     assert (thought, answer) == ("two days", '{"days":2}')
     assert done.stats.reasoning_tokens == 1 + len("two days") + 1  # the tags are one token each

@@ -25,6 +25,7 @@ from smolrun.backends.base import BatchModel, Model, Pixels
 from smolrun.backends.batch import BatchEngine, Job
 from smolrun.backends.closing import Closing, Vocabulary, schema_hints, shortest_close
 from smolrun.backends.decode import SequenceState, decode, never, token_budget
+from smolrun.backends.parts import PLAIN, Parts, Tag
 from smolrun.backends.repetition import DRY_MULTIPLIER
 from smolrun.backends.vllm import RemoteJob, VllmModel, VllmRunner, completion_body
 from smolrun.config import Settings
@@ -33,9 +34,10 @@ from smolrun.errors import ContextLengthExceeded, InvalidRequest, QueueFull
 from smolrun.models import REGISTRY, hub_offline, resolve
 from smolrun.prompt import render
 from smolrun.prompt.profiles import Profile, detect
+from smolrun.prompt.tools import OPEN as TOOL_OPEN
 from smolrun.prompt.tools import render_history
 from smolrun.scheduler import EventStream, Item, Scheduler, Sink
-from smolrun.thinking import ThinkBlock, ThoughtSplitter, split_thoughts
+from smolrun.thinking import ThinkBlock
 from smolrun.turn import Event, SamplingParams, Turn
 
 
@@ -50,6 +52,7 @@ class Prepared:
     pixels: tuple[Pixels, ...] = ()  # the pictures at the prompt's image tokens
     closing: Closing | None = None  # a JSON answer, closed within the budget
     plan: tuple[int, ...] | None = None  # a closing from the grammar's start (None: the search found none)
+    parts: Parts = PLAIN  # the think block and the branches, as the decoder tells them apart
 
 
 class Engine:
@@ -156,7 +159,18 @@ class Engine:
             raise InvalidRequest(f"The shortest JSON document that the response format allows takes {len(plan)} "
                                  f"tokens, but {limit}: raise max_tokens to at least {len(plan)}.",
                                  param="max_tokens")
-        return Prepared(prompt, grammar, self._sampling(turn, closing), think, pixels, closing, plan)
+        return Prepared(prompt, grammar, self._sampling(turn, closing), think, pixels, closing, plan,
+                        self._parts(turn, think, allow_code or must_code))
+
+    def _parts(self, turn: Turn, think: ThinkBlock | None, code: bool) -> Parts:
+        """The layout of the turn's grammar (constraints/grammar.turn_source), for the decoder to follow."""
+        tags = []
+        if code:
+            opening = self.profile.code.open
+            tags.append(Tag("code", opening.encode(), self.grammars.special_token(opening)))
+        if turn.tools.active:
+            tags.append(Tag("calls", TOOL_OPEN.encode(), self.grammars.special_token(TOOL_OPEN)))
+        return Parts((think.open_token, think.close_token) if think is not None else None, tuple(tags))
 
     def _sampling(self, turn: Turn, closing: Closing | None) -> SamplingParams:
         """The turn's sampling parameters, the DRY penalty resolved: unless the request set it, the engine's for
@@ -228,8 +242,7 @@ class Engine:
     def stream(self, prepared: Prepared, continuing: bool = False) -> EventStream:
         """Admit one turn now (QueueFull when too many wait, unless it is `continuing` an admitted response)
         and stream its events; leaving early cancels it."""
-        splitter = ThoughtSplitter(prepared.think) if prepared.think is not None else None
-        events = EventStream(splitter.feed if splitter is not None else None)
+        events = EventStream()
         self._submit(prepared, events.sink, events.cancelled.is_set, bounded=not continuing)
         return events
 
@@ -238,8 +251,7 @@ class Engine:
         items: queue.Queue[Item] = queue.Queue()
         gone = threading.Event()
         self._submit(prepared, items.put, lambda: gone.is_set() or cancelled())
-        events = self._drain(items, gone)
-        return split_thoughts(events, prepared.think) if prepared.think is not None else events
+        return self._drain(items, gone)
 
     @staticmethod
     def _drain(items: queue.Queue[Item], gone: threading.Event) -> Iterator[Event]:
@@ -313,7 +325,8 @@ class Engine:
     def _state(self, prepared: Prepared) -> SequenceState:
         """A turn's own decoding state (a fresh grammar matcher), for the batch loop or the vLLM replay."""
         return SequenceState(len(prepared.prompt), self.model.n_ctx, prepared.params, self._matcher(prepared),
-                             self.model.eog_tokens, self.model.token_bytes, prepared.closing, prepared.plan)
+                             self.model.eog_tokens, self.model.token_bytes, prepared.closing, prepared.plan,
+                             prepared.parts)
 
     @staticmethod
     def _matcher(prepared: Prepared) -> LLMatcher | None:
@@ -321,4 +334,4 @@ class Engine:
 
     def _decode(self, prepared: Prepared, cancelled: Callable[[], bool]) -> Iterator[Event]:
         return decode(cast(Model, self.model), prepared.prompt, prepared.params, self._matcher(prepared), cancelled,
-                      prepared.pixels, prepared.closing, prepared.plan)
+                      prepared.pixels, prepared.closing, prepared.plan, prepared.parts)

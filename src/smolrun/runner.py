@@ -16,12 +16,12 @@ from typing import Literal
 from smolrun.engine import Engine, Prepared
 from smolrun.errors import InvalidRequest
 from smolrun.prompt.profiles import CodeFormat
-from smolrun.prompt.tools import OPEN as TOOL_OPEN
 from smolrun.prompt.tools import CallReader
 from smolrun.sandbox.container import Execution
 from smolrun.turn import (
     DEFAULT_REASONING,
     NO_TOOLS,
+    Branch,
     Done,
     Event,
     Image,
@@ -180,40 +180,22 @@ class _CallItems:
 
 @dataclass
 class _Split:
-    """Sorts a model turn's text into a code call or an answer as it streams, without the code fence."""
+    """A model turn's text as it streams, by the branch the decoder read from its tokens: a code call without
+    its tags, an answer as it is, function calls kept whole (their items come from the call reader)."""
 
-    code_allowed: bool
-    calls_allowed: bool
     code_format: CodeFormat
-    kind: Literal["code", "text", "calls"] | None = None
+    kind: Branch | None = None
     raw: str = ""
     sent: int = 0  # characters of the body already emitted
 
-    def push(self, text: str) -> str:
+    def push(self, text: str, branch: Branch) -> str:
+        self.kind = branch
         self.raw += text
-        if self.kind is None:
-            self.kind = self._kind()
-            if self.kind is None:
-                return ""
-        if self.kind == "calls":
-            return ""  # sent whole, once the JSON of every call is complete
+        if branch == "calls":
+            return ""
         body = self.body(final=False)
         out, self.sent = body[self.sent :], len(body)
         return out
-
-    def _kind(self) -> Literal["code", "text", "calls"] | None:
-        """The branch the grammar took, once the text shows it (None: not yet)."""
-        tags: list[tuple[Literal["code", "calls"], str]] = []
-        if self.code_allowed:
-            tags.append(("code", self.code_format.open))
-        if self.calls_allowed:
-            tags.append(("calls", TOOL_OPEN))
-        for kind, tag in tags:
-            if self.raw.startswith(tag):
-                return kind
-        if not self.raw or any(tag.startswith(self.raw) for _, tag in tags):
-            return None
-        return "text"
 
     def body(self, final: bool) -> str:
         if self.kind != "code":
@@ -279,7 +261,7 @@ async def run(spec: RunSpec, engine: Engine, generate: Generate, execute: Execut
             prepared, first = first, None
         else:  # off the event loop: rendering, tokenizing and cutting pictures into tiles can take a while
             prepared = await engine.prepare_async(turn, allow_code, must_code, continuing=calls > 0)
-        split = _Split(allow_code, bool(spec.tools.active), engine.profile.code)
+        split = _Split(engine.profile.code)
         call_items: _CallItems | None = None  # set when the turn is function calls, after any reasoning item
         item: CodeCallItem | MessageItem | None = None
         thought: ReasoningItem | None = None  # the turn's reasoning item, while it streams
@@ -299,11 +281,10 @@ async def run(spec: RunSpec, engine: Engine, generate: Generate, execute: Execut
             if thought is not None:  # the answer begins: the thoughts are complete
                 yield ItemDone(index, replace(thought, text=thought_text, status="completed"))
                 thought, index = None, index + 1
-            piece = split.push(event.text)
+            piece = split.push(event.text, event.branch)
             if split.kind == "calls":
                 call_items = call_items or _CallItems(index)
-                # The text the reader has not seen: all of it when this text showed the branch, else this delta.
-                for call_event in call_items.push(split.raw[len(call_items.reader.text):]):
+                for call_event in call_items.push(event.text):
                     yield call_event
                 continue
             if item is None and split.kind in ("code", "text"):

@@ -156,10 +156,14 @@ class Turn:
         return tuple(x for m in self.messages for x in m.media)
 
 
+Branch = Literal["text", "calls", "code"]  # of a model turn: the answer, function calls, a code call
+
+
 @dataclass(frozen=True)
 class TextDelta:
     text: str
     tokens: tuple[int, ...] = ()  # the tokens generated since the previous delta
+    branch: Branch = "text"  # the branch the grammar took, as the decoder read it from the tokens
 
 
 @dataclass(frozen=True)

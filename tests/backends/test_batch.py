@@ -4,6 +4,7 @@ in a batch, prompts are chunked, the prefix cache picks the best slot, a full ca
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -18,7 +19,18 @@ from smolrun.backends.base import Feed, reusable_prefix
 from smolrun.backends.batch import BatchEngine, BatchLoop, Job
 from smolrun.engine import Engine
 from smolrun.errors import SHUTTING_DOWN, GenerationFailed, QueueFull, ServerShuttingDown
-from smolrun.turn import Done, Event, Message, ResponseFormat, SamplingParams, TextDelta, Tool, ToolUse, Turn
+from smolrun.turn import (
+    Done,
+    Event,
+    Message,
+    ReasoningDelta,
+    ResponseFormat,
+    SamplingParams,
+    TextDelta,
+    Tool,
+    ToolUse,
+    Turn,
+)
 from tests.fakes import EOS, BatchByteModel
 
 PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
@@ -65,9 +77,12 @@ class Run:
 def _shape(event: Event) -> tuple[object, ...]:
     if isinstance(event, Done):
         s = event.stats
-        return ("done", event.finish_reason, s.prompt_tokens, s.completion_tokens, s.forced_tokens, s.forward_passes)
+        return ("done", event.finish_reason, s.prompt_tokens, s.completion_tokens, s.forced_tokens, s.forward_passes,
+                s.reasoning_tokens)
+    if isinstance(event, ReasoningDelta):
+        return ("thought", event.text)
     assert isinstance(event, TextDelta)
-    return ("text", event.text, event.tokens)
+    return ("text", event.text, event.tokens, event.branch)
 
 
 def make_job(engine: Engine, name: str, run: Run) -> Job:
@@ -304,7 +319,7 @@ def _collect(engine: Engine, name: str, expect_error: bool) -> list[str]:
 
 def test_thinking_budgets_hold_in_a_batch_as_alone() -> None:
     from smolrun.turn import Reasoning
-    from tests.fakes import THINK, UNTHINK, BatchThinkingModel
+    from tests.fakes import BatchThinkingModel
 
     def think(budget: int, seed: int) -> Turn:
         return Turn((Message("user", "think first"),), ResponseFormat("json_schema", PERSON, strict=True),
@@ -332,8 +347,10 @@ def test_thinking_budgets_hold_in_a_batch_as_alone() -> None:
     together = run(turns)
     assert together == [run([t])[0] for t in turns]
     for budget, r in zip((8, 20, 40), together, strict=False):
-        tokens = [t for e in r.events if e[0] == "text" for t in e[2]]  # type: ignore[union-attr]
-        assert tokens[0] == THINK and tokens.index(UNTHINK) + 1 == budget  # the block, tags included, at its budget
+        assert r.events[-1][-1] == budget  # reasoning tokens: the block, tags included, closed at its budget
+        thought = "".join(str(e[1]) for e in r.events if e[0] == "thought")
+        assert thought and "think>" not in thought  # the tags are not thought
+        assert json.loads("".join(str(e[1]) for e in r.events if e[0] == "text"))  # then the answer, on its own
 
 
 class SinkGone(Exception):

@@ -20,7 +20,6 @@ from smolrun.api.state import get_state
 from smolrun.api.wire import ChatCompletionRequest
 from smolrun.constraints.grammar import warning_headers
 from smolrun.errors import GenerationFailed, SchemaError, client_error
-from smolrun.prompt.tools import OPEN as TOOL_OPEN
 from smolrun.prompt.tools import CallProgress, CallReader, read_calls
 from smolrun.turn import DecodeStats, Done, ReasoningDelta, TextDelta, ToolCall
 
@@ -45,8 +44,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         if exc.param is not None:
             raise
         raise SchemaError(exc.message, param="response_format") from exc
-    meta = _Meta(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), engine.name, bool(turn.tools.active),
-                 prepared.think is not None)
+    meta = _Meta(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), engine.name, prepared.think is not None)
     record.id = meta.id
     headers = warning_headers(prepared.grammar)
     if body.stream:
@@ -65,7 +63,6 @@ class _Meta:
     id: str
     created: int
     model: str
-    tools: bool = False  # functions may be called: output starting with "<tool_call>" is calls
     thinks: bool = False  # the model thinks first: its thoughts go in `reasoning_content`, as in vLLM
     def envelope(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
@@ -89,10 +86,12 @@ async def _complete(events: Watched, meta: _Meta, record: Record) -> dict[str, A
     parts: list[str] = []
     thoughts: list[str] = []
     done: Done | None = None
+    calls = False  # the turn is function calls (the decoder tells each delta's branch)
     try:
         async for event in events:
             if isinstance(event, TextDelta):
                 parts.append(event.text)
+                calls = calls or event.branch == "calls"
             elif isinstance(event, ReasoningDelta):
                 thoughts.append(event.text)
             else:
@@ -106,11 +105,10 @@ async def _complete(events: Watched, meta: _Meta, record: Record) -> dict[str, A
     if meta.thinks:
         message["reasoning_content"] = "".join(thoughts)
     finish: str = done.finish_reason
-    if meta.tools and text.startswith(TOOL_OPEN):  # the grammar's free text never starts with "<"
-        calls = read_calls(text)
+    if calls:
         # Cut by max_tokens, as at OpenAI: finish_reason "length", the last call's arguments as far as they got.
         message["content"] = None
-        message["tool_calls"] = [_wire_call(c) for c in calls.all]
+        message["tool_calls"] = [_wire_call(c) for c in read_calls(text).all]
         finish = "tool_calls" if finish == "stop" else finish
     record.finish = finish
     choice = {"index": 0, "message": message, "finish_reason": finish, "logprobs": None}
@@ -172,17 +170,14 @@ def _call_deltas(progress: list[CallProgress]) -> list[dict[str, Any]]:
 async def _sse(events: Watched, meta: _Meta, include_usage: bool, record: Record) -> AsyncIterator[str]:
     yield _data(_chunk(meta, {"role": "assistant", "content": "", "refusal": None}, None))
     calls: CallReader | None = None  # set when the turn is function calls
-    first = True
     try:
         async for event in events:
             if isinstance(event, ReasoningDelta):
                 yield _data(_chunk(meta, {"reasoning_content": event.text}, None))
                 continue
             if isinstance(event, TextDelta):
-                if first and meta.tools and event.text.startswith("<"):  # the grammar's choice of branch
-                    calls = CallReader()
-                first = False
-                if calls is not None:
+                if event.branch == "calls":
+                    calls = calls or CallReader()
                     for delta in _call_deltas(calls.push(event.text)):
                         yield _data(_chunk(meta, {"tool_calls": [delta]}, None))
                 else:

@@ -13,10 +13,11 @@ from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
 
 from smolrun.backends.base import Model, Pixels
 from smolrun.backends.closing import Closer, Closing
+from smolrun.backends.parts import PLAIN, PartReader, Parts, Piece, Segment
 from smolrun.backends.repetition import Dry
 from smolrun.backends.sampling import Bitmask, sample
 from smolrun.errors import ContextLengthExceeded, GenerationFailed
-from smolrun.turn import DecodeStats, Done, Event, FinishReason, SamplingParams, TextDelta
+from smolrun.turn import DecodeStats, Done, Event, FinishReason, ReasoningDelta, SamplingParams, TextDelta
 
 
 def never() -> bool:
@@ -33,7 +34,7 @@ class SequenceState:
 
     def __init__(self, prompt_tokens: int, n_ctx: int, params: SamplingParams, matcher: LLMatcher | None,
                  eog_tokens: frozenset[int], token_bytes: Callable[[int], bytes], closing: Closing | None = None,
-                 plan: tuple[int, ...] | None = None) -> None:
+                 plan: tuple[int, ...] | None = None, parts: Parts = PLAIN) -> None:
         self.budget = token_budget(n_ctx, prompt_tokens, params.max_tokens)
         self.params = params
         self.matcher = matcher
@@ -50,6 +51,8 @@ class SequenceState:
         self.generated = self.forced = self.passes = 0
         self.mask_us: list[float] = []
         self.unsent: list[int] = []  # tokens whose text is not yet out (held back for stop sequences or UTF-8)
+        self.parts = PartReader(parts, token_bytes)
+        self.piece: Piece = "text"  # the part of the turn whose text the stream holds
         self.events: list[Event] = []  # produced, not yet taken
         self.reason: FinishReason | None = None
         self.started = time.perf_counter()
@@ -131,11 +134,7 @@ class SequenceState:
         self.generated += len(batch)
         self.penalties.add(batch)
         self.dry.add(batch)
-        self.unsent += batch
-        delta, stopped = self.text.push(b"".join(self.token_bytes(t) for t in batch))
-        if delta:
-            self.events.append(TextDelta(delta, tuple(self.unsent)))
-            self.unsent = []
+        stopped = self._text(self.parts.read(batch))
         if closed:
             self.finish("length")
         elif stopped or (matcher is not None and matcher.is_stopped()):
@@ -144,14 +143,37 @@ class SequenceState:
             self.finish("length")
         return [] if self.done else batch
 
+    def _text(self, segments: list[Segment]) -> bool:
+        """The segments' text out as events of their part; whether a stop sequence ended it."""
+        for segment in segments:
+            if segment.piece != self.piece:  # a new part: what the stream held of the last one goes out first
+                self._event(self.text.flush())
+                self.piece = segment.piece
+            self.unsent += segment.tokens
+            delta, stopped = self.text.push(segment.data)
+            self._event(delta)
+            if stopped:
+                return True
+        return False
+
+    def _event(self, text: str) -> None:
+        if not text:
+            return
+        if self.piece == "thought":  # the think block's tokens are counted in reasoning_tokens, not here
+            self.events.append(ReasoningDelta(text))
+            self.unsent = []
+        else:
+            self.events.append(TextDelta(text, tuple(self.unsent), self.piece))
+            self.unsent = []
+
     def finish(self, reason: FinishReason) -> None:
         """End the sequence: the held-back text, then Done."""
         if self.done:
             return
         self.reason = reason
-        tail = self.text.flush()
-        if tail:
-            self.events.append(TextDelta(tail, tuple(self.unsent)))
+        if not self.text.hit_stop:
+            self._text(self.parts.flush())
+        self._event(self.text.flush())
         now = time.perf_counter()
         prefilled = self.prefilled or now
         self.events.append(Done(reason, DecodeStats(
@@ -162,6 +184,7 @@ class SequenceState:
             prefill_s=prefilled - self.started,
             decode_s=now - prefilled,
             mask_us=tuple(self.mask_us),
+            reasoning_tokens=self.parts.thought_tokens,
             cached_tokens=self.cached_tokens,
             closed=self.closed,
             close_us=tuple(self.closer.search_us) if self.closer is not None else (),
@@ -181,6 +204,7 @@ def decode(
     pixels: Sequence[Pixels] = (),
     closing: Closing | None = None,
     plan: tuple[int, ...] | None = None,
+    parts: Parts = PLAIN,
 ) -> Iterator[Event]:
     """Generate from `prompt` on a model with one sequence, yielding text deltas then one Done.
 
@@ -189,7 +213,7 @@ def decode(
     silently cut short. With `closing`, a JSON answer is closed within the budget (see SequenceState).
     """
     state = SequenceState(len(prompt), model.n_ctx, params, matcher, model.eog_tokens, model.token_bytes, closing,
-                          plan)
+                          plan, parts)
     bitmask = allocate_token_bitmask(1, model.lltokenizer.vocab_size) if matcher is not None else None
     logits = model.prefill(prompt, reuse=params.seed is None, pixels=pixels)  # seeded runs must repeat exactly
     state.cached_tokens = model.reused

@@ -113,7 +113,7 @@ def _draw(weights: npt.NDArray[np.float32], rng: np.random.Generator) -> int:
     index = min(int(np.searchsorted(inner, rest, side="right")), BLOCK - 1)
     while weights[start + index] <= 0:  # the same, within the block
         index -= 1
-    return start + index
+    return int(start + index)
 
 
 def _nucleus(weights: npt.NDArray[np.float32], params: SamplingParams, rng: np.random.Generator) -> int:

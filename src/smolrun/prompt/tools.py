@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from smolrun.turn import Message, ToolCall, ToolUse
 
@@ -106,16 +106,31 @@ class CallProgress:
 
 class CallReader:
     """A turn of function calls read as its text streams in (both APIs stream calls this way): each push
-    says which calls appeared and how far each one's arguments grew; `calls` is all of it so far."""
+    says which calls appeared and how far each one's arguments grew; `calls` is all of it so far.
+
+    Each push reads only what is new: calls already complete are not read again, and the current call's
+    arguments are scanned once, character by character, for the end of their JSON (read_calls over the
+    whole text on every delta would be quadratic in the turn's length)."""
 
     def __init__(self) -> None:
         self.text = ""
         self.calls = Calls(())
+        self._complete: list[ToolCall] = []
+        self._at = 0  # where the text after the last complete call begins
+        self._call: ToolCall | None = None  # the current call, once its name is whole
+        self._start = 0  # where its arguments begin
+        self._scan = _Extent()
         self._sent: list[int] = []  # characters of each call's arguments already given
 
     def push(self, text: str) -> list[CallProgress]:
         self.text += text
-        self.calls = read_calls(self.text, tuple(c.id for c in self.calls.all))
+        while self._advance():
+            pass
+        partial = None
+        if self._call is not None:
+            end = self._scan.end if self._scan.end is not None else len(self.text)
+            partial = replace(self._call, arguments=self.text[self._start:end])
+        self.calls = Calls(tuple(self._complete), partial)
         progress = []
         for index, call in enumerate(self.calls.all):
             new = index == len(self._sent)
@@ -126,6 +141,79 @@ class CallReader:
             if new or piece:
                 progress.append(CallProgress(index, call, new, piece))
         return progress
+
+    def _advance(self) -> bool:
+        """One step through the new text: a call's head read, its arguments' end found, or the call closed.
+        False when the text so far does not go further."""
+        text = self.text
+        if self._call is None:
+            at = _skip_newlines(text, self._at)
+            if not text.startswith(OPEN, at):
+                return False
+            head = _HEAD.match(text, _skip_newlines(text, at + len(OPEN)))
+            if head is None:  # its name is not whole yet
+                return False
+            self._call = ToolCall(f"call_{uuid.uuid4().hex[:24]}", json.loads(head.group(1)), "")
+            self._start, self._scan = head.end(), _Extent(head.end())
+            return True
+        end = self._scan.end
+        if end is None:
+            return self._scan.feed(text) is not None
+        after = _skip_newlines(text, end + 1) if text.startswith("}", end) else -1
+        if after < 0 or not text.startswith(CLOSE, after):  # its JSON is whole, its closing tag not yet
+            return False
+        self._complete.append(replace(self._call, arguments=text[self._start:end]))
+        self._call, self._at = None, after + len(CLOSE)
+        return True
+
+
+class _Extent:
+    """Where a JSON value that starts at `start` ends, found by reading each character once (strings,
+    escapes and nesting followed); `end` is set once the value is whole."""
+
+    def __init__(self, start: int = 0) -> None:
+        self.at = start
+        self.depth = 0
+        self.string = self.escape = False
+        self.end: int | None = None
+
+    def feed(self, text: str) -> int | None:
+        i = self.at
+        while i < len(text):
+            c = text[i]
+            i += 1
+            if self.string:
+                if self.escape:
+                    self.escape = False
+                elif c == "\\":
+                    self.escape = True
+                elif c == '"':
+                    self.string = False
+                    if self.depth == 0:  # a string value
+                        self.end = i
+                        break
+            elif c == '"':
+                self.string = True
+            elif c in "{[":
+                self.depth += 1
+            elif c in "}]":
+                self.depth -= 1
+                if self.depth == 0:
+                    self.end = i
+                    break
+            elif self.depth == 0 and c not in " \n":  # a number or a literal: whole when what follows ends it
+                return self._scalar(text)
+        self.at = i
+        return self.end
+
+    def _scalar(self, text: str) -> int | None:
+        try:
+            _, end = _JSON.raw_decode(text, self.at)
+        except json.JSONDecodeError:
+            return None
+        if end < len(text):  # "12" may still grow into "123"; a character after it says it is whole
+            self.end = end
+        return self.end
 
 
 def _skip_newlines(text: str, at: int) -> int:
