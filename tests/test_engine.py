@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from smolrun.engine import Engine, Prepared
+from smolrun.backends.decode import Prepared
+from smolrun.engine import Engine
 from smolrun.errors import SHUTTING_DOWN, ContextLengthExceeded, QueueFull, ServerShuttingDown
 from smolrun.scheduler import Scheduler
 from smolrun.turn import Message, TextDelta, Turn
@@ -87,13 +88,13 @@ def test_the_one_sequence_runner_bounds_new_turns_and_never_a_continuing_one() -
             return iter(())
         return run
 
-    runner.submit(work("running", hold=True), lambda item: None, lambda: False)
+    runner.enqueue(work("running", hold=True), lambda item: None, lambda: False)
     assert started.wait(10)  # it holds the model; the queue is empty
-    runner.submit(work("waiting"), lambda item: None, lambda: False)
+    runner.enqueue(work("waiting"), lambda item: None, lambda: False)
     with pytest.raises(QueueFull):
-        runner.submit(work("refused"), lambda item: None, lambda: False)
+        runner.enqueue(work("refused"), lambda item: None, lambda: False)
     last = threading.Event()
-    runner.submit(work("continuing"), lambda item: last.set() if item is None else None, lambda: False,
+    runner.enqueue(work("continuing"), lambda item: last.set() if item is None else None, lambda: False,
                   bounded=False)
     assert runner.waiting() == 2
     release.set()
@@ -143,8 +144,8 @@ def test_a_sink_that_raises_ends_its_own_turn_only_on_the_one_sequence_runner(
         raise RuntimeError("the client's event loop is closed")
 
     long, short, heard = _Turn(10_000), _Turn(2), _Heard()
-    runner.submit(long, failing, lambda: False)
-    runner.submit(short, heard, lambda: False)
+    runner.enqueue(long, failing, lambda: False)
+    runner.enqueue(short, heard, lambda: False)
     assert heard.ended.wait(10)  # the thread lives and serves the next turn
     runner.close()
     assert len(calls) == 1 and long.stopped.is_set()  # its first event, then it stopped: no error, no end
@@ -159,8 +160,8 @@ def test_close_ends_the_running_and_the_queued_turns_on_the_one_sequence_runner(
     runner = Scheduler(max_queue=4)
     running, queued = _Heard(), _Heard()
     work = _Turn(10_000)  # ten seconds of tokens
-    runner.submit(work, running, lambda: False)
-    runner.submit(_Turn(2), queued, lambda: False)
+    runner.enqueue(work, running, lambda: False)
+    runner.enqueue(_Turn(2), queued, lambda: False)
     deadline = time.monotonic() + 10
     while not running.items and time.monotonic() < deadline:
         time.sleep(0.001)
@@ -171,4 +172,4 @@ def test_close_ends_the_running_and_the_queued_turns_on_the_one_sequence_runner(
     assert all(item == [TextDelta("x", (120,))] for item in running.items[:-2])
     assert queued.items == [error, None]
     with pytest.raises(ServerShuttingDown):
-        runner.submit(_Turn(1), _Heard(), lambda: False)
+        runner.enqueue(_Turn(1), _Heard(), lambda: False)

@@ -7,8 +7,9 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
+from smolrun.backends.decode import Prepared
 from smolrun.backends.parts import PartReader
-from smolrun.engine import Engine, Prepared
+from smolrun.engine import Engine
 from smolrun.runner import (
     CodeCallItem,
     Delta,

@@ -28,11 +28,12 @@ pytest.importorskip("num2words", reason="SmolVLM's video prompt needs num2words:
 from click.testing import CliRunner  # noqa: E402
 
 from smolrun.backends.base import Pixels  # noqa: E402
+from smolrun.backends.decode import Prepared  # noqa: E402
 from smolrun.backends.transformers import TransformersModel  # noqa: E402
 from smolrun.backends.vision import SmolVLMVision  # noqa: E402
 from smolrun.cli import main  # noqa: E402
 from smolrun.config import Settings  # noqa: E402
-from smolrun.engine import Engine, Prepared  # noqa: E402
+from smolrun.engine import Engine  # noqa: E402
 from smolrun.errors import InvalidRequest  # noqa: E402
 from smolrun.runner import observation  # noqa: E402
 from smolrun.sandbox.container import Execution  # noqa: E402

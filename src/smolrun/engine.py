@@ -1,10 +1,10 @@
 """A loaded model with its grammar cache and its runner: Turn -> prompt tokens + grammar -> stream of events.
 
-The engine owns how turns share the hardware: a model with many sequences (llama.cpp) batches them
-continuously (backends/batch.py); a model with one (transformers) runs one turn at a time (scheduler.py);
-a model on vLLM servers sends each turn there at once and replays its tokens (backends/vllm.py), vLLM
-batching them. Every way a turn is admitted when it is submitted, so a full queue is a 429 before any
-byte is streamed.
+The engine prepares turns and hands them to its one runner (backends/factory.py), which owns how turns share
+the hardware: a model with many sequences (llama.cpp) batches them continuously (backends/batch.py); a model
+with one (transformers) runs one turn at a time (scheduler.py); a model on vLLM servers sends each turn there
+at once and replays its tokens (backends/vllm.py), vLLM batching them. Every runner admits a turn when it is
+submitted, so a full queue is a 429 before any byte is streamed.
 """
 
 from __future__ import annotations
@@ -14,45 +14,28 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import cached_property
-from pathlib import Path
 from typing import cast
 
-from llguidance import LLMatcher
-
 from smolrun.backends.base import BatchModel, Model, Pixels
-from smolrun.backends.batch import BatchEngine, Job
+from smolrun.backends.batch import Job
 from smolrun.backends.closing import Closing, Vocabulary, schema_hints, shortest_close
-from smolrun.backends.decode import SequenceState, decode, never, token_budget
-from smolrun.backends.parts import PLAIN, Parts, Tag
+from smolrun.backends.decode import Prepared, never, token_budget
+from smolrun.backends.factory import Runner, batches, load_model, start_runner
+from smolrun.backends.parts import Parts, Tag
 from smolrun.backends.repetition import DRY_MULTIPLIER
-from smolrun.backends.vllm import RemoteJob, VllmModel, VllmRunner, completion_body
+from smolrun.backends.vllm import VllmModel
 from smolrun.config import Settings
 from smolrun.constraints.grammar import Grammar, GrammarCache
 from smolrun.errors import ContextLengthExceeded, InvalidRequest, QueueFull
-from smolrun.models import REGISTRY, hub_offline, resolve
 from smolrun.prompt import render
 from smolrun.prompt.profiles import Profile, detect
 from smolrun.prompt.tools import OPEN as TOOL_OPEN
 from smolrun.prompt.tools import render_history
-from smolrun.scheduler import EventStream, Item, Scheduler, Sink
+from smolrun.scheduler import EventStream, Item, Sink
 from smolrun.thinking import ThinkBlock
 from smolrun.turn import Event, SamplingParams, Turn
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """A turn ready to decode: checked, compiled and tokenized (every 400 is raised before this)."""
-
-    prompt: list[int]
-    grammar: Grammar | None
-    params: SamplingParams
-    think: ThinkBlock | None = None  # the turn starts with a think block
-    pixels: tuple[Pixels, ...] = ()  # the pictures at the prompt's image tokens
-    closing: Closing | None = None  # a JSON answer, closed within the budget
-    plan: tuple[int, ...] | None = None  # a closing from the grammar's start (None: the search found none)
-    parts: Parts = PLAIN  # the think block and the branches, as the decoder tells them apart
 
 
 class Engine:
@@ -63,7 +46,7 @@ class Engine:
         self._plans: dict[tuple[str, Closing], tuple[int, ...] | None] = {}  # closings from each grammar's start
         self.max_queue = max_queue  # turns waiting for the model before QueueFull
         self.max_inflight = max_inflight  # vLLM: turns on its servers at once
-        self._runner: BatchEngine | Scheduler | VllmRunner | None = None  # started by the first turn
+        self._runner: Runner | None = None  # started by the first turn
         self._runner_lock = threading.Lock()
         self._preparing = 0  # turns in prepare_async (counted on the event loop's thread)
         self._prepare_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="smolrun-prepare")
@@ -76,33 +59,9 @@ class Engine:
 
     @classmethod
     def load(cls, settings: Settings, model: str | None = None, mmproj: str | None = None) -> Engine:
-        """The engine for `model` (default: settings.model), with the vision projector `mmproj` on llama.cpp
-        (see models.resolve). Hugging Face directories load on transformers whatever the backend setting."""
-        name = model or settings.model
-        if settings.backend == "vllm":
-            if mmproj is not None:
-                raise InvalidRequest("--mmproj is for GGUF models on llama.cpp; the vLLM engine takes no pictures",
-                                     param="mmproj")
-            from smolrun.backends.vllm_server import connect
-
-            return cls(connect(settings, name), max_queue=settings.max_queue, max_inflight=settings.max_inflight,
-                       dry_multiplier=settings.dry_multiplier)
-        if settings.backend == "transformers" or (name not in REGISTRY and Path(name).expanduser().is_dir()):
-            if mmproj is not None:
-                raise InvalidRequest("--mmproj is for GGUF models on llama.cpp; on transformers a vision model "
-                                     "carries its own image side", param="mmproj")
-            from smolrun.backends.transformers import TransformersModel, hf_source
-
-            source = hf_source(name, offline=settings.offline)
-            return cls(TransformersModel(source, n_ctx=settings.n_ctx, device=settings.device,
-                                         threads=settings.threads, offline=hub_offline(settings.offline)),
-                       max_queue=settings.max_queue, dry_multiplier=settings.dry_multiplier)
-        from smolrun.backends.llama_cpp import LlamaCppModel
-
-        resolved = resolve(name, offline=settings.offline, mmproj=mmproj)
-        return cls(LlamaCppModel(resolved.path, name=resolved.name, n_ctx=settings.n_ctx, n_threads=settings.threads,
-                                 mmproj=resolved.mmproj, n_seq=settings.parallel, gpu_layers=settings.gpu_layers),
-                   max_queue=settings.max_queue, dry_multiplier=settings.dry_multiplier)
+        """The engine for `model` (default: settings.model); see backends.factory.load_model."""
+        return cls(load_model(settings, model, mmproj), max_queue=settings.max_queue,
+                   max_inflight=settings.max_inflight, dry_multiplier=settings.dry_multiplier)
 
     @property
     def name(self) -> str:
@@ -237,7 +196,7 @@ class Engine:
     @property
     def batches(self) -> bool:
         """Whether turns decode together (continuous batching) rather than one at a time."""
-        return hasattr(self.model, "n_seq")
+        return batches(self.model)
 
     def stream(self, prepared: Prepared, continuing: bool = False) -> EventStream:
         """Admit one turn now (QueueFull when too many wait, unless it is `continuing` an admitted response)
@@ -264,31 +223,16 @@ class Engine:
             gone.set()
 
     def job(self, prepared: Prepared, sink: Sink, cancelled: Callable[[], bool]) -> Job:
-        """A prepared turn as the batch loop takes it (its own decoding state, a fresh grammar matcher)."""
-        return Job(list(prepared.prompt), prepared.pixels, self._state(prepared), sink, cancelled,
-                   reuse=prepared.params.seed is None)
+        """A prepared turn as a batch loop takes it (tests and benchmarks drive a BatchLoop themselves)."""
+        return Job.of(prepared, cast(BatchModel, self.model), sink, cancelled)
 
     def _submit(self, prepared: Prepared, sink: Sink, cancelled: Callable[[], bool], bounded: bool = True) -> None:
-        runner = self._start()
-        if isinstance(runner, VllmRunner):
-            state = self._state(prepared)
-            source = prepared.grammar.source if prepared.grammar is not None else None
-            body = completion_body(runner.model, prepared.prompt, source, prepared.params, state.budget)
-            runner.submit(RemoteJob(body, state, sink, cancelled), bounded)
-        elif isinstance(runner, BatchEngine):
-            runner.submit(self.job(prepared, sink, cancelled), bounded)
-        else:
-            runner.submit(lambda stop: self._decode(prepared, stop), sink, cancelled, bounded)
+        self._start().submit(prepared, sink, cancelled, bounded)
 
-    def _start(self) -> BatchEngine | Scheduler | VllmRunner:
+    def _start(self) -> Runner:
         with self._runner_lock:
             if self._runner is None:
-                if isinstance(self.model, VllmModel):
-                    self._runner = VllmRunner(self.model, self.max_queue, self.max_inflight)
-                elif self.batches:
-                    self._runner = BatchEngine(cast(BatchModel, self.model), self.max_queue)
-                else:
-                    self._runner = Scheduler(self.max_queue)
+                self._runner = start_runner(self.model, self.max_queue, self.max_inflight)
             return self._runner
 
     def waiting(self) -> int:
@@ -303,8 +247,8 @@ class Engine:
         """KV cells in use and in all, on a model that batches (its sequences share one cache); else None."""
         if not self.batches:
             return None
-        runner = self._runner
-        return (runner.kv_used() if isinstance(runner, BatchEngine) else 0), self.model.n_ctx
+        used = self._runner.kv_used() if self._runner is not None else None
+        return used or 0, self.model.n_ctx
 
     def close(self) -> None:
         """End every live and queued turn (ServerShuttingDown, a 503) and stop the runner's thread; a later turn
@@ -321,17 +265,3 @@ class Engine:
         self._prepare_pool.shutdown(wait=False, cancel_futures=True)
         if isinstance(self.model, VllmModel):
             self.model.close()
-
-    def _state(self, prepared: Prepared) -> SequenceState:
-        """A turn's own decoding state (a fresh grammar matcher), for the batch loop or the vLLM replay."""
-        return SequenceState(len(prepared.prompt), self.model.n_ctx, prepared.params, self._matcher(prepared),
-                             self.model.eog_tokens, self.model.token_bytes, prepared.closing, prepared.plan,
-                             prepared.parts)
-
-    @staticmethod
-    def _matcher(prepared: Prepared) -> LLMatcher | None:
-        return prepared.grammar.matcher() if prepared.grammar is not None else None
-
-    def _decode(self, prepared: Prepared, cancelled: Callable[[], bool]) -> Iterator[Event]:
-        return decode(cast(Model, self.model), prepared.prompt, prepared.params, self._matcher(prepared), cancelled,
-                      prepared.pixels, prepared.closing, prepared.plan, prepared.parts)

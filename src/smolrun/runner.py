@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from smolrun.engine import Engine, Prepared
+from smolrun.backends.decode import Prepared
+from smolrun.engine import Engine
 from smolrun.errors import InvalidRequest
 from smolrun.prompt.profiles import CodeFormat
 from smolrun.prompt.tools import CallReader

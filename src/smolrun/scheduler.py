@@ -1,7 +1,8 @@
 """How a turn waits for its model: admitted at once (or QueueFull, a 429), then its events stream back to asyncio.
 
-Two runners sit behind the engine seam: `Scheduler` (a thread running one turn at a time, for models with one
-sequence) and `backends.batch.BatchEngine` (continuous batching). Both hand events over as an `EventStream`.
+Three runners sit behind the engine seam (backends.factory.Runner): `Scheduler` (a thread running one turn at a
+time, for models with one sequence), `backends.batch.BatchEngine` (continuous batching) and
+`backends.vllm.VllmRunner`. Each hands events over to a sink, an `EventStream` for the routes.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from smolrun.backends.base import Model
+from smolrun.backends.decode import Prepared, decode_prepared
 from smolrun.errors import SHUTTING_DOWN, QueueFull, ServerShuttingDown
 from smolrun.turn import Event
 
@@ -98,9 +101,11 @@ class _Job(Guarded):
 
 @dataclass
 class Scheduler:
-    """Runs turns one at a time, in arrival order, on one thread that owns the model."""
+    """Runs turns one at a time, in arrival order, on one thread that owns the model (`model`; without one it
+    runs work given to `enqueue`)."""
 
     max_queue: int
+    model: Model | None = None
     _jobs: queue.Queue[_Job | None] = field(init=False)
     _thread: threading.Thread = field(init=False)
     _closing: threading.Event = field(init=False, default_factory=threading.Event)
@@ -112,7 +117,13 @@ class Scheduler:
         self._thread = threading.Thread(target=self._run, name="smolrun-model", daemon=True)
         self._thread.start()
 
-    def submit(self, work: Work, sink: Sink, cancelled: Callable[[], bool], bounded: bool = True) -> None:
+    def submit(self, prepared: Prepared, sink: Sink, cancelled: Callable[[], bool], bounded: bool = True) -> None:
+        """Decode a prepared turn on the model, in its turn (see enqueue)."""
+        model = self.model
+        assert model is not None, "a Scheduler without a model runs only work given to enqueue"
+        self.enqueue(lambda stop: decode_prepared(model, prepared, stop), sink, cancelled, bounded)
+
+    def enqueue(self, work: Work, sink: Sink, cancelled: Callable[[], bool], bounded: bool = True) -> None:
         """`bounded`: refused (QueueFull) when max_queue turns wait; a later turn of an admitted response is not.
         After close(), ServerShuttingDown (a 503)."""
         with self._lock:  # nothing lands behind close()'s end marker, where nobody would serve it
@@ -158,6 +169,10 @@ class Scheduler:
     def running(self) -> int:
         """1 while a turn is being generated."""
         return int(self._serving)
+
+    def kv_used(self) -> int | None:
+        """None: one sequence, no shared cache to count."""
+        return None
 
     def close(self) -> None:
         """End the running turn (at its next token) and every queued one with ServerShuttingDown, and return

@@ -270,20 +270,20 @@ def test_the_engine_thread_bounds_its_queue() -> None:
     engine = Engine(BatchByteModel(n_seq=1), max_queue=1)
     runner = BatchEngine(engine.model, max_queue=1)  # type: ignore[arg-type]
     release = threading.Event()
-    runner.submit(engine.job(engine.prepare(turn("hold", max_tokens=4000, temperature=0)),
+    runner.enqueue(engine.job(engine.prepare(turn("hold", max_tokens=4000, temperature=0)),
                              lambda item: None, release.is_set))
     waiting = engine.job(engine.prepare(turn("wait", max_tokens=5)), lambda item: None, lambda: False)
     while runner.waiting() != 0:  # until the first holds the only sequence
         time.sleep(0.001)
-    runner.submit(waiting)
+    runner.enqueue(waiting)
     with pytest.raises(QueueFull):
-        runner.submit(engine.job(engine.prepare(turn("one too many", max_tokens=5)), lambda item: None,
+        runner.enqueue(engine.job(engine.prepare(turn("one too many", max_tokens=5)), lambda item: None,
                                  lambda: False))
     # The next turn of a response already admitted (the code loop's) is never refused: nothing accepted is lost.
     ended = threading.Event()
     later = engine.job(engine.prepare(turn("a later turn", max_tokens=5)),
                        lambda item: ended.set() if item is None else None, lambda: False)
-    runner.submit(later, bounded=False)
+    runner.enqueue(later, bounded=False)
     assert runner.waiting() == 2
     release.set()
     assert ended.wait(10)
@@ -409,11 +409,11 @@ def test_a_sink_that_raises_leaves_the_engine_thread_serving(caplog: pytest.LogC
     engine = Engine(BatchByteModel(n_seq=2))
     runner = BatchEngine(engine.model, max_queue=4)  # type: ignore[arg-type]
     calls: list[object] = []
-    runner.submit(engine.job(engine.prepare(TURNS["free greedy"]), _failing(calls), lambda: False))
+    runner.enqueue(engine.job(engine.prepare(TURNS["free greedy"]), _failing(calls), lambda: False))
     beside, later = Run(), Run()
-    runner.submit(make_job(engine, "schema", beside))
+    runner.enqueue(make_job(engine, "schema", beside))
     assert _until(lambda: beside.ended or beside.error is not None)
-    runner.submit(make_job(engine, "penalties", later))
+    runner.enqueue(make_job(engine, "penalties", later))
     assert _until(lambda: later.ended or later.error is not None)
     runner.close()
     assert len(calls) == 1 and _errors(caplog) == [SINK_FAILED]

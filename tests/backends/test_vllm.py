@@ -174,7 +174,7 @@ def test_a_token_the_grammar_rejects_is_an_error_not_an_answer(api: Server, monk
         body["structured_outputs"] = {"grammar": 'start: "[1, 2]"\n'}  # vLLM enforces this, the local matcher not
         return body
 
-    monkeypatch.setattr("smolrun.engine.completion_body", other_grammar)
+    monkeypatch.setattr("smolrun.backends.vllm.completion_body", other_grammar)
     client = api.client()
     with pytest.raises(Exception) as caught:
         client.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": "A person?"}],

@@ -99,8 +99,8 @@ def test_a_sink_that_raises_ends_its_own_request_only(caplog: pytest.LogCaptureF
         raise RuntimeError("the client's event loop is closed")
 
     other = _Heard()
-    runner.submit(_job(LONG, failing))
-    runner.submit(_job(SHORT, other))
+    runner.enqueue(_job(LONG, failing))
+    runner.enqueue(_job(SHORT, other))
     assert other.ended.wait(10)
     assert _until(lambda: upstream.closed == [LONG] and runner.waiting() == 0 and runner._admitted == 0)
     runner.close()
@@ -116,13 +116,13 @@ def test_close_ends_the_request_in_flight_and_the_one_waiting() -> None:
     upstream = Upstream()
     runner = _runner(upstream, max_inflight=1)
     live, waiting = _Heard(), _Heard()
-    runner.submit(_job(LONG, live))
+    runner.enqueue(_job(LONG, live))
     assert _until(lambda: bool(live.items))  # in flight: the only place is taken
-    runner.submit(_job(LONG, waiting))
+    runner.enqueue(_job(LONG, waiting))
     assert runner.waiting() == 1
     runner.close()
     assert not runner._thread.is_alive()
     error = ("ServerShuttingDown", SHUTTING_DOWN)
     assert (live.items, waiting.items, upstream.closed) == ([["x"], error, None], [error, None], [LONG])
     with pytest.raises(ServerShuttingDown):
-        runner.submit(_job(SHORT, _Heard()))
+        runner.enqueue(_job(SHORT, _Heard()))

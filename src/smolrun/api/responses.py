@@ -28,8 +28,9 @@ from smolrun.api.responses_wire import (
 )
 from smolrun.api.state import AUTO, AppState, get_state
 from smolrun.api.wire import sampling
+from smolrun.backends.decode import Prepared
 from smolrun.constraints.grammar import warning_headers
-from smolrun.engine import Engine, Prepared
+from smolrun.engine import Engine
 from smolrun.errors import InvalidRequest, SmolrunError, client_error
 from smolrun.responses_store import StoredResponse
 from smolrun.runner import (

@@ -29,7 +29,7 @@ from llguidance import LLExecutor
 from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask_par
 
 from smolrun.backends.base import BatchModel, Feed, KVFull, Pixels, reusable_prefix, reusable_with_pixels
-from smolrun.backends.decode import SequenceState
+from smolrun.backends.decode import Prepared, SequenceState
 from smolrun.errors import SHUTTING_DOWN, GenerationFailed, QueueFull, ServerShuttingDown
 from smolrun.scheduler import Guarded, Sink
 from smolrun.turn import FinishReason
@@ -48,6 +48,12 @@ class Job(Guarded):
     reuse: bool = True  # seeded requests evaluate their whole prompt, so that the same seed repeats
     admitted: int = 0  # admission order (the newest is paused first when the cache is full)
     started: bool = False  # admitted once: the cached-token count is the first admission's
+
+    @classmethod
+    def of(cls, prepared: Prepared, model: BatchModel, sink: Sink, cancelled: Callable[[], bool]) -> Job:
+        """A prepared turn as the loop takes it: its own decoding state, a fresh grammar matcher."""
+        return cls(list(prepared.prompt), prepared.pixels, SequenceState.of(prepared, model), sink, cancelled,
+                   reuse=prepared.params.seed is None)
 
 
 @dataclass(eq=False)
@@ -342,6 +348,7 @@ class BatchEngine:
     waiting for a sequence (then QueueFull, a 429), and join the running batch at the next step."""
 
     def __init__(self, model: BatchModel, max_queue: int) -> None:
+        self.model = model
         self.max_queue = max_queue
         self._loop = BatchLoop(model)
         self._loop.on_dequeue = self._dequeued
@@ -352,7 +359,11 @@ class BatchEngine:
         self._thread = threading.Thread(target=self._run, name="smolrun-batch", daemon=True)
         self._thread.start()
 
-    def submit(self, job: Job, bounded: bool = True) -> None:
+    def submit(self, prepared: Prepared, sink: Sink, cancelled: Callable[[], bool], bounded: bool = True) -> None:
+        """Join a prepared turn to the batch (see enqueue)."""
+        self.enqueue(Job.of(prepared, self.model, sink, cancelled), bounded)
+
+    def enqueue(self, job: Job, bounded: bool = True) -> None:
         """`bounded`: refused (QueueFull) when max_queue requests wait; a later turn of an admitted response is
         not, so that nothing accepted is lost. After close(), ServerShuttingDown (a 503)."""
         with self._lock:  # put under the lock: nothing lands behind close()'s end marker, where nobody reads it
@@ -375,7 +386,7 @@ class BatchEngine:
         """Requests in a sequence now, read from another thread (a gauge: a step may be changing them)."""
         return sum(slot.job is not None for slot in self._loop.slots)
 
-    def kv_used(self) -> int:
+    def kv_used(self) -> int | None:
         """KV cells in use, shared ones once, read from another thread: each slot's cells are copied first (a
         slice is one step under the GIL), so the loop's thread may change them meanwhile."""
         return len({cell for cells in [slot.cells[:] for slot in self._loop.slots] for cell in cells})

@@ -5,6 +5,8 @@ from __future__ import annotations
 import codecs
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -16,12 +18,42 @@ from smolrun.backends.closing import Closer, Closing
 from smolrun.backends.parts import PLAIN, PartReader, Parts, Piece, Segment
 from smolrun.backends.repetition import Dry
 from smolrun.backends.sampling import Bitmask, sample
+from smolrun.constraints.grammar import Grammar
 from smolrun.errors import ContextLengthExceeded, GenerationFailed
+from smolrun.thinking import ThinkBlock
 from smolrun.turn import DecodeStats, Done, Event, FinishReason, ReasoningDelta, SamplingParams, TextDelta
 
 
 def never() -> bool:
     return False
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A turn ready to decode: checked, compiled and tokenized (every 400 is raised before this). Every runner
+    takes it as it is (backends.base.Runner)."""
+
+    prompt: list[int]
+    grammar: Grammar | None
+    params: SamplingParams
+    think: ThinkBlock | None = None  # the turn starts with a think block
+    pixels: tuple[Pixels, ...] = ()  # the pictures at the prompt's image tokens
+    closing: Closing | None = None  # a JSON answer, closed within the budget
+    plan: tuple[int, ...] | None = None  # a closing from the grammar's start (None: the search found none)
+    parts: Parts = PLAIN  # the think block and the branches, as the decoder tells them apart
+
+    def matcher(self) -> LLMatcher | None:
+        """A fresh grammar matcher for one decoding of the turn."""
+        return self.grammar.matcher() if self.grammar is not None else None
+
+
+class Vocab(Protocol):
+    """What a decoding state needs of its model, whichever engine runs it."""
+
+    n_ctx: int
+    eog_tokens: frozenset[int]
+
+    def token_bytes(self, token: int) -> bytes: ...
 
 
 class SequenceState:
@@ -57,6 +89,12 @@ class SequenceState:
         self.reason: FinishReason | None = None
         self.started = time.perf_counter()
         self.prefilled: float | None = None  # when the first logits came
+
+    @classmethod
+    def of(cls, prepared: Prepared, model: Vocab) -> SequenceState:
+        """A prepared turn's own decoding state on `model` (a fresh grammar matcher)."""
+        return cls(len(prepared.prompt), model.n_ctx, prepared.params, prepared.matcher(), model.eog_tokens,
+                   model.token_bytes, prepared.closing, prepared.plan, prepared.parts)
 
     @property
     def done(self) -> bool:
@@ -228,6 +266,12 @@ def decode(
         if feed:
             logits = model.extend(feed)
     yield from state.take()
+
+
+def decode_prepared(model: Model, prepared: Prepared, cancelled: Callable[[], bool] = never) -> Iterator[Event]:
+    """`decode` of a prepared turn."""
+    return decode(model, prepared.prompt, prepared.params, prepared.matcher(), cancelled, prepared.pixels,
+                  prepared.closing, prepared.plan, prepared.parts)
 
 
 def token_budget(n_ctx: int, n_prompt: int, max_tokens: int | None) -> int:

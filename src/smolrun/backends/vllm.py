@@ -23,7 +23,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import Any
 
-from smolrun.backends.decode import SequenceState
+from smolrun.backends.decode import Prepared, SequenceState
 from smolrun.backends.tokenizer import HFTokenizer
 from smolrun.errors import (
     SHUTTING_DOWN,
@@ -188,7 +188,15 @@ class VllmRunner:
                                          limits=httpx.Limits(max_connections=None, max_keepalive_connections=32))
         return asyncio.Semaphore(self.max_inflight)
 
-    def submit(self, job: RemoteJob, bounded: bool = True) -> Future[None]:
+    def submit(self, prepared: Prepared, sink: Sink, cancelled: Callable[[], bool], bounded: bool = True) -> None:
+        """Send a prepared turn to a replica (see enqueue): the body of its request, and its local decoding state
+        that replays the tokens the server returns."""
+        state = SequenceState.of(prepared, self.model)
+        source = prepared.grammar.source if prepared.grammar is not None else None
+        body = completion_body(self.model, prepared.prompt, source, prepared.params, state.budget)
+        self.enqueue(RemoteJob(body, state, sink, cancelled), bounded)
+
+    def enqueue(self, job: RemoteJob, bounded: bool = True) -> Future[None]:
         """`bounded`: refused (QueueFull) past max_inflight + max_queue; a later turn of an admitted response is not.
         After close(), ServerShuttingDown (a 503)."""
         with self._lock:  # scheduled under the lock: every request close() does not refuse, it ends
@@ -206,6 +214,10 @@ class VllmRunner:
     def running(self) -> int:
         with self._lock:
             return self._inflight
+
+    def kv_used(self) -> int | None:
+        """None: the servers hold the cache."""
+        return None
 
     def close(self) -> None:
         """End every request in flight or waiting for a place with ServerShuttingDown (their upstream requests
