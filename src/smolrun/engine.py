@@ -136,6 +136,10 @@ class Engine:
         a JSON answer (it applies inside that answer only: function calls and code repeat themselves for good
         reasons), none otherwise. vLLM has no DRY sampler: a request that asks for it there is a 400."""
         params = turn.params
+        if params.logprobs is not None and isinstance(self.model, VllmModel):
+            raise InvalidRequest("logprobs are not available on the vLLM engine yet (smolrun replays the tokens vLLM "
+                                 "returns, not their probabilities); serve on llama.cpp or transformers for them",
+                                 param="logprobs")
         if params.dry_multiplier is None:
             on = closing is not None and not isinstance(self.model, VllmModel)
             return replace(params, dry_multiplier=self.dry_multiplier if on else 0.0)

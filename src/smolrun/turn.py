@@ -127,6 +127,7 @@ class SamplingParams:
     dry_multiplier: float | None = None
     dry_base: float = 1.75
     dry_allowed_length: int = 2
+    logprobs: int | None = None  # None: none; N: each generated token's logprob and the N likeliest tokens
 
 
 @dataclass(frozen=True)
@@ -160,10 +161,21 @@ Branch = Literal["text", "calls", "code"]  # of a model turn: the answer, functi
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log probability under the model after the grammar's mask (before penalties and
+    temperature), and the likeliest tokens there with theirs. A token the grammar forced has 0."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class TextDelta:
     text: str
     tokens: tuple[int, ...] = ()  # the tokens generated since the previous delta
     branch: Branch = "text"  # the branch the grammar took, as the decoder read it from the tokens
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token, when the request asked for them
 
 
 @dataclass(frozen=True)

@@ -143,7 +143,7 @@ def test_strict_schema_must_follow_openai_rules(server: Server) -> None:
     [
         ({"n": 2}, "n"),
         ({"temperature": 5}, "temperature"),
-        ({"logprobs": True}, "logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),
         ({"max_tokens": 10_000_000}, "max_tokens"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]},

@@ -7,7 +7,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -21,7 +21,7 @@ from smolrun.api.wire import ChatCompletionRequest
 from smolrun.constraints.grammar import warning_headers
 from smolrun.errors import GenerationFailed, SchemaError, client_error
 from smolrun.prompt.tools import CallProgress, CallReader, read_calls
-from smolrun.turn import DecodeStats, Done, ReasoningDelta, TextDelta, ToolCall
+from smolrun.turn import DecodeStats, Done, ReasoningDelta, TextDelta, TokenLogprob, ToolCall
 
 router = APIRouter()
 FINGERPRINT = f"smolrun-{__version__}"
@@ -44,7 +44,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         if exc.param is not None:
             raise
         raise SchemaError(exc.message, param="response_format") from exc
-    meta = _Meta(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), engine.name, prepared.think is not None)
+    top = prepared.params.logprobs
+    meta = _Meta(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), engine.name, prepared.think is not None,
+                 Logprobs(engine.model.token_bytes, top) if top is not None else None)
     record.id = meta.id
     headers = warning_headers(prepared.grammar)
     if body.stream:
@@ -64,9 +66,28 @@ class _Meta:
     created: int
     model: str
     thinks: bool = False  # the model thinks first: its thoughts go in `reasoning_content`, as in vLLM
+    logprobs: Logprobs | None = None  # the request asked for logprobs
+
     def envelope(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "system_fingerprint": FINGERPRINT}
+
+
+@dataclass(frozen=True)
+class Logprobs:
+    """Tokens' log probabilities in OpenAI's shape: each token's text, logprob and bytes, and the `top` likeliest
+    tokens at its place."""
+
+    token_bytes: Callable[[int], bytes]
+    top: int
+
+    def content(self, logprobs: Iterable[TokenLogprob]) -> list[dict[str, Any]]:
+        return [{**self._token(lp.token, lp.logprob), "top_logprobs": [self._token(t, v) for t, v in lp.top[:self.top]]}
+                for lp in logprobs]
+
+    def _token(self, token: int, logprob: float) -> dict[str, Any]:
+        data = self.token_bytes(token)
+        return {"token": data.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(data)}
 
 
 def usage(stats: DecodeStats) -> dict[str, Any]:
@@ -87,11 +108,13 @@ async def _complete(events: Watched, meta: _Meta, record: Record) -> dict[str, A
     thoughts: list[str] = []
     done: Done | None = None
     calls = False  # the turn is function calls (the decoder tells each delta's branch)
+    logprobs: list[TokenLogprob] = []
     try:
         async for event in events:
             if isinstance(event, TextDelta):
                 parts.append(event.text)
                 calls = calls or event.branch == "calls"
+                logprobs += event.logprobs
             elif isinstance(event, ReasoningDelta):
                 thoughts.append(event.text)
             else:
@@ -111,7 +134,10 @@ async def _complete(events: Watched, meta: _Meta, record: Record) -> dict[str, A
         message["tool_calls"] = [_wire_call(c) for c in read_calls(text).all]
         finish = "tool_calls" if finish == "stop" else finish
     record.finish = finish
-    choice = {"index": 0, "message": message, "finish_reason": finish, "logprobs": None}
+    scores = None
+    if meta.logprobs is not None:
+        scores = {"content": None if calls else meta.logprobs.content(logprobs), "refusal": None}
+    choice = {"index": 0, "message": message, "finish_reason": finish, "logprobs": scores}
     return {**meta.envelope("chat.completion"), "choices": [choice], "usage": usage(done.stats),
             "service_tier": "default"}
 
@@ -140,9 +166,11 @@ async def _disconnected(request: Request) -> None:
         await asyncio.sleep(0.25)
 
 
-def _chunk(meta: _Meta, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+def _chunk(meta: _Meta, delta: dict[str, Any], finish: str | None,
+           logprobs: tuple[TokenLogprob, ...] = ()) -> dict[str, Any]:
+    scores = {"content": meta.logprobs.content(logprobs), "refusal": None} if meta.logprobs and logprobs else None
     return {**meta.envelope("chat.completion.chunk"),
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], "usage": None}
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": scores}], "usage": None}
 
 
 def _data(obj: dict[str, Any]) -> str:
@@ -181,7 +209,7 @@ async def _sse(events: Watched, meta: _Meta, include_usage: bool, record: Record
                     for delta in _call_deltas(calls.push(event.text)):
                         yield _data(_chunk(meta, {"tool_calls": [delta]}, None))
                 else:
-                    yield _data(_chunk(meta, {"content": event.text}, None))
+                    yield _data(_chunk(meta, {"content": event.text}, None, event.logprobs))
                 continue
             finish: str = event.finish_reason
             if calls is not None and finish == "stop":

@@ -224,6 +224,7 @@ class ChatCompletionRequest(DryFields):
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[FunctionTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
@@ -244,6 +245,8 @@ class ChatCompletionRequest(DryFields):
         params = sampling(self.max_completion_tokens or self.max_tokens, self.temperature, self.top_p,
                           self.frequency_penalty, self.presence_penalty, top_k=self.top_k, seed=self.seed,
                           stop=stop, dry=self)
+        if self.logprobs:
+            params = replace(params, logprobs=self.top_logprobs or 0)
         messages = tuple(_message(m, i, files) for i, m in enumerate(self.messages))
         functions = _tools(self.tools or [])
         choice = self.tool_choice
@@ -259,8 +262,8 @@ class ChatCompletionRequest(DryFields):
             raise InvalidRequest("only n=1 is supported", param="n")
         if self.stream_options is not None and not self.stream:
             raise InvalidRequest("'stream_options' is only allowed when 'stream' is true", param="stream_options")
-        if self.logprobs:
-            raise InvalidRequest("'logprobs' is not supported", param="logprobs")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequest("'logprobs' must be true when 'top_logprobs' is set", param="top_logprobs")
 
 
 def _message(m: ChatMessage, index: int, files: media.Files | None) -> Message:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -17,11 +18,20 @@ from smolrun.backends.base import Model, Pixels
 from smolrun.backends.closing import Closer, Closing
 from smolrun.backends.parts import PLAIN, PartReader, Parts, Piece, Segment
 from smolrun.backends.repetition import Dry
-from smolrun.backends.sampling import Bitmask, sample
+from smolrun.backends.sampling import Bitmask, mask_logits, sample
 from smolrun.constraints.grammar import Grammar
 from smolrun.errors import ContextLengthExceeded, GenerationFailed
 from smolrun.thinking import ThinkBlock
-from smolrun.turn import DecodeStats, Done, Event, FinishReason, ReasoningDelta, SamplingParams, TextDelta
+from smolrun.turn import (
+    DecodeStats,
+    Done,
+    Event,
+    FinishReason,
+    ReasoningDelta,
+    SamplingParams,
+    TextDelta,
+    TokenLogprob,
+)
 
 
 def never() -> bool:
@@ -84,6 +94,8 @@ class SequenceState:
         self.mask_us: list[float] = []
         self.unsent: list[int] = []  # tokens whose text is not yet out (held back for stop sequences or UTF-8)
         self.parts = PartReader(parts, token_bytes)
+        self.logprobs: deque[TokenLogprob] = deque()  # of the tokens given to `parts`, not yet out of it
+        self.unsent_logprobs: list[TokenLogprob] = []
         self.piece: Piece = "text"  # the part of the turn whose text the stream holds
         self.events: list[Event] = []  # produced, not yet taken
         self.reason: FinishReason | None = None
@@ -115,6 +127,7 @@ class SequenceState:
             _check(self.matcher)
         if self.closer is not None and (closing := self.closer.before(self.budget - self.generated)) is not None:
             return self._close(closing)
+        raw = logits.copy() if self.params.logprobs is not None else None  # penalties change logits in place
         self.penalties.apply(logits)
         if self.closer is None:
             self.dry.apply(logits)
@@ -122,8 +135,10 @@ class SequenceState:
             self.dry.apply(logits)
             if self.dry.on:
                 self.closer.lean(logits, self.budget - self.generated, self.budget)
-        token = sample(logits, bitmask if self.matcher is not None else None, self.params, self.rng)
-        return self._advance(token, fast_forward=True)
+        mask = bitmask if self.matcher is not None else None
+        scores = _Scores(raw, mask, self.params.logprobs or 0) if raw is not None else None
+        token = sample(logits, mask, self.params, self.rng)
+        return self._advance(token, fast_forward=True, logprob=scores.of(token) if scores is not None else None)
 
     def replay(self, token: int) -> None:
         """Take a token that another engine sampled (vLLM) as if sampled here: the grammar must allow it, or
@@ -139,7 +154,8 @@ class SequenceState:
             self.prefilled = time.perf_counter()
         self.passes += 1
 
-    def _advance(self, token: int, fast_forward: bool, consumed: bool = False) -> list[int]:
+    def _advance(self, token: int, fast_forward: bool, consumed: bool = False,
+                 logprob: TokenLogprob | None = None) -> list[int]:
         matcher = self.matcher
         if token in self.eog_tokens:
             if matcher is not None and not consumed:
@@ -160,15 +176,18 @@ class SequenceState:
                 if kept is not batch:
                     return self._close(kept)
             self.forced += len(ff)
-        return self._emit(batch)
+        return self._emit(batch, sampled=logprob)
 
     def _close(self, closing: list[int]) -> list[int]:
         """Write the closing of the answer (already consumed by the grammar) and end: the budget is spent."""
         self.closed = True
         return self._emit(closing, closed=True)
 
-    def _emit(self, batch: list[int], closed: bool = False) -> list[int]:
+    def _emit(self, batch: list[int], closed: bool = False, sampled: TokenLogprob | None = None) -> list[int]:
         matcher = self.matcher
+        if self.params.logprobs is not None:  # the rest were forced (or written by the closing): probability 1
+            self.logprobs += [sampled or TokenLogprob(t, 0.0, ((t, 0.0),)) for t in batch[:1]]
+            self.logprobs += [TokenLogprob(t, 0.0, ((t, 0.0),)) for t in batch[1:]]
         self.generated += len(batch)
         self.penalties.add(batch)
         self.dry.add(batch)
@@ -188,6 +207,8 @@ class SequenceState:
                 self._event(self.text.flush())
                 self.piece = segment.piece
             self.unsent += segment.tokens
+            if self.params.logprobs is not None:
+                self.unsent_logprobs += [self.logprobs.popleft() for _ in segment.tokens]
             delta, stopped = self.text.push(segment.data)
             self._event(delta)
             if stopped:
@@ -199,10 +220,9 @@ class SequenceState:
             return
         if self.piece == "thought":  # the think block's tokens are counted in reasoning_tokens, not here
             self.events.append(ReasoningDelta(text))
-            self.unsent = []
         else:
-            self.events.append(TextDelta(text, tuple(self.unsent), self.piece))
-            self.unsent = []
+            self.events.append(TextDelta(text, tuple(self.unsent), self.piece, tuple(self.unsent_logprobs)))
+        self.unsent, self.unsent_logprobs = [], []
 
     def finish(self, reason: FinishReason) -> None:
         """End the sequence: the held-back text, then Done."""
@@ -303,6 +323,24 @@ def _consume(matcher: LLMatcher, tokens: list[int]) -> None:
 def _check(matcher: LLMatcher) -> None:
     if matcher.is_error():
         raise GenerationFailed(f"grammar matcher failed: {matcher.get_error()}")
+
+
+class _Scores:
+    """One step's log probabilities, from the raw logits under the grammar's mask: the log normaliser and the
+    `top` likeliest tokens, computed before sampling (the sampler's penalties change the logits)."""
+
+    def __init__(self, raw: npt.NDArray[np.float32], mask: Bitmask | None, top: int) -> None:
+        self.row = mask_logits(raw, mask) if mask is not None else raw
+        peak = float(np.max(self.row))
+        self.norm = peak + float(np.log(np.sum(np.exp(self.row.astype(np.float64) - peak))))
+        self.top: tuple[tuple[int, float], ...] = ()
+        if top > 0:
+            best = np.argpartition(-self.row, min(top, self.row.shape[0] - 1))[:top]
+            best = best[np.argsort(-self.row[best], kind="stable")]
+            self.top = tuple((int(t), float(self.row[t]) - self.norm) for t in best if np.isfinite(self.row[t]))
+
+    def of(self, token: int) -> TokenLogprob:
+        return TokenLogprob(token, float(self.row[token]) - self.norm, self.top)
 
 
 class _Penalties:
