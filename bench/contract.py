@@ -199,13 +199,14 @@ def main() -> None:
     doc = f"""## The contract on real-world schemas
 
 Written by `python bench/contract.py --threads {args.threads} --parallel {args.parallel} --budgets {args.budgets}` in
-{(time.perf_counter() - started) / 60:.0f} min{resumed}, on {platform.machine()} with {args.threads} threads, {args.parallel} sequences decoded together, model
-`{engine.name}`: {everything.schemas} schemas of `../shared/data/jsonschemabench-sample`, each sent as a non-strict
-json_schema format with the prompt "{PROMPT}" and the schema after it, greedy, nothing else set (the repetition
-breaker and the closing at the budget as they are by default). "Finished": finish_reason `stop`, valid, what
-`chat.completions.parse` accepts. "Closed at the budget": finish_reason `length`, the document closed by the
-grammar's short way out, valid. Every answer is checked with `jsonschema` under the schema's own draft, formats
-included. Per subset, finished is a share of the schemas that compile.
+{(time.perf_counter() - started) / 60:.0f} min{resumed}, on {platform.machine()} with {args.threads} threads,
+{args.parallel} sequences decoded together, model `{engine.name}`: {everything.schemas} schemas of
+`../shared/data/jsonschemabench-sample`, each sent as a non-strict json_schema format with the prompt
+"{PROMPT}" and the schema after it, greedy, nothing else set (the repetition breaker and the closing at
+the budget as they are by default). "Finished": finish_reason `stop`, valid, what `chat.completions.parse`
+accepts. "Closed at the budget": finish_reason `length`, the document closed by the grammar's short way out,
+valid. Every answer is checked with `jsonschema` under the schema's own draft, formats included. Per subset,
+finished is a share of the schemas that compile.
 
 {text}
 

@@ -85,7 +85,7 @@ def save_model(folder: Path, config: dict[str, Any], special_ids: dict[str, int]
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)  # built in bf16: ~6 GB instead of ~12 in f32
     try:
-        model = SmolLM3ForCausalLM(SmolLM3Config(**config, **special_ids))
+        model = SmolLM3ForCausalLM(SmolLM3Config(**{**config, **special_ids}))
     finally:
         torch.set_default_dtype(torch.float32)
     params = sum(p.numel() for p in model.parameters())
@@ -96,8 +96,9 @@ def save_model(folder: Path, config: dict[str, Any], special_ids: dict[str, int]
 def convert(folder: Path, out: Path) -> None:
     if not CONVERTER.is_file():
         sys.exit(f"llama.cpp's converter is not at {CONVERTER}: run `make setup`")
-    done = subprocess.run([sys.executable, str(CONVERTER), str(folder), "--outtype", "bf16", "--outfile", str(out)],
-                          capture_output=True, text=True)
+    command = [sys.executable, str(CONVERTER), str(folder), "--outtype", "bf16", "--outfile", str(out),
+               "--model-name", "SmolLM3-3B-shaped (random weights)"]  # general.name; else the folder's name
+    done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"convert_hf_to_gguf.py failed ({done.returncode}):\n{done.stderr[-4000:]}")
 
