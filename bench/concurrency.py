@@ -193,7 +193,7 @@ def pass_ceiling(model_path: Path, threads: int, parallel: int) -> tuple[float, 
 def host_work(threads: int, parallel: int, model_path: Path) -> dict[tuple[str, int], float]:
     """Milliseconds per generated token spent outside the forward pass (sampling, masks, penalties, the
     loop's bookkeeping), by workload and sequences decoded together: the batch loop in this process on the
-    bundled model, with the bench's prompts and sampling, every pass of `model.decode` timed and subtracted."""
+    bench's model, with the bench's prompts and sampling, every pass of `model.decode` timed and subtracted."""
     from smolrun.backends.batch import BatchLoop
     from smolrun.config import Settings
     from smolrun.engine import Engine

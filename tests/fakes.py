@@ -199,7 +199,11 @@ class BatchByteModel(_ByteVocab):
             self.kv[feed.seq] += feed.tokens
             self.cells[feed.seq] += range(self.made, self.made + len(feed.tokens))
             self.made += len(feed.tokens)
-            if feed.logits:
+            if feed.every:
+                held = self.kv[feed.seq]
+                out.append(np.stack([self._logits(held[:len(held) - len(feed.tokens) + k + 1])
+                                     for k in range(len(feed.tokens))]))
+            elif feed.logits:
                 out.append(self._logits(self.kv[feed.seq]))
         self.passes.append(list(feeds))
         return out

@@ -35,7 +35,7 @@ from smolrun.prompt.tools import OPEN as TOOL_OPEN
 from smolrun.prompt.tools import render_history
 from smolrun.scheduler import EventStream, Item, Sink
 from smolrun.thinking import ThinkBlock
-from smolrun.turn import Event, SamplingParams, Turn
+from smolrun.turn import Event, ResponseFormat, SamplingParams, Turn
 
 
 class Engine:
@@ -109,17 +109,46 @@ class Engine:
                                  "model (smolrun serve --vision-model ...)", param="messages")
         else:
             prompt = self.model.tokenize(text)
-        budget = token_budget(self.model.n_ctx, len(prompt), turn.params.max_tokens)  # 400 before queueing
         closing = self._closing(turn, grammar, think, allow_code, must_code)
+        return Prepared(prompt, grammar, self._sampling(turn, closing), think, pixels, closing,
+                        self._fitting_plan(grammar, closing, len(prompt), turn.params.max_tokens, continuing),
+                        self._parts(turn, think, allow_code or must_code))
+
+    def prepare_prompt(self, prompt: str | list[int], fmt: ResponseFormat, params: SamplingParams) -> Prepared:
+        """A legacy completion's turn: the prompt as it is, no chat template (text, its special tokens parsed,
+        or token ids), continued as free text or as a document of `fmt`, closed at the budget like an answer."""
+        if isinstance(prompt, str):
+            if len(prompt) > self.model.n_ctx * self._longest_token:
+                raise ContextLengthExceeded(f"This model's maximum context length is {self.model.n_ctx} tokens, but "
+                                            f"the prompt ({len(prompt)} characters) uses more.", param="prompt")
+            tokens = self.model.tokenize(prompt)
+        else:
+            tokens = list(prompt)
+            if any(not 0 <= t < self.model.n_vocab for t in tokens):
+                raise InvalidRequest(f"prompt token ids must be between 0 and {self.model.n_vocab - 1}", param="prompt")
+        if not tokens:
+            raise InvalidRequest("the prompt is empty", param="prompt")
+        if params.prompt_logprobs is not None and not self.batches:
+            raise InvalidRequest("the prompt's logprobs (echo with logprobs) are available on the llama.cpp engine "
+                                 "only", param="echo")
+        turn = Turn((), fmt, params)
+        grammar = self.grammars.get(fmt)
+        closing = self._closing(turn, grammar, None, False, False)
+        return Prepared(tokens, grammar, self._sampling(turn, closing), None, (), closing,
+                        self._fitting_plan(grammar, closing, len(tokens), params.max_tokens, False))
+
+    def _fitting_plan(self, grammar: Grammar | None, closing: Closing | None, prompt: int, max_tokens: int | None,
+                      continuing: bool) -> tuple[int, ...] | None:
+        """The closing from the grammar's start; a 400 (before queueing) when the prompt leaves no room, or when
+        the shortest document does not fit the budget, unless the turn is `continuing` an admitted response."""
+        budget = token_budget(self.model.n_ctx, prompt, max_tokens)
         plan = self._plan(grammar, closing) if grammar is not None and closing is not None else None
         if plan is not None and len(plan) > budget and not continuing:
-            limit = (f"max_tokens is {turn.params.max_tokens}" if turn.params.max_tokens is not None
-                     else f"the context leaves {budget} tokens")
+            limit = f"max_tokens is {max_tokens}" if max_tokens is not None else f"the context leaves {budget} tokens"
             raise InvalidRequest(f"The shortest JSON document that the response format allows takes {len(plan)} "
                                  f"tokens, but {limit}: raise max_tokens to at least {len(plan)}.",
                                  param="max_tokens")
-        return Prepared(prompt, grammar, self._sampling(turn, closing), think, pixels, closing, plan,
-                        self._parts(turn, think, allow_code or must_code))
+        return plan
 
     def _parts(self, turn: Turn, think: ThinkBlock | None, code: bool) -> Parts:
         """The layout of the turn's grammar (constraints/grammar.turn_source), for the decoder to follow."""
@@ -181,12 +210,19 @@ class Engine:
         `max_queue` new turns prepare at once (then QueueFull, a 429), so that big prompts cannot pile up on
         threads; one whose client left before its turn came is never prepared. A `continuing` turn (a later
         turn of an admitted response) is never refused."""
+        return await self._off_loop(lambda: self.prepare(turn, allow_code, must_code, continuing), continuing)
+
+    async def prepare_prompt_async(self, prompt: str | list[int], fmt: ResponseFormat,
+                                   params: SamplingParams) -> Prepared:
+        """`prepare_prompt` off the event loop, admitted like `prepare_async`."""
+        return await self._off_loop(lambda: self.prepare_prompt(prompt, fmt, params), False)
+
+    async def _off_loop(self, work: Callable[[], Prepared], continuing: bool) -> Prepared:
         if not continuing and self._preparing >= self.max_queue:
             raise QueueFull("the model is busy: too many requests are being prepared; retry shortly")
         self._preparing += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._prepare_pool, self.prepare, turn,
-                                                                    allow_code, must_code, continuing)
+            return await asyncio.get_running_loop().run_in_executor(self._prepare_pool, work)
         finally:
             self._preparing -= 1
 

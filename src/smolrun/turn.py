@@ -128,6 +128,7 @@ class SamplingParams:
     dry_base: float = 1.75
     dry_allowed_length: int = 2
     logprobs: int | None = None  # None: none; N: each generated token's logprob and the N likeliest tokens
+    prompt_logprobs: int | None = None  # the same for each prompt token after the first (vLLM's prompt_logprobs)
 
 
 @dataclass(frozen=True)
@@ -206,6 +207,7 @@ class DecodeStats:
 class Done:
     finish_reason: FinishReason
     stats: DecodeStats
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()  # when asked for: the prompt's tokens after its first
 
 
 Event = TextDelta | ReasoningDelta | Done

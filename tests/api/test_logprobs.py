@@ -20,8 +20,9 @@ ASK = [{"role": "user", "content": "Name three colors."}]
 
 
 def test_greedy_logprobs_are_the_models_own_at_every_step(server: Server) -> None:
+    # A seed: the prompt is evaluated whole, alone, from an empty cache, as the direct evaluation below does it.
     completion = server.client().chat.completions.create(model=MODEL, messages=ASK, max_tokens=12, temperature=0,
-                                                         logprobs=True, top_logprobs=5)
+                                                         seed=0, logprobs=True, top_logprobs=5)
     choice = completion.choices[0]
     assert choice.logprobs is not None and choice.logprobs.content is not None
     entries = choice.logprobs.content
@@ -47,10 +48,10 @@ def test_greedy_logprobs_are_the_models_own_at_every_step(server: Server) -> Non
 
 def test_streamed_logprobs_are_the_same_as_the_whole_answers(server: Server) -> None:
     client = server.client()
-    whole = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=10, temperature=0, logprobs=True,
-                                           top_logprobs=2)
+    whole = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=10, temperature=0, seed=0,
+                                           logprobs=True, top_logprobs=2)
     streamed = []
-    for chunk in client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=10, temperature=0,
+    for chunk in client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=10, temperature=0, seed=0,
                                                 logprobs=True, top_logprobs=2, stream=True):
         if chunk.choices and chunk.choices[0].logprobs is not None:
             streamed += chunk.choices[0].logprobs.content or []
@@ -65,7 +66,7 @@ def test_under_a_schema_the_logprobs_are_over_what_the_grammar_allows(server: Se
     schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"],
               "additionalProperties": False}
     completion = server.client().chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Is the sky blue? Answer as JSON."}], temperature=0,
+        model=MODEL, messages=[{"role": "user", "content": "Is the sky blue? Answer as JSON."}], temperature=0, seed=0,
         response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema, "strict": True}},
         logprobs=True, top_logprobs=20)
     choice = completion.choices[0]

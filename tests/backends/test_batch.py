@@ -498,3 +498,31 @@ def test_close_waits_for_the_thread_before_another_runner_starts() -> None:
         list(live)
     assert isinstance(list(later)[-1], Done)  # and it serves
     engine.close()
+
+
+def test_a_scored_prompt_gets_each_tokens_logprob_across_chunks() -> None:
+    from smolrun.turn import TEXT
+
+    engine = Engine(BatchByteModel(n_batch=32))
+    model = engine.model
+    prompt = "a prompt longer than one pass of thirty-two tokens, scored token by token"
+    prepared = engine.prepare_prompt(prompt, TEXT, SamplingParams(max_tokens=3, temperature=0, prompt_logprobs=2))
+    done: list[Done] = []
+
+    def sink(item):  # type: ignore[no-untyped-def]
+        if isinstance(item, list):
+            done.extend(e for e in item if isinstance(e, Done))
+
+    loop = BatchLoop(model)  # type: ignore[arg-type]
+    loop.submit(engine.job(prepared, sink, lambda: False))
+    while loop.busy:
+        loop.step()
+    assert len(done) == 1
+    tokens = prepared.prompt
+    scored = done[0].prompt_logprobs
+    assert [s.token for s in scored] == tokens[1:]  # every token but the first, which nothing predicts
+    for at, s in enumerate(scored, start=1):
+        row = model._logits(tokens[:at]).astype(np.float64)  # the fake's logits: a function of the history
+        row -= row.max() + np.log(np.exp(row - row.max()).sum())
+        assert s.logprob == pytest.approx(row[tokens[at]], abs=1e-5)
+        assert [t for t, _ in s.top] == [int(t) for t in np.argsort(-row, kind="stable")[:2]]

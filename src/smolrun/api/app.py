@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from smolrun import __version__
 from smolrun.api.browser import BrowserGuard, BrowserPolicy
 from smolrun.api.chat import router as chat_router
+from smolrun.api.completions import router as completions_router
 from smolrun.api.containers import router as containers_router
 from smolrun.api.files import router as files_router
 from smolrun.api.metrics import LiveGauges, Metrics, MetricsMiddleware
@@ -203,7 +204,7 @@ def create_app(engine: Engine, settings: Settings, vision: Engine | None = None)
     async def get_model(model_id: str, request: Request) -> dict[str, Any]:
         return model_card(get_state(request).engine_for(model_id, pictures=False))
 
-    for router in (chat_router, responses_router, files_router, containers_router):
+    for router in (chat_router, completions_router, responses_router, files_router, containers_router):
         app.include_router(router, dependencies=[Depends(check_api_key)])
     # The playground: static files only, open without the key (it asks for the key and sends it to /v1 itself).
     app.include_router(playground_router)

@@ -18,7 +18,8 @@ from smolrun.scheduler import EventStream
 from smolrun.turn import Done, Event
 
 log = logging.getLogger("smolrun.requests")
-GENERATION = frozenset({"/v1/chat/completions", "/v1/responses"})  # the POST routes that get a log line
+# The POST routes that get a log line.
+GENERATION = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
 # The route label of requests no route took (an unknown path; one refused before routing: a foreign Host, an
 # oversized body): their raw paths would make the labels unbounded.
 UNMATCHED = "unmatched"

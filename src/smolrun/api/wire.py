@@ -266,6 +266,71 @@ class ChatCompletionRequest(DryFields):
             raise InvalidRequest("'logprobs' must be true when 'top_logprobs' is set", param="top_logprobs")
 
 
+MAX_PROMPTS = 64  # prompts (times n) one legacy completion request may ask for
+
+
+class CompletionRequest(DryFields):
+    """The legacy Completions API (`POST /v1/completions`), as OpenAI and vLLM take it; `response_format` is an
+    extension, as in vLLM: the same grammar and guarantees as Chat."""
+
+    model: str
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for this API
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0)
+    n: int = Field(default=1, ge=1, le=16)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=20)  # OpenAI takes up to 5, vLLM more
+    suffix: str | None = None
+    best_of: int | None = Field(default=None, ge=1)
+    logit_bias: dict[str, float] | None = None
+    response_format: AnyFormat | None = None
+    _not_null = refuse_null("response_format")
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, each text or token ids (400 when there are none, or too many)."""
+        prompt = self.prompt
+        prompts: list[str | list[int]]
+        if isinstance(prompt, str):
+            prompts = [prompt]
+        elif prompt and all(isinstance(p, int) for p in prompt):
+            prompts = [list(prompt)]  # type: ignore[arg-type]
+        else:
+            prompts = list(prompt)  # type: ignore[arg-type]
+        if not prompts:
+            raise InvalidRequest("'prompt' holds no prompt", param="prompt")
+        if len(prompts) * self.n > MAX_PROMPTS:
+            raise InvalidRequest(f"at most {MAX_PROMPTS} completions per request (prompts times n)", param="n")
+        return prompts
+
+    def params(self) -> tuple[ResponseFormat, SamplingParams]:
+        if self.suffix:
+            raise InvalidRequest("'suffix' is not supported", param="suffix")
+        if self.best_of not in (None, self.n):
+            raise InvalidRequest("'best_of' other than n is not supported", param="best_of")
+        if self.logit_bias:
+            raise InvalidRequest("'logit_bias' is not supported", param="logit_bias")
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequest("'stream_options' is only allowed when 'stream' is true", param="stream_options")
+        if self.echo and self.logprobs is not None and self.stream:
+            raise InvalidRequest("'echo' with 'logprobs' (the prompt's logprobs) is not supported when streaming yet",
+                                 param="echo")
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        if len(stop) > 4:
+            raise InvalidRequest("'stop' accepts at most 4 sequences", param="stop")
+        params = sampling(self.max_tokens, self.temperature, self.top_p, self.frequency_penalty,
+                          self.presence_penalty, top_k=self.top_k, seed=self.seed, stop=stop, dry=self)
+        scored = self.logprobs if self.echo else None
+        return _format(self.response_format), replace(params, logprobs=self.logprobs, prompt_logprobs=scored)
+
+
 def _message(m: ChatMessage, index: int, files: media.Files | None) -> Message:
     role = "system" if m.role == "developer" else m.role
     calls = tuple(_call(c, index) for c in m.tool_calls or ())

@@ -93,6 +93,7 @@ class Feed:
     pos: int
     tokens: Sequence[int]
     logits: bool
+    every: bool = False  # the logits after each of its tokens instead, one row each (scoring a prompt)
 
 
 class KVFull(Exception):
@@ -120,7 +121,8 @@ class BatchModel(Protocol):
     def token_bytes(self, token: int) -> bytes: ...
 
     def decode(self, feeds: Sequence[Feed]) -> list[npt.NDArray[np.float32]]:
-        """One forward pass; the logits after each feed that asks for them, in order. KVFull when it cannot fit."""
+        """One forward pass; the logits after each feed that asks for them, in order (a (tokens, vocab) array for
+        a feed that asks for `every` row). KVFull when it cannot fit."""
         ...
 
     def forget(self, seq: int, start: int) -> bool:

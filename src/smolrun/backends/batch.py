@@ -45,7 +45,8 @@ class Job(Guarded):
     state: SequenceState
     sink: Sink
     cancelled: Callable[[], bool]
-    reuse: bool = True  # seeded requests evaluate their whole prompt, so that the same seed repeats
+    reuse: bool = True  # seeded requests evaluate their whole prompt, so that the same seed repeats; so do those
+    # that score their prompt (every prompt token's logits)
     admitted: int = 0  # admission order (the newest is paused first when the cache is full)
     started: bool = False  # admitted once: the cached-token count is the first admission's
 
@@ -53,7 +54,7 @@ class Job(Guarded):
     def of(cls, prepared: Prepared, model: BatchModel, sink: Sink, cancelled: Callable[[], bool]) -> Job:
         """A prepared turn as the loop takes it: its own decoding state, a fresh grammar matcher."""
         return cls(list(prepared.prompt), prepared.pixels, SequenceState.of(prepared, model), sink, cancelled,
-                   reuse=prepared.params.seed is None)
+                   reuse=prepared.params.seed is None and prepared.params.prompt_logprobs is None)
 
 
 @dataclass(eq=False)
@@ -109,14 +110,27 @@ class BatchLoop:
             return
         self.peak = max(self.peak, len(plan))
         try:
-            logits = self.model.decode([feed for _, feed in plan])
+            outputs = iter(self.model.decode([feed for _, feed in plan]))
         except KVFull:  # llama.cpp found no room for the pass (a fragmented cache): the same remedy
             self._make_room()
             return
+        sampling: list[Slot] = []
+        rows: list[npt.NDArray[np.float32]] = []
         for slot, feed in plan:
             self._evaluated(slot, feed.tokens)
             self._keep_pictures(slot)
-        self._sample([slot for slot, feed in plan if feed.logits], logits)
+            if not (feed.logits or feed.every):
+                continue
+            out = next(outputs)
+            if feed.every:  # a prompt being scored: a row after each of its tokens
+                job = slot.job
+                assert job is not None
+                job.state.score(feed.pos, out, job.tokens)
+                out = out[-1]
+            if feed.logits:
+                sampling.append(slot)
+                rows.append(out)
+        self._sample(sampling, rows)
 
     def fail_all(self, error: BaseException) -> None:
         """After an engine failure: every request gets the error and every slot is emptied."""
@@ -219,7 +233,9 @@ class BatchLoop:
             take = min(end - start, budget)
             if take <= 0:
                 continue
-            plan.append((slot, Feed(slot.seq, start, job.tokens[start:start + take], start + take == len(job.tokens))))
+            scoring = job.state.params.prompt_logprobs is not None and start < job.state.prompt_tokens
+            plan.append((slot, Feed(slot.seq, start, job.tokens[start:start + take], start + take == len(job.tokens),
+                                    every=scoring)))
             budget -= take
             if budget == 0:
                 break

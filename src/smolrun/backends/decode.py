@@ -96,6 +96,7 @@ class SequenceState:
         self.parts = PartReader(parts, token_bytes)
         self.logprobs: deque[TokenLogprob] = deque()  # of the tokens given to `parts`, not yet out of it
         self.unsent_logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs: list[TokenLogprob] = []  # of prompt tokens 1.., when params.prompt_logprobs is set
         self.piece: Piece = "text"  # the part of the turn whose text the stream holds
         self.events: list[Event] = []  # produced, not yet taken
         self.reason: FinishReason | None = None
@@ -139,6 +140,17 @@ class SequenceState:
         scores = _Scores(raw, mask, self.params.logprobs or 0) if raw is not None else None
         token = sample(logits, mask, self.params, self.rng)
         return self._advance(token, fast_forward=True, logprob=scores.of(token) if scores is not None else None)
+
+    def score(self, start: int, rows: npt.NDArray[np.float32], tokens: Sequence[int]) -> None:
+        """Rows of logits after the positions from `start` on: the logprob of the prompt token each predicts,
+        once each (a paused request recomputes its prompt, which is not scored again)."""
+        top = self.params.prompt_logprobs
+        if top is None:
+            return
+        for k in range(rows.shape[0]):
+            at = start + k + 1  # the token this row predicts
+            if len(self.prompt_logprobs) + 1 == at < self.prompt_tokens:
+                self.prompt_logprobs.append(_Scores(rows[k], None, top).of(tokens[at]))
 
     def replay(self, token: int) -> None:
         """Take a token that another engine sampled (vLLM) as if sampled here: the grammar must allow it, or
@@ -234,7 +246,7 @@ class SequenceState:
         self._event(self.text.flush())
         now = time.perf_counter()
         prefilled = self.prefilled or now
-        self.events.append(Done(reason, DecodeStats(
+        self.events.append(Done(reason, stats=DecodeStats(
             prompt_tokens=self.prompt_tokens,
             completion_tokens=self.generated,
             forced_tokens=self.forced,
@@ -246,7 +258,7 @@ class SequenceState:
             cached_tokens=self.cached_tokens,
             closed=self.closed,
             close_us=tuple(self.closer.search_us) if self.closer is not None else (),
-        )))
+        ), prompt_logprobs=tuple(self.prompt_logprobs)))
 
     def take(self) -> list[Event]:
         events, self.events = self.events, []

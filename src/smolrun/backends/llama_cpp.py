@@ -168,18 +168,20 @@ class LlamaCppModel:
         cache has no room (llama.cpp then drops what this pass added)."""
         batch = self._batch
         i = 0
-        wanted: list[int] = []
+        wanted: list[tuple[int, int]] = []  # (first token, rows) of each feed that asks for logits
         for feed in feeds:
             for j, token in enumerate(feed.tokens):
                 batch.token[i] = token
                 batch.pos[i] = feed.pos + j
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = feed.seq
-                batch.logits[i] = False
+                batch.logits[i] = feed.every
                 i += 1
-            if feed.logits:
+            if feed.every:
+                wanted.append((i - len(feed.tokens), len(feed.tokens)))
+            elif feed.logits:
                 batch.logits[i - 1] = True
-                wanted.append(i - 1)
+                wanted.append((i - 1, 0))
         batch.n_tokens = i
         status = self._lib.llama_decode(self.ctx, batch)
         if status == 1:
@@ -188,10 +190,16 @@ class LlamaCppModel:
             where = ", ".join(f"sequence {f.seq} at {f.pos} (+{len(f.tokens)})" for f in feeds)
             raise RuntimeError(f"llama_decode failed ({status}) for {where}")
         out = []
-        for index in wanted:
-            ptr = self._lib.llama_get_logits_ith(self.ctx, index)
-            out.append(np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(self.n_vocab,)))
+        for first, rows in wanted:
+            if rows:  # a copy: each row is asked for on its own (llama.cpp may hold outputs in another order)
+                out.append(np.stack([self._row(first + r) for r in range(rows)]))
+            else:
+                out.append(self._row(first))
         return out
+
+    def _row(self, index: int) -> npt.NDArray[np.float32]:
+        ptr = self._lib.llama_get_logits_ith(self.ctx, index)
+        return np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(self.n_vocab,))
 
     def forget(self, seq: int, start: int) -> bool:
         """Drop sequence `seq` from position `start` on; False where the cache cannot (sliding windows)."""
