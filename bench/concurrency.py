@@ -136,10 +136,10 @@ def wait_ready(url: str, process: subprocess.Popen[bytes]) -> None:
     sys.exit(f"the server at {url} did not start")
 
 
-def start_smolrun(threads: int, parallel: int, model: Path) -> tuple[str, subprocess.Popen[bytes]]:
+def start_smolrun(threads: int, parallel: int, model: str) -> tuple[str, subprocess.Popen[bytes]]:
     port = free_port()
     data = Path(os.environ.get("TMPDIR", "/tmp")) / f"smolrun-bench-{port}"
-    process = subprocess.Popen([sys.executable, "-m", "smolrun", "serve", "--model", str(model), "--port", str(port),
+    process = subprocess.Popen([sys.executable, "-m", "smolrun", "serve", "--model", model, "--port", str(port),
                                 "--threads", str(threads), "--parallel", str(parallel), "--warm-containers", "0",
                                 "--data-dir", str(data)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/v1"
@@ -259,7 +259,8 @@ def main() -> None:
     for (workload, n), ms in host.items():
         print(f"host work, {workload}, {n} sequences: {ms:.3f} ms per token")
     results: dict[tuple[str, str, int], Cell] = {}
-    for name, start in (("smolrun", lambda: start_smolrun(args.threads, args.parallel, model)),
+    for name, start in (("smolrun", lambda: start_smolrun(args.threads, args.parallel, str(model) if args.model
+                                                          else "smollm2-135m")),
                         ("llama.cpp server", lambda: start_llama_server(model, args.threads, args.parallel))):
         url, process = start()
         try:

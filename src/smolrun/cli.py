@@ -487,8 +487,78 @@ def _print_execution(reply: dict[str, Any], save_images: Path | None) -> None:
 
 @main.command()
 def models() -> None:
-    """List registry models and GGUF files in the Hugging Face cache."""
+    """List the models: the registry's, those pulled, and GGUF files in the Hugging Face cache."""
     entries = list_models()
-    width = max(len(e.name) for e in entries)
-    for e in entries:
-        click.echo(f"{e.name:<{width}}  {e.status:<15}  {e.description}")
+    rows: list[tuple[str, str, str, str, str]] = [
+        (e.name, e.status, _size(e.size), e.capabilities, str(e.path) if e.path else e.description) for e in entries]
+    rows.insert(0, ("NAME", "STATUS", "SIZE", "CAPABILITIES", "WHERE"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for row in rows:
+        click.echo("  ".join(f"{cell:<{w}}" for cell, w in zip(row, widths, strict=False)) + "  " + row[4])
+
+
+def _size(size: int | None) -> str:
+    if size is None:
+        return "-"
+    return f"{size / 2**30:.1f} GB" if size >= 2**30 else f"{size / 2**20:.0f} MB"
+
+
+@main.command()
+@click.argument("name")
+def pull(name: str) -> None:
+    """Fetch a model so that it serves offline: a registry name, owner/repo:file.gguf, or a local .gguf file
+    (copied into smolrun's store, then known by its file name)."""
+    from smolrun.models.registry import pull as fetch
+
+    bar: Any = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = click.progressbar(length=total, label=f"copying {Path(name).name}", file=sys.stderr)
+            bar.__enter__()
+        bar.update(done - bar.pos)
+
+    try:
+        resolved = fetch(name, progress=progress)
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+    click.echo(f"{resolved.name}  {_size(resolved.path.stat().st_size)}  {resolved.path}")
+
+
+@main.command()
+@click.argument("name")
+def rm(name: str) -> None:
+    """Delete a pulled or downloaded model's file."""
+    from smolrun.models.registry import remove
+
+    click.echo(f"removed {remove(name)}")
+
+
+@main.command()
+@click.option("--url", default="http://127.0.0.1:8000", show_default=True, help="the running server")
+@click.option("--api-key", default=None, help="its key (or SMOLRUN_API_KEY)")
+def ps(url: str, api_key: str | None) -> None:
+    """The models a running server holds, with their memory (weights and KV cache)."""
+    import os
+    import urllib.error
+    import urllib.request
+
+    key = api_key or os.environ.get("SMOLRUN_API_KEY")
+    request = urllib.request.Request(f"{url.rstrip('/')}/v1/models",
+                                     headers={"Authorization": f"Bearer {key}"} if key else {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            cards = json.load(response)["data"]
+    except urllib.error.HTTPError as exc:
+        raise InvalidRequest(f"the server at {url} refused: HTTP {exc.code}") from None
+    except OSError as exc:
+        raise InvalidRequest(f"cannot reach a server at {url}: {exc}") from None
+    rows = [("NAME", "LOADED", "MEMORY", "CAPABILITIES")]
+    for card in cards:
+        caps = ", ".join(k for k, v in (card.get("capabilities") or {}).items() if v) or "text"
+        rows.append((card["id"], "yes" if card.get("loaded", True) else "no", _size(card.get("memory_bytes")), caps))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for row in rows:
+        click.echo("  ".join(f"{cell:<{w}}" for cell, w in zip(row, widths, strict=False)) + "  " + row[3])

@@ -189,8 +189,11 @@ def create_app(engine: Engine, settings: Settings, vision: Engine | None = None)
 
     def model_card(served: Engine) -> dict[str, Any]:
         # "capabilities" is smolrun's extension (clients ignore fields they do not know): the playground shows it.
+        # So are "loaded" (every model a server lists is in memory) and "memory_bytes" (weights and KV cache, where
+        # the engine knows them): `smolrun ps` reads them.
         return {"id": served.name, "object": "model", "created": created, "owned_by": "smolrun",
-                "capabilities": {"vision": served.sees, "reasoning": served.profile.thinking is not None}}
+                "capabilities": {"vision": served.sees, "reasoning": served.profile.thinking is not None},
+                "loaded": True, "memory_bytes": getattr(served.model, "memory_bytes", None)}
 
     @app.get("/metrics", dependencies=[Depends(check_api_key)], include_in_schema=False)
     async def prometheus() -> Response:

@@ -145,6 +145,12 @@ class LlamaCppModel:
             self._mtmd = MtmdVision(self._model, self.ctx, mmproj, threads=threads, tokenize=self.tokenize,
                                     use_gpu=self.gpu_layers != 0, n_batch=N_BATCH)
         self.vision: Vision | None = self._mtmd
+        # What the model holds in memory: its weights, and its KV cache (f16 keys and values for every layer and
+        # context position, the head size taken as the embedding over the heads, as in the models served here).
+        heads = max(llama_cpp.llama_model_n_head(model), 1)
+        kv_width = llama_cpp.llama_model_n_embd(model) // heads * llama_cpp.llama_model_n_head_kv(model)
+        self.memory_bytes = int(llama_cpp.llama_model_size(model)) + (
+            self.n_ctx * llama_cpp.llama_model_n_layer(model) * 2 * kv_width * 2)
 
     def _piece_text(self, token: int) -> str:
         if token < 0:

