@@ -122,6 +122,11 @@ async def measure(url: str, workload: str, clients: int, model: str, total: int 
                 statistics.median(r[1] for r in results))
 
 
+def median_cell(cells: list[Cell]) -> Cell:
+    """Each measure's median over repeated runs of one cell."""
+    return Cell(*(statistics.median(getattr(c, f) for c in cells) for f in Cell.__dataclass_fields__))
+
+
 def wait_ready(url: str, process: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -246,6 +251,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--parallel", type=int, default=8)
     parser.add_argument("--model", type=Path, help="a GGUF file (default: the bundled SmolLM2-135M)")
+    parser.add_argument("--repeat", type=int, default=3, help="measures of each cell on each server (medians)")
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     args = parser.parse_args()
     from smolrun.models import resolve
@@ -259,21 +265,31 @@ def main() -> None:
     for (workload, n), ms in host.items():
         print(f"host work, {workload}, {n} sequences: {ms:.3f} ms per token")
     results: dict[tuple[str, str, int], Cell] = {}
-    for name, start in (("smolrun", lambda: start_smolrun(args.threads, args.parallel, str(model) if args.model
-                                                          else "smollm2-135m")),
-                        ("llama.cpp server", lambda: start_llama_server(model, args.threads, args.parallel))):
-        url, process = start()
-        try:
-            for workload in ("free text", "json_schema"):
+    # Both servers stay up (an idle one takes no CPU) and each cell is measured on one, then the other, `--repeat`
+    # times: the pairs see the same machine, whose speed drifts by 10-20 % over minutes here; medians are kept.
+    servers: list[tuple[str, str, subprocess.Popen[bytes]]] = []
+    try:
+        url, process = start_smolrun(args.threads, args.parallel, str(model) if args.model else "smollm2-135m")
+        servers.append(("smolrun", url, process))
+        url, process = start_llama_server(model, args.threads, args.parallel)
+        servers.append(("llama.cpp server", url, process))
+        for workload in ("free text", "json_schema"):
+            for _, url, _ in servers:
                 asyncio.run(measure(url, workload, 1, served, total=2))  # warm: weights paged in, grammar compiled
-                for clients in LEVELS:
-                    cell = asyncio.run(measure(url, workload, clients, served))
-                    results[(name, workload, clients)] = cell
-                    print(f"{name:17} {workload:11} {clients} clients: {cell.tokens_per_s:6.1f} tok/s, "
+            for clients in LEVELS:
+                runs: dict[str, list[Cell]] = {name: [] for name, _, _ in servers}
+                for _ in range(args.repeat):
+                    for name, url, _ in servers:
+                        runs[name].append(asyncio.run(measure(url, workload, clients, served)))
+                for name, cells in runs.items():
+                    cell = results[(name, workload, clients)] = median_cell(cells)
+                    print(f"{name:17} {workload:11} {clients} clients: {cell.tokens_per_s:6.1f} tok/s "
+                          f"(runs: {', '.join(f'{c.tokens_per_s:.1f}' for c in cells)}), "
                           f"{cell.answers_per_s:.2f} answers/s of {cell.tokens_per_answer:.0f} tokens, "
                           f"p50 {cell.latency_p50:.2f} s, p99 {cell.latency_p99:.2f} s, "
                           f"ttft p50 {cell.ttft_p50 * 1000:.0f} ms", flush=True)
-        finally:
+    finally:
+        for _, _, process in servers:
             process.terminate()
             process.wait(timeout=30)
 
@@ -330,7 +346,9 @@ def main() -> None:
                 "random weights that `bench/make_3b.py` builds, when it is that file)")
     section = f"""## {title}
 
-Written by `python bench/concurrency.py --threads {args.threads} --parallel {args.parallel}{option}`, one run:
+Written by `python bench/concurrency.py --threads {args.threads} --parallel {args.parallel}{option}`, one run,
+each cell measured {args.repeat} times on each server in turn (both servers up, one idle while the other works),
+medians shown:
 {what}, {args.threads} CPU threads and {args.parallel} parallel sequences on both servers, each
 in its own process. 8 streamed `/v1/chat/completions` requests per cell (up to {MAX_TOKENS} tokens, temperature
 0.7, frequency_penalty 0.5), shared by 1-8 concurrent clients; aggregate tok/s = completion tokens
