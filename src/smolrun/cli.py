@@ -491,10 +491,14 @@ def models() -> None:
     entries = list_models()
     rows: list[tuple[str, str, str, str, str]] = [
         (e.name, e.status, _size(e.size), e.capabilities, str(e.path) if e.path else e.description) for e in entries]
-    rows.insert(0, ("NAME", "STATUS", "SIZE", "CAPABILITIES", "WHERE"))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    _table([("NAME", "STATUS", "SIZE", "CAPABILITIES", "WHERE"), *rows])
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    """Rows in aligned columns, the last one left as long as it is."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
-        click.echo("  ".join(f"{cell:<{w}}" for cell, w in zip(row, widths, strict=False)) + "  " + row[4])
+        click.echo("  ".join(f"{cell:<{w}}" for cell, w in zip(row, widths, strict=False)) + "  " + row[-1])
 
 
 def _size(size: int | None) -> str:
@@ -541,11 +545,10 @@ def rm(name: str) -> None:
 @click.option("--api-key", default=None, help="its key (or SMOLRUN_API_KEY)")
 def ps(url: str, api_key: str | None) -> None:
     """The models a running server holds, with their memory (weights and KV cache)."""
-    import os
     import urllib.error
     import urllib.request
 
-    key = api_key or os.environ.get("SMOLRUN_API_KEY")
+    key = api_key or Settings.from_env().api_key
     request = urllib.request.Request(f"{url.rstrip('/')}/v1/models",
                                      headers={"Authorization": f"Bearer {key}"} if key else {})
     try:
@@ -555,10 +558,8 @@ def ps(url: str, api_key: str | None) -> None:
         raise InvalidRequest(f"the server at {url} refused: HTTP {exc.code}") from None
     except OSError as exc:
         raise InvalidRequest(f"cannot reach a server at {url}: {exc}") from None
-    rows = [("NAME", "LOADED", "MEMORY", "CAPABILITIES")]
+    rows: list[tuple[str, ...]] = [("NAME", "LOADED", "MEMORY", "CAPABILITIES")]
     for card in cards:
         caps = ", ".join(k for k, v in (card.get("capabilities") or {}).items() if v) or "text"
         rows.append((card["id"], "yes" if card.get("loaded", True) else "no", _size(card.get("memory_bytes")), caps))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    for row in rows:
-        click.echo("  ".join(f"{cell:<{w}}" for cell, w in zip(row, widths, strict=False)) + "  " + row[3])
+    _table(rows)

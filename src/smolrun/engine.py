@@ -93,9 +93,7 @@ class Engine:
         grammar = self.grammars.get(turn.format, allow_code=allow_code or must_code, tools=turn.tools, think=think,
                                     code=self.profile.code, must_code=must_code)
         text = self.render(turn, thinks=think is not None)
-        if len(text) > self.model.n_ctx * self._longest_token:  # more tokens than the context, without tokenizing
-            raise ContextLengthExceeded(f"This model's maximum context length is {self.model.n_ctx} tokens, but the "
-                                        f"messages ({len(text)} characters) use more.", param="messages")
+        self._refuse_overlong(text, "the messages ({} characters) use more", "messages")
         media, vision = turn.media, self.model.vision
         pixels: tuple[Pixels, ...] = ()
         if vision is not None and self.profile.content_parts:  # text alone too: an image token typed in it is a 400
@@ -118,9 +116,7 @@ class Engine:
         """A legacy completion's turn: the prompt as it is, no chat template (text, its special tokens parsed,
         or token ids), continued as free text or as a document of `fmt`, closed at the budget like an answer."""
         if isinstance(prompt, str):
-            if len(prompt) > self.model.n_ctx * self._longest_token:
-                raise ContextLengthExceeded(f"This model's maximum context length is {self.model.n_ctx} tokens, but "
-                                            f"the prompt ({len(prompt)} characters) uses more.", param="prompt")
+            self._refuse_overlong(prompt, "the prompt ({} characters) uses more", "prompt")
             tokens = self.model.tokenize(prompt)
         else:
             tokens = list(prompt)
@@ -136,6 +132,13 @@ class Engine:
         closing = self._closing(turn, grammar, None, False, False)
         return Prepared(tokens, grammar, self._sampling(turn, closing), None, (), closing,
                         self._fitting_plan(grammar, closing, len(tokens), params.max_tokens, False))
+
+    def _refuse_overlong(self, text: str, what: str, param: str) -> None:
+        """A 400 for a text with more tokens than the context can hold, told without tokenizing it; `what` says so
+        with a {} for its length."""
+        if len(text) > self.model.n_ctx * self._longest_token:
+            raise ContextLengthExceeded(f"This model's maximum context length is {self.model.n_ctx} tokens, but "
+                                        f"{what.format(len(text))}.", param=param)
 
     def _fitting_plan(self, grammar: Grammar | None, closing: Closing | None, prompt: int, max_tokens: int | None,
                       continuing: bool) -> tuple[int, ...] | None:

@@ -59,11 +59,6 @@ class PartReader:
         self._held: list[int] = []
         self._head = b""  # the answer's text while its branch is not known
 
-    @property
-    def branch(self) -> Branch | None:
-        """The branch the turn took, once known."""
-        return None if self.piece is None or self.piece == "thought" else self.piece
-
     def read(self, tokens: list[int]) -> list[Segment]:
         out: list[Segment] = []
         for token in tokens:
