@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,6 +24,7 @@ from smolrun.config import Settings
 from smolrun.engine import Engine
 from smolrun.errors import SmolrunError
 from smolrun.models import resolve
+from smolrun.pool import ModelPool
 from tests.fakes import SMOLLM3_TAGS, TEMPLATES
 
 # Skip reasons that name the make target installing what is missing: under CI, which ran `make test`, such a
@@ -99,6 +102,60 @@ def tiny_smollm3(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_smollm3(tmp_path_factory.mktemp("tiny-smollm3"))
 
 
+TILE, LONGEST, MAX_FRAMES = 64, 128, 8  # the tiny processor: 64-pixel tiles, pictures resized to 128 at most
+
+
+@pytest.fixture(scope="session")
+def tiny_smolvlm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random SmolVLM (SmolLM2's tokenizer plus SmolVLM's image tokens, the library's chat template, the PIL
+    image processor), saved for transformers."""
+    torch = pytest.importorskip("torch", reason="a tiny SmolVLM needs torch: `make test` installs it")
+    pytest.importorskip("PIL", reason="a tiny SmolVLM needs Pillow: `make test` installs it")
+    from transformers import AutoTokenizer, SmolVLMConfig, SmolVLMForConditionalGeneration
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+    from transformers.models.smolvlm.processing_smolvlm import DEFAULT_CHAT_TEMPLATE
+
+    gguf = bundled_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tiles = [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
+    tokenizer.add_tokens(["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>", *tiles])
+    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    torch.manual_seed(0)
+    config = SmolVLMConfig(  # the text model's architecture name is SmolVLM2's, which llama.cpp's converter reads
+        text_config={"model_type": "llama", "architectures": ["VLlama3ForCausalLM"], "vocab_size": len(tokenizer),
+                     "hidden_size": 64,
+                     "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                     "num_key_value_heads": 2, "max_position_embeddings": 8192},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                       "num_attention_heads": 2, "image_size": TILE, "patch_size": 16},
+        scale_factor=2, image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    path = tmp_path_factory.mktemp("tiny-smolvlm")
+    SmolVLMForConditionalGeneration(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    SmolVLMImageProcessorPil(size={"longest_edge": LONGEST}, max_image_size={"longest_edge": TILE},
+                             video_sampling={"fps": 1, "max_frames": MAX_FRAMES,
+                                             "video_size": {"longest_edge": TILE}}).save_pretrained(path)
+    return path
+
+
+CONVERTER = Path(sys.prefix) / "share" / "llama.cpp" / "convert_hf_to_gguf.py"
+
+
+@pytest.fixture(scope="session")
+def tiny_smolvlm_gguf(tiny_smolvlm: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same weights as a GGUF and, beside it, its vision projector (mmproj), as llama.cpp's converter makes
+    them; the model finds its projector there by itself."""
+    pytest.importorskip("llama_cpp", reason="the llama.cpp engine needs llama-cpp-python: run `make test`")
+    if not CONVERTER.is_file():
+        pytest.skip(f"llama.cpp's GGUF converter is not at {CONVERTER}: `make setup` unpacks it from the "
+                    "llama-cpp-python sdist")
+    out = tmp_path_factory.mktemp("tiny-smolvlm-gguf")
+    for name, extra in (("tiny-smolvlm.gguf", []), ("mmproj-tiny-smolvlm.gguf", ["--mmproj"])):
+        subprocess.run([sys.executable, str(CONVERTER), str(tiny_smolvlm), "--outtype", "f32",
+                        "--outfile", str(out / name), *extra], check=True, capture_output=True)
+    return out / "tiny-smolvlm.gguf"
+
+
 @dataclass
 class Server:
     url: str
@@ -123,7 +180,7 @@ def _free_port() -> int:
 
 
 def serve(engine: Engine, settings: Settings, vision: Engine | None = None) -> Iterator[Server]:
-    app = create_app(engine, settings, vision)
+    app = create_app(ModelPool.serving(settings, engine, vision), settings)
     config = uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)

@@ -38,62 +38,13 @@ from smolrun.errors import InvalidRequest  # noqa: E402
 from smolrun.runner import observation  # noqa: E402
 from smolrun.sandbox.container import Execution  # noqa: E402
 from smolrun.turn import TEXT, Done, Image, Message, ResponseFormat, SamplingParams, TextDelta, Turn, Video  # noqa: E402
-from tests.conftest import Server, bundled_gguf  # noqa: E402
+from tests.conftest import MAX_FRAMES, TILE, Server  # noqa: E402
 from tests.fakes import ByteModel  # noqa: E402
 from tests.test_media import data_url, pdf, picture, video  # noqa: E402
 
-TILE, LONGEST, MAX_FRAMES = 64, 128, 8  # the tiny processor: 64-pixel tiles, pictures resized to 128 at most
 RECEIPT = {"type": "object", "properties": {"shop": {"type": "string", "maxLength": 20},
                                             "total": {"type": "number", "minimum": 0, "maximum": 1000}},
            "required": ["shop", "total"], "additionalProperties": False}
-
-
-@pytest.fixture(scope="session")
-def tiny_smolvlm(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-    from transformers import AutoTokenizer, SmolVLMConfig, SmolVLMForConditionalGeneration
-    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
-    from transformers.models.smolvlm.processing_smolvlm import DEFAULT_CHAT_TEMPLATE
-
-    gguf = bundled_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    tiles = [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
-    tokenizer.add_tokens(["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>", *tiles])
-    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
-    torch.manual_seed(0)
-    config = SmolVLMConfig(  # the text model's architecture name is SmolVLM2's, which llama.cpp's converter reads
-        text_config={"model_type": "llama", "architectures": ["VLlama3ForCausalLM"], "vocab_size": len(tokenizer),
-                     "hidden_size": 64,
-                     "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-                     "num_key_value_heads": 2, "max_position_embeddings": 8192},
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                       "num_attention_heads": 2, "image_size": TILE, "patch_size": 16},
-        scale_factor=2, image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
-    path = tmp_path_factory.mktemp("tiny-smolvlm")
-    SmolVLMForConditionalGeneration(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    SmolVLMImageProcessorPil(size={"longest_edge": LONGEST}, max_image_size={"longest_edge": TILE},
-                             video_sampling={"fps": 1, "max_frames": MAX_FRAMES,
-                                             "video_size": {"longest_edge": TILE}}).save_pretrained(path)
-    return path
-
-
-CONVERTER = Path(sys.prefix) / "share" / "llama.cpp" / "convert_hf_to_gguf.py"
-
-
-@pytest.fixture(scope="session")
-def tiny_smolvlm_gguf(tiny_smolvlm: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The same weights as a GGUF and, beside it, its vision projector (mmproj), as llama.cpp's converter makes
-    them; the model finds its projector there by itself."""
-    pytest.importorskip("llama_cpp", reason="the llama.cpp engine needs llama-cpp-python: run `make test`")
-    if not CONVERTER.is_file():
-        pytest.skip(f"llama.cpp's GGUF converter is not at {CONVERTER}: `make setup` unpacks it from the "
-                    "llama-cpp-python sdist")
-    out = tmp_path_factory.mktemp("tiny-smolvlm-gguf")
-    for name, extra in (("tiny-smolvlm.gguf", []), ("mmproj-tiny-smolvlm.gguf", ["--mmproj"])):
-        subprocess.run([sys.executable, str(CONVERTER), str(tiny_smolvlm), "--outtype", "f32",
-                        "--outfile", str(out / name), *extra], check=True, capture_output=True)
-    return out / "tiny-smolvlm.gguf"
 
 
 @pytest.fixture(scope="session")

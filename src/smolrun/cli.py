@@ -63,6 +63,13 @@ def main() -> None:
               help=f"also serve this model for requests with images (e.g. {DEFAULT_VISION_MODEL}); the model name "
                    "'auto' then routes by content")
 @click.option("--mmproj", default=None, help=MMPROJ_HELP)
+@click.option("--models", "models", multiple=True,
+              help="more models to serve, each loaded when a request names it (repeatable, or comma-separated; "
+                   "'all': every model on this machine, as `smolrun models` lists them); llama.cpp only")
+@click.option("--max-loaded-models", type=click.IntRange(min=1), default=None,
+              help="models held in memory at once; the least recently used idle one is unloaded past it (default 3)")
+@click.option("--max-loaded-gb", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="the same for the memory the loaded models take, weights and KV cache (default: no limit)")
 @click.option("--host", default=None, help="address to bind (default 127.0.0.1)")
 @click.option("--port", type=int, default=None, help="port (default 8000)")
 @click.option("--api-key", default=None, help="require this key as a Bearer token (or SMOLRUN_API_KEY)")
@@ -110,9 +117,10 @@ def serve(**options: Any) -> None:
     from smolrun.api import create_app
     from smolrun.api.browser import BrowserPolicy
     from smolrun.engine import Engine
+    from smolrun.pool import ModelPool
 
     options = {k: (v or None) if isinstance(v, tuple) else v for k, v in options.items()}  # unset: no ()
-    for name in ("allowed_hosts", "allowed_origins"):
+    for name in ("allowed_hosts", "allowed_origins", "models"):
         options[name] = comma_list(*options[name]) if options[name] else None
     settings = Settings.from_env(**options)
     policy = BrowserPolicy.build(settings.host, settings.allowed_hosts, settings.allowed_origins)
@@ -129,10 +137,15 @@ def serve(**options: Any) -> None:
         if not vision.sees:
             raise InvalidRequest(f"--vision-model {settings.vision_model} cannot see images; use a SmolVLM model "
                                  f"such as {DEFAULT_VISION_MODEL}")
-    app = create_app(engine, settings, vision)
+    pool = ModelPool.serving(settings, engine, vision)
+    app = create_app(pool, settings)
     click.echo(_banner(settings, engine.name), err=True)
     if vision is not None:
         click.echo(f"vision: {vision.name} answers requests with images sent to it or to the model 'auto'\n",
+                   err=True)
+    if len(pool.models) > len(pool.loaded()):
+        more = ", ".join(m.name for m in pool.models if m.engine is None)
+        click.echo(f"on demand: {more} (loaded when a request names one; at most {pool.max_loaded} in memory)\n",
                    err=True)
     from smolrun.sandbox import default_config, unavailable_reason
 
@@ -141,9 +154,7 @@ def serve(**options: Any) -> None:
     try:
         uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", log_config=_log_config())
     finally:
-        for served in (engine, vision):
-            if served is not None:
-                served.shutdown()
+        pool.shutdown()
 
 
 def _log_config() -> dict[str, Any]:

@@ -31,6 +31,9 @@ class Settings:
     backend: Backend = "llama"  # llama.cpp for GGUF files; transformers for Hugging Face models; vllm for GPUs
     device: str | None = None  # transformers only: None picks CUDA when present, else the CPU
     vision_model: str | None = None  # a second model that sees, for requests with images
+    models: tuple[str, ...] = ()  # more models loaded when a request names one ("all": every one on this machine)
+    max_loaded_models: int = 3  # models in memory at once; past it the least recently used idle one is unloaded
+    max_loaded_gb: float | None = None  # the same for the loaded models' memory (weights and KV cache)
     mmproj: str | None = None  # llama.cpp: the vision projector GGUF of the model that sees (default: its own)
     host: str = "127.0.0.1"
     port: int = 8000
@@ -77,6 +80,10 @@ class Settings:
             values["backend"] = env["SMOLRUN_BACKEND"]
         if env.get("SMOLRUN_VISION_MODEL"):
             values["vision_model"] = env["SMOLRUN_VISION_MODEL"]
+        if env.get("SMOLRUN_MODELS"):
+            values["models"] = comma_list(env["SMOLRUN_MODELS"])
+        if "SMOLRUN_MAX_LOADED_MODELS" in env:
+            values["max_loaded_models"] = int(env["SMOLRUN_MAX_LOADED_MODELS"])
         if env.get("SMOLRUN_VLLM_URLS"):
             values["vllm_urls"] = comma_list(env["SMOLRUN_VLLM_URLS"])
         if env.get("SMOLRUN_VLLM_PYTHON"):

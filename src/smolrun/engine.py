@@ -303,8 +303,9 @@ class Engine:
                 runner.close()
 
     def shutdown(self) -> None:
-        """Close, and stop the vLLM server launched for the model, if any: the engine is done."""
+        """Close, and free the model (its memory; the vLLM server launched for it, if any): the engine is done."""
         self.close()
-        self._prepare_pool.shutdown(wait=False, cancel_futures=True)
-        if isinstance(self.model, VllmModel):
-            self.model.close()
+        self._prepare_pool.shutdown(wait=True, cancel_futures=True)  # no prepare left to read a freed model
+        free = getattr(self.model, "close", None)
+        if free is not None:
+            free()

@@ -100,7 +100,7 @@ def test_full_queue_answers_429_and_nothing_accepted_is_lost(make_server) -> Non
     assert model.started.wait(10)
     waiting = threading.Thread(target=post)
     waiting.start()
-    engine = server.app.state.smolrun.engine
+    engine = server.engine
     deadline = time.monotonic() + 10
     while engine.waiting() < 1 and time.monotonic() < deadline:  # until it holds the one queue slot
         time.sleep(0.01)
@@ -127,7 +127,7 @@ def test_a_full_queue_is_429_before_any_byte_on_responses(make_server, stream: b
     threads[0].start()
     assert model.started.wait(10)
     threads[1].start()
-    engine = server.app.state.smolrun.engine
+    engine = server.engine
     deadline = time.monotonic() + 10
     while engine.waiting() < 1 and time.monotonic() < deadline:  # until it holds the one queue slot
         time.sleep(0.01)

@@ -25,12 +25,12 @@ from smolrun.api.files import router as files_router
 from smolrun.api.metrics import LiveGauges, Metrics, MetricsMiddleware
 from smolrun.api.playground import router as playground_router
 from smolrun.api.responses import router as responses_router
-from smolrun.api.state import AppState, get_state
+from smolrun.api.state import AppState, Leases, get_state
 from smolrun.api.wire import wire_param
 from smolrun.config import Settings
-from smolrun.engine import Engine
 from smolrun.errors import AuthenticationFailed, InvalidRequest, NotFound, PayloadTooLarge, SmolrunError, client_error
 from smolrun.files import FileStore
+from smolrun.pool import ModelPool, Servable
 from smolrun.responses_store import ResponseStore
 from smolrun.sandbox import default_config
 from smolrun.sandbox.manager import ContainerManager
@@ -112,24 +112,23 @@ class _UnexpectedErrors:
             await JSONResponse(error.to_dict(), status_code=error.status)(scope, receive, send)
 
 
-def create_app(engine: Engine, settings: Settings, vision: Engine | None = None) -> FastAPI:
-    """The server for a text model and, optionally, a vision model beside it (each with its own queue)."""
+def create_app(models: ModelPool, settings: Settings) -> FastAPI:
+    """The server for the pool's models (each loaded one with its own queue)."""
     store = Store(settings.data_dir / "smolrun.db")
     file_store = FileStore(store, settings.data_dir / "files")
     containers = ContainerManager(store, default_config(), file_store, warm=settings.warm_containers)
-    state = AppState(settings, engine, file_store, containers, ResponseStore(store), vision)
-    for served in state.engines:
+    state = AppState(settings, models, file_store, containers, ResponseStore(store))
+    for served in models.loaded():
         served.max_queue = settings.max_queue  # before its first turn starts the runner
     created = int(time.time())
-    metrics = Metrics(tuple(served.name for served in state.engines))
+    metrics = Metrics(tuple(m.name for m in models.models))
     metrics.registry.register(LiveGauges(state))
     containers.on_exec = lambda result: metrics.exec.observe(result.duration_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        for served in state.engines:
-            served.close()
+        models.close()
         containers.close()
         store.close()
 
@@ -175,6 +174,7 @@ def create_app(engine: Engine, settings: Settings, vision: Engine | None = None)
             error = SmolrunError(str(exc.detail))
         return JSONResponse(error.to_dict(), status_code=exc.status_code)
 
+    app.add_middleware(Leases)
     app.add_middleware(_BodyLimit, limit=settings.max_body_mb * 1024 * 1024)
     app.add_middleware(_UnexpectedErrors)  # outside the limit: an oversized body is the limit's to answer
     # Outside the limit: a foreign Host or Origin is refused before any body is read.
@@ -185,15 +185,17 @@ def create_app(engine: Engine, settings: Settings, vision: Engine | None = None)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": engine.name, **({"vision_model": vision.name} if vision else {})}
+        vision = models.vision
+        return {"status": "ok", "model": models.default.name, **({"vision_model": vision.name} if vision else {})}
 
-    def model_card(served: Engine) -> dict[str, Any]:
-        # "capabilities" is smolrun's extension (clients ignore fields they do not know): the playground shows it.
-        # So are "loaded" (every model a server lists is in memory) and "memory_bytes" (weights and KV cache, where
-        # the engine knows them): `smolrun ps` reads them.
+    def model_card(served: Servable) -> dict[str, Any]:
+        # "capabilities" is smolrun's extension (clients ignore fields they do not know): the playground shows it;
+        # null where it is not known before the model loads. So are "loaded" (in memory now, or loaded when a
+        # request names it) and "memory_bytes" (weights and KV cache, while loaded): `smolrun ps` reads them.
+        loaded = served.engine is not None
         return {"id": served.name, "object": "model", "created": created, "owned_by": "smolrun",
-                "capabilities": {"vision": served.sees, "reasoning": served.profile.thinking is not None},
-                "loaded": True, "memory_bytes": getattr(served.model, "memory_bytes", None)}
+                "capabilities": {"vision": served.sees, "reasoning": served.thinks}, "loaded": loaded,
+                "memory_bytes": served.memory if loaded else None}
 
     @app.get("/metrics", dependencies=[Depends(check_api_key)], include_in_schema=False)
     async def prometheus() -> Response:
@@ -201,11 +203,11 @@ def create_app(engine: Engine, settings: Settings, vision: Engine | None = None)
 
     @app.get("/v1/models", dependencies=[Depends(check_api_key)])
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_card(e) for e in state.engines]}
+        return {"object": "list", "data": [model_card(m) for m in models.models]}
 
     @app.get("/v1/models/{model_id:path}", dependencies=[Depends(check_api_key)])
     async def get_model(model_id: str, request: Request) -> dict[str, Any]:
-        return model_card(get_state(request).engine_for(model_id, pictures=False))
+        return model_card(get_state(request).models.find(model_id))
 
     for router in (chat_router, completions_router, responses_router, files_router, containers_router):
         app.include_router(router, dependencies=[Depends(check_api_key)])

@@ -33,7 +33,8 @@ T = TypeVar("T")
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     state = get_state(request)
-    engine = state.engine_for(body.model, body.has_pictures())  # before reading pictures: 400s come cheap
+    # Before reading pictures: 400s come cheap.
+    engine = await state.engine_for(request, body.model, body.has_pictures())
     record = record_of(request)
     record.model = engine.name
     try:

@@ -33,7 +33,7 @@ router = APIRouter()
 @router.post("/v1/completions", response_model=None)
 async def completions(body: CompletionRequest, request: Request) -> Response:
     state = get_state(request)
-    engine = state.engine_for(body.model, pictures=False)
+    engine = await state.engine_for(request, body.model, pictures=False)
     record = record_of(request)
     record.model = engine.name
     fmt, params = body.params()

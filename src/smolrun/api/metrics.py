@@ -182,7 +182,7 @@ class LiveGauges:
                                  labels=["model"])
         replicas = GaugeMetricFamily("smolrun_vllm_replicas_up", "vLLM servers not left out after a failure",
                                      labels=["model"])
-        for engine in self.state.engines:
+        for engine in self.state.models.loaded():
             waiting.add_metric([engine.name], engine.waiting())
             running.add_metric([engine.name], engine.running())
             if (cells := engine.kv_cells()) is not None:
@@ -190,8 +190,12 @@ class LiveGauges:
                 free.add_metric([engine.name], cells[1] - cells[0])
             if isinstance(engine.model, VllmModel):
                 replicas.add_metric([engine.name], engine.model.replicas.up())
+        loaded = GaugeMetricFamily("smolrun_model_loaded", "1 for a model in memory, 0 for one loaded on demand",
+                                   labels=["model"])
+        for model in self.state.models.models:
+            loaded.add_metric([model.name], int(model.engine is not None))
         containers = self.state.containers
-        yield from (waiting, running, used, free, replicas)
+        yield from (waiting, running, used, free, replicas, loaded)
         yield GaugeMetricFamily("smolrun_sandbox_containers_active", "Sandbox containers running",
                                 value=containers.active())
         yield GaugeMetricFamily("smolrun_sandbox_containers_warm", "Sandbox containers started ahead, ready",

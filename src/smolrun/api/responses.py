@@ -116,7 +116,7 @@ class _Call:
 async def create_response(body: ResponsesRequest, request: Request) -> Response:
     state = get_state(request)
     pictures = body.has_pictures() or await asyncio.to_thread(_auto_needs_eyes, state, body)
-    engine = state.engine_for(body.model, pictures)
+    engine = await state.engine_for(request, body.model, pictures)
     record = record_of(request)
     record.model = engine.name
     call = _Call(state, body, engine, await _plan(state, body, engine), record)
@@ -200,7 +200,7 @@ def _input_file_ids(body: ResponsesRequest) -> list[str]:
 def _auto_needs_eyes(state: AppState, body: ResponsesRequest) -> bool:
     """Whether `auto` should pick the vision model: input files that are pictures, PDFs or videos, or a
     conversation that already holds pictures."""
-    if body.model != AUTO or state.vision is None:
+    if body.model != AUTO or not any(m.sees is not False for m in state.models.models):
         return False
     if body.previous_response_id:
         if any(m.media for m in state.responses.get(body.previous_response_id).context):

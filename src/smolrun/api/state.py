@@ -1,70 +1,58 @@
-"""What the routes share: the engines, the stores and the settings; which engine serves a request."""
+"""What the routes share: the models, the stores and the settings; which engine serves a request."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from fastapi import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from smolrun.config import Settings
 from smolrun.engine import Engine
-from smolrun.errors import InvalidRequest, ModelNotFound
 from smolrun.files import FileStore
-from smolrun.models import REGISTRY
+from smolrun.pool import AUTO, ModelPool, Release
 from smolrun.responses_store import ResponseStore
 from smolrun.sandbox.manager import ContainerManager
 
-AUTO = "auto"  # the model alias that routes by content: the vision model for pictures, else the text model
+__all__ = ["AUTO", "AppState", "Leases", "get_state"]
+_LEASES = "smolrun.leases"  # where a request's leases on models sit in its ASGI scope, until it is over
 
 
 @dataclass
 class AppState:
     settings: Settings
-    engine: Engine  # the text model (--model), also the default
+    models: ModelPool
     files: FileStore
     containers: ContainerManager
     responses: ResponseStore
-    vision: Engine | None = None  # the vision model (--vision-model), if any
 
-    @property
-    def engines(self) -> tuple[Engine, ...]:
-        return (self.engine,) if self.vision is None else (self.engine, self.vision)
-
-    def _named(self, requested: str) -> Engine | None:
-        if requested in {self.engine.name, self.settings.model}:
-            return self.engine
-        if self.vision is not None and requested in {self.vision.name, self.settings.vision_model}:
-            return self.vision
-        return None
-
-    def check_model(self, requested: str) -> None:
-        """Accept a served model's name, the registry name/path it was started from, or `auto`."""
-        if requested == AUTO or self._named(requested) is not None:
-            return
-        served = " and ".join(f"'{e.name}'" for e in self.engines)
-        raise ModelNotFound(
-            f"The model '{requested}' does not exist on this server; it serves {served} (and '{AUTO}', which "
-            "picks by content)"
-            + (f"; start a server with --model {requested} to use that one" if requested in REGISTRY else ""),
-            param="model",
-        )
-
-    def engine_for(self, requested: str, pictures: bool) -> Engine:
-        """The engine that answers: the named one, or for `auto` the vision model when the request has
-        pictures. A request with pictures for a model that cannot see is a 400 naming those that can."""
-        self.check_model(requested)
-        engine = self._named(requested)
-        if engine is None:  # auto
-            engine = self.vision if pictures and self.vision is not None else self.engine
-        if pictures and not engine.sees:
-            seeing = [e.name for e in self.engines if e.sees]
-            where = (f"models on this server that can: {', '.join(repr(n) for n in seeing)} (or '{AUTO}')"
-                     if seeing else "no model on this server can; start it with --vision-model smolvlm2-2.2b")
-            raise InvalidRequest(f"The model '{engine.name}' cannot see images; {where}", param="model")
+    async def engine_for(self, request: Request, requested: str, pictures: bool) -> Engine:
+        """The engine that answers this request (see ModelPool.pick), loaded, and held for it until its response
+        has ended (`Leases` lets go): an engine is never unloaded under a request that uses it."""
+        engine, release = await self.models.acquire(requested, pictures)
+        leases: list[Release] = request.scope.setdefault(_LEASES, [])  # set by Leases, outside the app
+        leases.append(release)
         return engine
 
     def file_bytes(self, file_id: str) -> bytes:
         return self.files.content(file_id)[1]
+
+
+class Leases:
+    """Lets go of a request's models once the app is done with it: its response sent (a stream to its end), or
+    the client gone."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        leases: list[Release] = []
+        scope[_LEASES] = leases
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            for release in leases:
+                release()
 
 
 def get_state(request: Request) -> AppState:

@@ -115,7 +115,7 @@ class LlamaCppModel:
         self.ctx = self._context.ctx
         self._memory = llama_cpp.llama_get_memory(self.ctx)
         self._batch = llama_cpp.llama_batch_init(N_BATCH, 0, 1)
-        weakref.finalize(self, llama_cpp.llama_batch_free, self._batch)
+        self._free_batch = weakref.finalize(self, llama_cpp.llama_batch_free, self._batch)
         self._lib = llama_cpp
         model = self._model.model
         # Only a plain attention cache holds each position in a cell of its own that two sequences can share;
@@ -151,6 +151,15 @@ class LlamaCppModel:
         kv_width = llama_cpp.llama_model_n_embd(model) // heads * llama_cpp.llama_model_n_head_kv(model)
         self.memory_bytes = int(llama_cpp.llama_model_size(model)) + (
             self.n_ctx * llama_cpp.llama_model_n_layer(model) * 2 * kv_width * 2)
+
+    def close(self) -> None:
+        """Free the projector, the context and the weights now, not when the collector gets to them (a server
+        unloading a model loads another next). Nothing may use the model afterwards."""
+        if self._mtmd is not None:
+            self._mtmd.close()
+        self._free_batch()
+        self._context.close()  # type: ignore[no-untyped-call]
+        self._model.close()  # type: ignore[no-untyped-call]
 
     def _piece_text(self, token: int) -> str:
         if token < 0:

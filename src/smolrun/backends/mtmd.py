@@ -76,7 +76,7 @@ class MtmdVision:
             raise ModelUnavailable(f"could not load the vision projector {mmproj} (not an mmproj GGUF for this "
                                    "model, or a projector type this llama.cpp does not know)")
         self._ctx = ctx
-        weakref.finalize(self, mtmd.mtmd_free, ctx)
+        self.close = weakref.finalize(self, mtmd.mtmd_free, ctx)  # called at most once: by close or by GC
         if not mtmd.mtmd_support_vision(ctx) or mtmd.mtmd_decode_use_mrope(ctx):
             raise ModelUnavailable(f"{mmproj.name}: smolrun's llama.cpp vision reads SmolVLM projectors only")
 
