@@ -92,3 +92,15 @@ def test_top_logprobs_without_logprobs_or_past_20_is_a_400(server: Server) -> No
         with pytest.raises(openai.BadRequestError) as err:
             client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=2, **extra)  # type: ignore[arg-type]
         assert isinstance(err.value.body, dict) and err.value.body["param"] == param
+
+
+def test_logprobs_asked_of_the_responses_api_are_a_400_not_an_empty_list(server: Server) -> None:
+    client = server.client()
+    for extra, param in (({"include": ["message.output_text.logprobs"]}, "include"), ({"top_logprobs": 2},
+                                                                                     "top_logprobs")):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.responses.create(model=MODEL, input="Hi", max_output_tokens=2, **extra)  # type: ignore[arg-type]
+        assert isinstance(err.value.body, dict)
+        assert (err.value.body["param"], err.value.body["message"]) == (
+            param, "logprobs are not available on the Responses API yet; Chat Completions (logprobs, top_logprobs) "
+                   "and /v1/completions have them")

@@ -115,6 +115,7 @@ class _Call:
 @router.post("/v1/responses", response_model=None)
 async def create_response(body: ResponsesRequest, request: Request) -> Response:
     state = get_state(request)
+    body.refuse_logprobs()
     pictures = body.has_pictures() or await asyncio.to_thread(_auto_needs_eyes, state, body)
     engine = await state.engine_for(request, body.model, pictures)
     record = record_of(request)

@@ -20,6 +20,7 @@ from smolrun.sandbox.container import Execution
 from smolrun.turn import EFFORTS, TEXT, Message, Part, Reasoning, ResponseFormat, Role, Tool, ToolCall, ToolUse
 
 INCLUDE_OUTPUTS = "code_interpreter_call.outputs"
+INCLUDE_LOGPROBS = "message.output_text.logprobs"
 T = TypeVar("T")
 
 
@@ -110,7 +111,15 @@ class ResponsesRequest(DryFields):
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     thinking_token_budget: int | None = Field(default=None, ge=1)
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     _not_null = refuse_null("text", "tools", "tool_choice")
+
+    def refuse_logprobs(self) -> None:
+        """Logprobs are not carried through the Responses runner yet: a 400 rather than an empty list."""
+        if INCLUDE_LOGPROBS in (self.include or []) or self.top_logprobs:
+            raise InvalidRequest("logprobs are not available on the Responses API yet; Chat Completions (logprobs, "
+                                 "top_logprobs) and /v1/completions have them",
+                                 param="include" if self.top_logprobs is None else "top_logprobs")
 
     def has_pictures(self) -> bool:
         """Whether the input has input_image parts (input_file parts may hold pictures too: the route looks)."""
