@@ -156,6 +156,10 @@ def tiny_smolvlm_gguf(tiny_smolvlm: Path, tmp_path_factory: pytest.TempPathFacto
     return out / "tiny-smolvlm.gguf"
 
 
+# Test servers stream a chunk per token, as tests of streaming expect; merging within an interval has its own tests.
+STREAM_INTERVAL_MS = 0
+
+
 @dataclass
 class Server:
     url: str
@@ -200,7 +204,8 @@ def serve(engine: Engine, settings: Settings, vision: Engine | None = None) -> I
 
 @pytest.fixture(scope="session")
 def server(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    yield from serve(engine, Settings(port=_free_port(), data_dir=tmp_path_factory.mktemp("data"), warm_containers=0))
+    yield from serve(engine, Settings(port=_free_port(), data_dir=tmp_path_factory.mktemp("data"), warm_containers=0,
+                                      stream_interval_ms=STREAM_INTERVAL_MS))
 
 
 @pytest.fixture()
@@ -209,7 +214,8 @@ def make_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     stops: list[Iterator[Server]] = []
 
     def start(engine: Engine, vision: Engine | None = None, **settings: object) -> Server:
-        values = {"port": _free_port(), "data_dir": tmp_path_factory.mktemp("data"), "warm_containers": 0, **settings}
+        values = {"port": _free_port(), "data_dir": tmp_path_factory.mktemp("data"), "warm_containers": 0,
+                  "stream_interval_ms": STREAM_INTERVAL_MS, **settings}
         gen = serve(engine, Settings(**values), vision)  # type: ignore[arg-type]
         stops.append(gen)
         return next(gen)

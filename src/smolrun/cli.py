@@ -82,6 +82,9 @@ def main() -> None:
 @click.option("--n-ctx", type=int, default=None, help="context window in tokens (default 8192)")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: all available)")
 @click.option("--max-queue", type=int, default=None, help="waiting requests before 429 (default 16)")
+@click.option("--stream-interval-ms", type=click.IntRange(min=0), default=None,
+              help="tokens that come within this many ms of the last streamed chunk go out with the next one, "
+                   "which spares the CPU a chunk per token on small models; 0: a chunk per token (default 20)")
 @click.option("--parallel", type=click.IntRange(min=1, max=64), default=None,
               help="llama.cpp: requests decoded together in one batch, sharing the --n-ctx cache (default 4)")
 @click.option("--gpu-layers", type=int, default=None,

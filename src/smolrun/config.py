@@ -43,6 +43,7 @@ class Settings:
     n_ctx: int = 8192
     threads: int | None = None  # None: every CPU this process may use
     max_queue: int = 16  # requests waiting for the model before new ones get 429
+    stream_interval_ms: int = 20  # streamed deltas within this many ms of the last chunk are sent with the next
     parallel: int = 4  # llama.cpp: sequences decoded together (continuous batching); their KV cache is shared
     gpu_layers: int | None = None  # llama.cpp: layers offloaded to a GPU; None: all where the build can, else 0
     vllm_urls: tuple[str, ...] = ()  # vllm: running servers of the model (replicas); none: launch one here
@@ -70,6 +71,8 @@ class Settings:
             values["n_ctx"] = int(env["SMOLRUN_N_CTX"])
         if "SMOLRUN_THREADS" in env:
             values["threads"] = int(env["SMOLRUN_THREADS"])
+        if "SMOLRUN_STREAM_INTERVAL_MS" in env:
+            values["stream_interval_ms"] = int(env["SMOLRUN_STREAM_INTERVAL_MS"])
         if "SMOLRUN_MAX_QUEUE" in env:
             values["max_queue"] = int(env["SMOLRUN_MAX_QUEUE"])
         if "SMOLRUN_PARALLEL" in env:

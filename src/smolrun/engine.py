@@ -40,8 +40,9 @@ from smolrun.turn import Event, ResponseFormat, SamplingParams, Turn
 
 class Engine:
     def __init__(self, model: Model | BatchModel | VllmModel, max_queue: int = 16, max_inflight: int = 64,
-                 dry_multiplier: float = DRY_MULTIPLIER) -> None:
+                 dry_multiplier: float = DRY_MULTIPLIER, stream_interval: float = 0.0) -> None:
         self.model = model
+        self.stream_interval = stream_interval  # seconds within which streamed deltas are merged (EventStream)
         self.dry_multiplier = dry_multiplier  # the DRY penalty of JSON answers that do not set their own
         self._plans: dict[tuple[str, Closing], tuple[int, ...] | None] = {}  # closings from each grammar's start
         self.max_queue = max_queue  # turns waiting for the model before QueueFull
@@ -61,7 +62,8 @@ class Engine:
     def load(cls, settings: Settings, model: str | None = None, mmproj: str | None = None) -> Engine:
         """The engine for `model` (default: settings.model); see backends.factory.load_model."""
         return cls(load_model(settings, model, mmproj), max_queue=settings.max_queue,
-                   max_inflight=settings.max_inflight, dry_multiplier=settings.dry_multiplier)
+                   max_inflight=settings.max_inflight, dry_multiplier=settings.dry_multiplier,
+                   stream_interval=settings.stream_interval_ms / 1000)
 
     @property
     def name(self) -> str:
@@ -244,7 +246,7 @@ class Engine:
     def stream(self, prepared: Prepared, continuing: bool = False) -> EventStream:
         """Admit one turn now (QueueFull when too many wait, unless it is `continuing` an admitted response)
         and stream its events; leaving early cancels it."""
-        events = EventStream()
+        events = EventStream(self.stream_interval)
         self._submit(prepared, events.sink, events.cancelled.is_set, bounded=not continuing)
         return events
 

@@ -156,3 +156,17 @@ def test_near_the_end_the_lean_follows_the_way_out_where_a_pattern_holds_the_quo
         "type": "string", "pattern": "^(la )*x$"}}, "required": ["name"], "additionalProperties": False}, "n", True)
     text, done = answer(fmt, max_tokens=40, dry_allowed_length=64)
     assert (text, done.finish_reason, done.stats.closed) == ('{"name":"la la la la la x"}', "stop", False)
+
+
+def test_penalties_subtract_each_seen_tokens_count_times_frequency_plus_presence() -> None:
+    from smolrun.backends.decode import _Penalties
+
+    penalties = _Penalties(frequency=0.5, presence=0.25)
+    tokens = [t % 100 for t in range(150)] + [7, 7]  # past the first 64 places: the arrays grow
+    penalties.add(tokens)
+    logits = np.zeros(200, dtype=np.float32)
+    penalties.apply(logits)
+    counts = np.bincount(tokens, minlength=200).astype(np.float32)
+    expected = -(counts * 0.5 + np.where(counts > 0, 0.25, 0.0)).astype(np.float32)
+    assert np.array_equal(logits, expected)
+    assert logits[7] == -(4 * 0.5 + 0.25) and logits[150] == 0.0

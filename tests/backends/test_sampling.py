@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from llguidance.numpy import allocate_token_bitmask
 
-from smolrun.backends.sampling import allowed, greedy, mask_logits, sample
+from smolrun.backends.sampling import _draw, allowed, greedy, mask_logits, sample
 from smolrun.turn import SamplingParams
 
 
@@ -73,17 +73,27 @@ def test_masked_sampling_follows_the_masked_softmax_when_banned_tokens_hold_most
     assert np.allclose(picks, [0.0, 2 / 3, 1 / 3], atol=0.015)
 
 
-def test_the_two_level_draw_follows_the_softmax_across_blocks_and_never_picks_the_padding() -> None:
-    # 600 tokens: two whole blocks of 256 and a padded third; the mass sits on both sides of each block edge.
-    probs = np.full(600, 1e-9)
-    probs[[0, 255, 256, 511, 512, 599]] = [0.1, 0.2, 0.15, 0.25, 0.05, 0.25]
-    logits = np.log(probs / probs.sum()).astype(np.float32)
+def test_a_draw_proposing_the_tail_follows_the_softmax_exactly() -> None:
+    # With tail=1 only token 0 (and 1, e^-0.5 of it) is in the head: the other 598 tokens hold 40 % of the mass
+    # and are reached through proposals at the bound weight, then kept at their own weight's rate.
+    probs = np.full(600, 0.4 / 598)
+    probs[[0, 1]] = [0.6 / (1 + np.exp(-0.5)), 0.6 * np.exp(-0.5) / (1 + np.exp(-0.5))]
+    logits = np.log(probs).astype(np.float32)
     rng = np.random.default_rng(5)
+    counts = np.bincount([_draw(logits, 1.0, rng, tail=1.0) for _ in range(30000)], minlength=600) / 30000
+    assert np.allclose([counts[0], counts[1], counts[2:].sum()], [probs[0], probs[1], 0.4], atol=0.012)
+    assert counts[2:].max() < 0.004  # spread over the tail, not piled on one token
+
+
+def test_a_flat_distribution_weighs_every_token() -> None:
+    logits = np.zeros(1000, dtype=np.float32)
+    logits[[10, 999]] = np.log(3.0)  # three times as likely as each other token
+    rng = np.random.default_rng(8)
     counts = np.bincount([sample(logits, None, SamplingParams(temperature=1.0), rng) for _ in range(30000)],
-                         minlength=600)
-    assert counts.shape == (600,)
-    picked = counts[[0, 255, 256, 511, 512, 599]] / 30000
-    assert np.allclose(picked, [0.1, 0.2, 0.15, 0.25, 0.05, 0.25], atol=0.015)
+                         minlength=1000) / 30000
+    assert counts.shape == (1000,)
+    assert np.allclose(counts[[10, 999]], 3 / 1002, atol=0.0015)
+    assert np.isclose(counts.sum(), 1.0)
 
 
 @pytest.mark.parametrize("only", [0, 255, 256, 599])

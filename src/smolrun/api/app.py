@@ -120,6 +120,7 @@ def create_app(models: ModelPool, settings: Settings) -> FastAPI:
     state = AppState(settings, models, file_store, containers, ResponseStore(store))
     for served in models.loaded():
         served.max_queue = settings.max_queue  # before its first turn starts the runner
+        served.stream_interval = settings.stream_interval_ms / 1000
     created = int(time.time())
     metrics = Metrics(tuple(m.name for m in models.models))
     metrics.registry.register(LiveGauges(state))

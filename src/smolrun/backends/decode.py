@@ -356,23 +356,34 @@ class _Scores:
 
 
 class _Penalties:
-    """OpenAI's frequency and presence penalties over the tokens generated so far (forced ones included)."""
+    """OpenAI's frequency and presence penalties over the tokens generated so far (forced ones included), kept
+    as each seen token's total penalty, so that a step subtracts them in one indexed pass."""
 
     def __init__(self, frequency: float, presence: float) -> None:
         self.frequency, self.presence = frequency, presence
         self.counts: dict[int, int] = {}
+        self._slots: dict[int, int] = {}  # token -> its place in _ids and _amounts
+        self._ids = np.zeros(64, dtype=np.intp)
+        self._amounts = np.zeros(64, dtype=np.float32)
 
     def add(self, tokens: list[int]) -> None:
-        if self.frequency or self.presence:
-            for t in tokens:
-                self.counts[t] = self.counts.get(t, 0) + 1
+        if not (self.frequency or self.presence):
+            return
+        for t in tokens:
+            count = self.counts[t] = self.counts.get(t, 0) + 1
+            slot = self._slots.get(t)
+            if slot is None:
+                slot = self._slots[t] = len(self._slots)
+                if slot == self._ids.shape[0]:
+                    self._ids = np.concatenate([self._ids, np.zeros_like(self._ids)])
+                    self._amounts = np.concatenate([self._amounts, np.zeros_like(self._amounts)])
+                self._ids[slot] = t
+            self._amounts[slot] = count * self.frequency + self.presence
 
     def apply(self, logits: npt.NDArray[np.float32]) -> None:
-        if not self.counts:
-            return
-        ids = np.fromiter(self.counts.keys(), dtype=np.intp, count=len(self.counts))
-        counts = np.fromiter(self.counts.values(), dtype=np.float32, count=len(self.counts))
-        logits[ids] -= counts * np.float32(self.frequency) + np.float32(self.presence)
+        n = len(self._slots)
+        if n:
+            logits[self._ids[:n]] -= self._amounts[:n]
 
 
 class _TextStream:

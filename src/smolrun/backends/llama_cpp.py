@@ -129,6 +129,7 @@ class LlamaCppModel:
         self.n_threads = threads
         self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
         self.n_vocab = self._model.n_vocab()
+        self._row_type = ctypes.c_float * self.n_vocab
         vocab = self._model.vocab
         self.eog_tokens = frozenset(t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t))
         with warnings.catch_warnings():  # llguidance calls a llama.cpp symbol deprecated in 0.3.36
@@ -213,8 +214,11 @@ class LlamaCppModel:
         return out
 
     def _row(self, index: int) -> npt.NDArray[np.float32]:
+        """Output `index`'s logits, a view of llama.cpp's buffer (valid until the next decode)."""
         ptr = self._lib.llama_get_logits_ith(self.ctx, index)
-        return np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(self.n_vocab,))
+        row: npt.NDArray[np.float32] = np.frombuffer(
+            self._row_type.from_address(ctypes.addressof(ptr.contents)), dtype=np.float32)  # type: ignore[call-overload]
+        return row
 
     def forget(self, seq: int, start: int) -> bool:
         """Drop sequence `seq` from position `start` on; False where the cache cannot (sliding windows)."""

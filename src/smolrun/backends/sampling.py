@@ -1,12 +1,14 @@
 """Pick the next token from raw logits and an optional grammar bitmask, in numpy.
 
-This runs once per token on the loop's thread, so it is written for speed: float32 in preallocated buffers
-(one set per vocabulary size and thread), a two-level cumulative sum instead of one over the whole
-vocabulary, and a grammar mask applied only when the token drawn without it is banned (exact, see sample).
+This runs once per token on the loop's thread, right after a forward pass has flushed the CPU's caches, so it
+touches as little memory as it can: a draw exponentiates only the tokens near the top (exact, see _draw), the
+nucleus path works in preallocated float32 buffers, and a grammar mask is applied only when the token drawn
+without it is banned (exact, see sample).
 """
 
 from __future__ import annotations
 
+import math
 import threading
 
 import numpy as np
@@ -17,14 +19,11 @@ from smolrun.turn import SamplingParams
 Logits = npt.NDArray[np.float32]
 Bitmask = npt.NDArray[np.int32]  # shape (1, ceil(V/32)); token t allowed iff bit t%32 of word t//32 is set
 
-BLOCK = 256  # tokens per block of the two-level draw: a cumsum over V/256 block sums, then over one block
-
-
 class _Buffers:
     """Scratch space for one vocabulary size, reused every step."""
 
     def __init__(self, size: int) -> None:
-        self.weights = np.zeros(-(-size // BLOCK) * BLOCK, dtype=np.float32)  # the padding stays at weight 0
+        self.weights = np.zeros(size, dtype=np.float32)
         self.masked = np.empty(size, dtype=np.float32)
 
 
@@ -67,16 +66,16 @@ def sample(logits: Logits, bitmask: Bitmask | None, params: SamplingParams, rng:
     if params.top_k > 0 or params.top_p < 1.0:  # the nucleus depends on the mask: mask first
         if bitmask is not None:
             logits = mask_logits(logits, bitmask, buffers.masked)
-        return _nucleus(_weights(logits, params.temperature, buffers)[:size], params, rng)
+        return _nucleus(_weights(logits, params.temperature, buffers), params, rng)
     if bitmask is not None:
         # Draw without the mask and keep the token when the grammar allows it; otherwise draw from the masked
         # distribution. With A the allowed mass, P(t) = p(t) + (1 - A) * p(t) / A = p(t) / A for an allowed t:
         # exactly the masked softmax, and most steps skip the mask.
-        token = _draw(_weights(logits, params.temperature, buffers), rng)
+        token = _draw(logits, params.temperature, rng)
         if allowed(bitmask, token):
             return token
         logits = mask_logits(logits, bitmask, buffers.masked)
-    return _draw(_weights(logits, params.temperature, buffers), rng)
+    return _draw(logits, params.temperature, rng)
 
 
 def greedy(logits: Logits, bitmask: Bitmask | None) -> int:
@@ -88,32 +87,59 @@ def greedy(logits: Logits, bitmask: Bitmask | None) -> int:
 
 
 def _weights(logits: Logits, temperature: float, buffers: _Buffers) -> npt.NDArray[np.float32]:
-    """exp((logits - max) / temperature) in the padded weight buffer (banned tokens, at -inf, get 0)."""
-    top = float(np.max(logits))
-    if not np.isfinite(top):
-        raise ValueError("no token is allowed")
-    weights = buffers.weights[: logits.shape[0]]
+    """exp((logits - max) / temperature) in the weight buffer (banned tokens, at -inf, get 0)."""
+    top = _top(logits)
+    weights = buffers.weights
     np.subtract(logits, np.float32(top), out=weights)
     np.multiply(weights, np.float32(1.0 / temperature), out=weights)
     np.exp(weights, out=weights)
-    return buffers.weights
+    return weights
 
 
-def _draw(weights: npt.NDArray[np.float32], rng: np.random.Generator) -> int:
-    """A token drawn in proportion to `weights` (padded to whole blocks): the block first, then within it."""
-    blocks = weights.reshape(-1, BLOCK).sum(axis=1, dtype=np.float64)
-    cumulative = np.cumsum(blocks)
-    point = rng.random() * cumulative[-1]
-    block = min(int(np.searchsorted(cumulative, point, side="right")), blocks.shape[0] - 1)
-    while blocks[block] <= 0:  # rounding put the point past the last block with weight
-        block -= 1
-    start = block * BLOCK
-    inner = np.cumsum(weights[start:start + BLOCK], dtype=np.float64)
-    rest = point - (cumulative[block - 1] if block else 0.0)
-    index = min(int(np.searchsorted(inner, rest, side="right")), BLOCK - 1)
-    while weights[start + index] <= 0:  # the same, within the block
-        index -= 1
-    return int(start + index)
+def _top(logits: Logits) -> float:
+    top = float(np.max(logits))
+    if not np.isfinite(top):
+        raise ValueError("no token is allowed")
+    return top
+
+
+def _draw(logits: Logits, temperature: float, rng: np.random.Generator, tail: float | None = None) -> int:
+    """A token drawn from softmax(logits / temperature), exactly, exponentiating only the head: the tokens within
+    `tail` temperatures of the top (default ln V). Rejection sampling: propose a head token by its weight, or
+    any other token with the bound weight e^-tail (relative to the top's), which no tail token exceeds; a
+    proposed tail token is kept with probability (its weight) / (the bound), else the draw starts over. What is
+    kept is each token in proportion to its weight, the head's and the tail's alike. With tail = ln V the
+    bounds sum to at most the top token's weight: at most half the proposals go to the tail, and restarts cost
+    a few scalar draws, not a pass over the vocabulary."""
+    top = _top(logits)
+    size = logits.shape[0]
+    tail = math.log(size) if tail is None else tail
+    near = logits >= np.float32(top - tail * temperature)
+    head: npt.NDArray[np.intp] | None = None
+    if np.count_nonzero(near) * 4 > size:  # a flat distribution: every token weighed, none left to propose
+        weights = _weights(logits, temperature, _buffers(size))
+    else:
+        head = np.flatnonzero(near)
+        weights = logits[head]
+        np.subtract(weights, np.float32(top), out=weights)
+        np.multiply(weights, np.float32(1.0 / temperature), out=weights)
+        np.exp(weights, out=weights)
+    cumulative = np.cumsum(weights, dtype=np.float64)
+    bound = math.exp(-tail)
+    outside = 0 if head is None else size - head.shape[0]
+    total = cumulative[-1] + outside * bound
+    while True:
+        point = rng.random() * total
+        if point < cumulative[-1]:
+            index = min(int(np.searchsorted(cumulative, point, side="right")), cumulative.shape[0] - 1)
+            while weights[index] <= 0:  # rounding put the point past the last token with weight
+                index -= 1
+            return int(index if head is None else head[index])
+        token = int(rng.integers(logits.shape[0]))  # uniform over the tail: redrawn while it lands in the head
+        while logits[token] >= top - tail * temperature:
+            token = int(rng.integers(logits.shape[0]))
+        if rng.random() * bound < math.exp((float(logits[token]) - top) / temperature):
+            return token
 
 
 def _nucleus(weights: npt.NDArray[np.float32], params: SamplingParams, rng: np.random.Generator) -> int:
