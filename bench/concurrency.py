@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LEVELS = (1, 2, 4, 8)
 MAX_TOKENS = 96
 HOST_TARGET_MS = 0.5
+CEILING_ROUNDS = 40  # alternating passes of 1 and of --parallel sequences measured for the ceiling
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["title", "city", "facts", "rating"],
           "properties": {"title": {"type": "string", "maxLength": 60}, "city": {"type": "string", "maxLength": 30},
                          "facts": {"type": "array", "items": {"type": "string", "maxLength": 60}, "maxItems": 4},
@@ -141,12 +142,14 @@ def wait_ready(url: str, process: subprocess.Popen[bytes]) -> None:
     sys.exit(f"the server at {url} did not start")
 
 
-def start_smolrun(threads: int, parallel: int, model: str) -> tuple[str, subprocess.Popen[bytes]]:
+def start_smolrun(threads: int, parallel: int, model: str,
+                  interval_ms: int = 20) -> tuple[str, subprocess.Popen[bytes]]:
     port = free_port()
     data = Path(os.environ.get("TMPDIR", "/tmp")) / f"smolrun-bench-{port}"
     process = subprocess.Popen([sys.executable, "-m", "smolrun", "serve", "--model", model, "--port", str(port),
                                 "--threads", str(threads), "--parallel", str(parallel), "--warm-containers", "0",
-                                "--data-dir", str(data)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                "--stream-interval-ms", str(interval_ms), "--data-dir", str(data)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/v1"
     wait_ready(url, process)
     return url, process
@@ -167,32 +170,37 @@ def start_llama_server(model: Path, threads: int, parallel: int) -> tuple[str, s
 
 def pass_ceiling(model_path: Path, threads: int, parallel: int) -> tuple[float, float, float]:
     """Milliseconds of one decoding pass for 1 and for `parallel` sequences (one token and its logits each):
-    how much batching can gain at most on this machine; and milliseconds per token of a 64-token prompt."""
+    how much batching can gain at most on this machine; and milliseconds per token of a 64-token prompt.
+
+    The single sequence decodes in a context of its own: in one shared (unified) cache its pass would attend
+    over every other sequence's cells too, as a lone client's never does. Passes of both contexts alternate,
+    so that both see the same machine (its speed drifts by 10-20 % over minutes here), and medians over many
+    rounds keep one slow pass out of the ratio."""
     from smolrun.backends.base import Feed
     from smolrun.backends.llama_cpp import LlamaCppModel
 
-    model = LlamaCppModel(model_path, name="ceiling", n_ctx=8192, n_threads=threads, n_seq=parallel)
+    alone = LlamaCppModel(model_path, name="alone", n_ctx=8192, n_threads=threads, n_seq=1)
+    together = LlamaCppModel(model_path, name="together", n_ctx=8192, n_threads=threads, n_seq=parallel)
     prompt = list(range(1000, 1060))
+    alone.decode([Feed(0, 0, prompt, True)])
     for seq in range(parallel):
-        model.decode([Feed(seq, 0, prompt, True)])
-    position = [len(prompt)] * parallel
-    out = []
-    for n in (1, parallel):
-        times = []
-        for _ in range(9):
+        together.decode([Feed(seq, 0, prompt, True)])
+    times: dict[int, list[float]] = {1: [], parallel: []}
+    for round_ in range(3 + CEILING_ROUNDS):  # the first rounds warm up
+        for n, model in ((1, alone), (parallel, together)):
             started = time.perf_counter()
-            model.decode([Feed(seq, position[seq], [1100], True) for seq in range(n)])
-            times.append((time.perf_counter() - started) * 1000)
-            for seq in range(n):
-                position[seq] += 1
-        out.append(statistics.median(times))
+            model.decode([Feed(seq, len(prompt) + round_, [1100], True) for seq in range(n)])
+            if round_ >= 3:
+                times[n].append((time.perf_counter() - started) * 1000)
     prompt_times = []
     for _ in range(5):
-        model.forget(0, 0)
+        alone.forget(0, 0)
         started = time.perf_counter()
-        model.decode([Feed(0, 0, prompt[:64] + prompt[:4], True)])
-        prompt_times.append((time.perf_counter() - started) * 1000 / 68)
-    return out[0], out[1], statistics.median(prompt_times)
+        alone.decode([Feed(0, 0, prompt + prompt[:4], True)])
+        prompt_times.append((time.perf_counter() - started) * 1000 / (len(prompt) + 4))
+    alone.close()
+    together.close()
+    return statistics.median(times[1]), statistics.median(times[parallel]), statistics.median(prompt_times)
 
 
 def host_work(threads: int, parallel: int, model_path: Path) -> dict[tuple[str, int], float]:
@@ -252,6 +260,8 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=8)
     parser.add_argument("--model", type=Path, help="a GGUF file (default: the bundled SmolLM2-135M)")
     parser.add_argument("--repeat", type=int, default=3, help="measures of each cell on each server (medians)")
+    parser.add_argument("--stream-interval-ms", type=int, default=20,
+                        help="smolrun's --stream-interval-ms (20, its default; 0: a chunk per token, as llama.cpp's)")
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     args = parser.parse_args()
     from smolrun.models import resolve
@@ -269,7 +279,8 @@ def main() -> None:
     # times: the pairs see the same machine, whose speed drifts by 10-20 % over minutes here; medians are kept.
     servers: list[tuple[str, str, subprocess.Popen[bytes]]] = []
     try:
-        url, process = start_smolrun(args.threads, args.parallel, str(model) if args.model else "smollm2-135m")
+        url, process = start_smolrun(args.threads, args.parallel, str(model) if args.model else "smollm2-135m",
+                                     args.stream_interval_ms)
         servers.append(("smolrun", url, process))
         url, process = start_llama_server(model, args.threads, args.parallel)
         servers.append(("llama.cpp server", url, process))
@@ -340,8 +351,10 @@ def main() -> None:
     table, ratio_table = "\n".join(rows), "\n".join(ratio_rows)
     print(table + "\n\n" + ratio_table + "\n\n" + host_table)
     title, option, what = "Concurrency", "", "the bundled SmolLM2-135M Q4_1 GGUF"
+    if args.stream_interval_ms != 20:
+        option = f" --stream-interval-ms {args.stream_interval_ms}"
     if args.model:
-        title, option = f"Concurrency on {model.name}", f" --model {args.model}"
+        title, option = f"Concurrency on {model.name}", f"{option} --model {args.model}"
         what = (f"`{model.name}` ({model.stat().st_size / 2**30:.2f} GiB; the SmolLM3-3B-shaped Q4_K_M GGUF with "
                 "random weights that `bench/make_3b.py` builds, when it is that file)")
     section = f"""## {title}
@@ -354,11 +367,15 @@ in its own process. 8 streamed `/v1/chat/completions` requests per cell (up to {
 0.7, frequency_penalty 0.5), shared by 1-8 concurrent clients; aggregate tok/s = completion tokens
 / wall time, answers/s = requests / wall time. llama.cpp's server is `xllamacpp` (its own continuous batching
 over slots and its own json_schema grammar, which lets the model write whitespace: its JSON answers are
-longer, so they spread the cost of their prompts over more tokens).
+longer, so they spread the cost of their prompts over more tokens). smolrun streams with
+`--stream-interval-ms {args.stream_interval_ms}`: tokens that come within that many ms of its last chunk go out
+with the next one (20 is its default; on this model a chunk carries 2-3 tokens), where llama.cpp's server
+writes a chunk per token; the client, on the same CPUs, parses fewer chunks from smolrun.
 
-One decoding pass (a token and its logits per sequence) takes {one_ms:.1f} ms for 1 sequence and {many_ms:.1f} ms for
-{args.parallel} on this machine, so decoding {args.parallel} sequences together yields at most **{ceiling:.2f}x** the
-tokens of one; prompts, sampling and requests that end early take from that. A prompt costs
+One decoding pass (a token and its logits per sequence) takes {one_ms:.1f} ms for 1 sequence (alone in its cache, as
+a lone client's is) and {many_ms:.1f} ms for {args.parallel} (medians of {CEILING_ROUNDS} alternating passes each) on
+this machine, so decoding {args.parallel} sequences together yields at most **{ceiling:.2f}x** the tokens of one;
+prompts, sampling and requests that end early take from that. A prompt costs
 {prompt_ms:.1f} ms a token (64 tokens in one pass): here a pass is bound by arithmetic past a few tokens, so
 the json_schema workload, whose 54-token prompts are about twice its answers, gains least from batching.
 
