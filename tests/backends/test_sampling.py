@@ -85,6 +85,20 @@ def test_a_draw_proposing_the_tail_follows_the_softmax_exactly() -> None:
     assert counts[2:].max() < 0.004  # spread over the tail, not piled on one token
 
 
+def test_the_dense_draw_follows_the_softmax_across_blocks_and_never_picks_the_padding() -> None:
+    # 600 tokens, all within ln 600 of the top (a flat distribution: the two-level draw over blocks of 256, the
+    # third padded); the heavier tokens sit on both sides of each block edge.
+    weights = np.ones(600)
+    weights[[0, 255, 256, 511, 512, 599]] = [60, 120, 90, 150, 30, 150]
+    logits = np.log(weights).astype(np.float32)
+    rng = np.random.default_rng(5)
+    counts = np.bincount([sample(logits, None, SamplingParams(temperature=1.0), rng) for _ in range(30000)],
+                         minlength=600)
+    assert counts.shape == (600,)
+    picked = counts[[0, 255, 256, 511, 512, 599]] / 30000
+    assert np.allclose(picked, weights[[0, 255, 256, 511, 512, 599]] / weights.sum(), atol=0.012)
+
+
 def test_a_flat_distribution_weighs_every_token() -> None:
     logits = np.zeros(1000, dtype=np.float32)
     logits[[10, 999]] = np.log(3.0)  # three times as likely as each other token

@@ -1,10 +1,10 @@
 """Pick the next token from raw logits and an optional grammar bitmask, in numpy.
 
 This runs once per token on the loop's thread, right after a forward pass has flushed the CPU's caches, so it
-touches as little memory as it can: a draw exponentiates only the tokens near the top (exact, see _draw), the
-nucleus path works in preallocated float32 buffers, and a grammar mask is applied only when the token drawn
-without it is banned (exact, see sample).
-"""
+touches as little memory as it can: a draw exponentiates only the tokens near the top (exact, see _draw); a
+flat distribution and the nucleus path work in preallocated float32 buffers, a flat one's draw through a
+two-level cumulative sum; a grammar mask is applied only when the token drawn without it is banned (exact, see
+sample)."""
 
 from __future__ import annotations
 
@@ -19,11 +19,14 @@ from smolrun.turn import SamplingParams
 Logits = npt.NDArray[np.float32]
 Bitmask = npt.NDArray[np.int32]  # shape (1, ceil(V/32)); token t allowed iff bit t%32 of word t//32 is set
 
+BLOCK = 256  # tokens per block of the dense draw: a cumsum over V/256 block sums, then over one block
+
+
 class _Buffers:
     """Scratch space for one vocabulary size, reused every step."""
 
     def __init__(self, size: int) -> None:
-        self.weights = np.zeros(size, dtype=np.float32)
+        self.weights = np.zeros(-(-size // BLOCK) * BLOCK, dtype=np.float32)  # the padding stays at weight 0
         self.masked = np.empty(size, dtype=np.float32)
 
 
@@ -66,7 +69,7 @@ def sample(logits: Logits, bitmask: Bitmask | None, params: SamplingParams, rng:
     if params.top_k > 0 or params.top_p < 1.0:  # the nucleus depends on the mask: mask first
         if bitmask is not None:
             logits = mask_logits(logits, bitmask, buffers.masked)
-        return _nucleus(_weights(logits, params.temperature, buffers), params, rng)
+        return _nucleus(_weights(logits, params.temperature, buffers)[:size], params, rng)
     if bitmask is not None:
         # Draw without the mask and keep the token when the grammar allows it; otherwise draw from the masked
         # distribution. With A the allowed mass, P(t) = p(t) + (1 - A) * p(t) / A = p(t) / A for an allowed t:
@@ -87,13 +90,13 @@ def greedy(logits: Logits, bitmask: Bitmask | None) -> int:
 
 
 def _weights(logits: Logits, temperature: float, buffers: _Buffers) -> npt.NDArray[np.float32]:
-    """exp((logits - max) / temperature) in the weight buffer (banned tokens, at -inf, get 0)."""
+    """exp((logits - max) / temperature) in the padded weight buffer (banned tokens, at -inf, get 0)."""
     top = _top(logits)
-    weights = buffers.weights
+    weights = buffers.weights[: logits.shape[0]]
     np.subtract(logits, np.float32(top), out=weights)
     np.multiply(weights, np.float32(1.0 / temperature), out=weights)
     np.exp(weights, out=weights)
-    return weights
+    return buffers.weights
 
 
 def _top(logits: Logits) -> float:
@@ -115,31 +118,46 @@ def _draw(logits: Logits, temperature: float, rng: np.random.Generator, tail: fl
     size = logits.shape[0]
     tail = math.log(size) if tail is None else tail
     near = logits >= np.float32(top - tail * temperature)
-    head: npt.NDArray[np.intp] | None = None
     if np.count_nonzero(near) * 4 > size:  # a flat distribution: every token weighed, none left to propose
-        weights = _weights(logits, temperature, _buffers(size))
-    else:
-        head = np.flatnonzero(near)
-        weights = logits[head]
-        np.subtract(weights, np.float32(top), out=weights)
-        np.multiply(weights, np.float32(1.0 / temperature), out=weights)
-        np.exp(weights, out=weights)
+        return _dense(_weights(logits, temperature, _buffers(size)), rng)
+    head = np.flatnonzero(near)
+    weights = logits[head]
+    np.subtract(weights, np.float32(top), out=weights)
+    np.multiply(weights, np.float32(1.0 / temperature), out=weights)
+    np.exp(weights, out=weights)
     cumulative = np.cumsum(weights, dtype=np.float64)
     bound = math.exp(-tail)
-    outside = 0 if head is None else size - head.shape[0]
-    total = cumulative[-1] + outside * bound
+    total = cumulative[-1] + (size - head.shape[0]) * bound
     while True:
         point = rng.random() * total
         if point < cumulative[-1]:
-            index = min(int(np.searchsorted(cumulative, point, side="right")), cumulative.shape[0] - 1)
+            index = min(int(np.searchsorted(cumulative, point, side="right")), head.shape[0] - 1)
             while weights[index] <= 0:  # rounding put the point past the last token with weight
                 index -= 1
-            return int(index if head is None else head[index])
+            return int(head[index])
         token = int(rng.integers(logits.shape[0]))  # uniform over the tail: redrawn while it lands in the head
         while logits[token] >= top - tail * temperature:
             token = int(rng.integers(logits.shape[0]))
         if rng.random() * bound < math.exp((float(logits[token]) - top) / temperature):
             return token
+
+
+def _dense(weights: npt.NDArray[np.float32], rng: np.random.Generator) -> int:
+    """A token drawn in proportion to `weights` (padded to whole blocks): the block first, then within it."""
+    # Block sums in float32 (a few hundred weights each, rounding ~1e-7 of the block); across blocks in float64.
+    blocks = weights.reshape(-1, BLOCK).sum(axis=1)
+    cumulative = np.cumsum(blocks, dtype=np.float64)
+    point = rng.random() * cumulative[-1]
+    block = min(int(np.searchsorted(cumulative, point, side="right")), blocks.shape[0] - 1)
+    while blocks[block] <= 0:  # rounding put the point past the last block with weight
+        block -= 1
+    start = block * BLOCK
+    inner = np.cumsum(weights[start:start + BLOCK], dtype=np.float64)
+    rest = point - (cumulative[block - 1] if block else 0.0)
+    index = min(int(np.searchsorted(inner, rest, side="right")), BLOCK - 1)
+    while weights[start + index] <= 0:  # the same, within the block
+        index -= 1
+    return int(start + index)
 
 
 def _nucleus(weights: npt.NDArray[np.float32], params: SamplingParams, rng: np.random.Generator) -> int:
