@@ -89,14 +89,20 @@ async def one(client: httpx.AsyncClient, url: str, payload: dict[str, object]) -
     tokens = 0
     async with client.stream("POST", f"{url}/chat/completions", json=payload) as reply:
         reply.raise_for_status()
-        async for line in reply.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("choices") and chunk["choices"][0]["delta"].get("content") and not first:
-                first = time.perf_counter() - started
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
+        buffer = b""
+        async for data in reply.aiter_bytes():
+            # Lines end at LF, as SSE says: aiter_lines would also cut at U+2028 and the like, which llama.cpp's
+            # server writes raw when a (random-weight) model samples them.
+            *lines, buffer = (buffer + data).split(b"\n")
+            for raw in lines:
+                line = raw.decode().rstrip("\r")
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("choices") and chunk["choices"][0]["delta"].get("content") and not first:
+                    first = time.perf_counter() - started
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
     return time.perf_counter() - started, first, tokens
 
 

@@ -98,3 +98,23 @@ def test_a_streamed_chat_sends_a_chunk_per_interval(make_server, interval_ms: in
         lines = [line[6:] for line in reply.iter_lines() if line.startswith("data: ") and line != "data: [DONE]"]
     contents = [json.loads(line)["choices"][0]["delta"].get("content") for line in lines]
     assert [c for c in contents if c] == chunks
+
+
+@pytest.mark.parametrize("route", ["chat", "responses"])
+def test_unicode_line_ends_in_the_text_never_cut_a_streamed_event(make_server, route: str) -> None:  # type: ignore[no-untyped-def]
+    # str.splitlines(), which httpx's and requests' iter_lines use, ends a line at U+0085, U+2028 and U+2029 too.
+    text = "a\u2028b\x85c\u2029d"
+    server = make_server(Engine(ByteModel(script=text.encode())))
+    if route == "chat":
+        url, body = "chat/completions", {"model": "byte-model", "messages": [{"role": "user", "content": "hi"}],
+                                         "stream": True}
+    else:
+        url, body = "responses", {"model": "byte-model", "input": "hi", "stream": True}
+    with httpx.stream("POST", f"{server.url}/{url}", json=body, timeout=60) as reply:
+        events = [json.loads(line[6:]) for line in reply.iter_lines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+    if route == "chat":
+        streamed = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
+    else:
+        streamed = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    assert streamed == text

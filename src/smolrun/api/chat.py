@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -17,7 +16,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from smolrun import __version__
 from smolrun.api.metrics import Record, Watched, record_of
 from smolrun.api.state import get_state
-from smolrun.api.wire import ChatCompletionRequest
+from smolrun.api.wire import ChatCompletionRequest, sse_json
 from smolrun.constraints.grammar import warning_headers
 from smolrun.errors import GenerationFailed, SchemaError, client_error
 from smolrun.prompt.tools import CallProgress, CallReader, read_calls
@@ -175,7 +174,7 @@ def _chunk(meta: _Meta, delta: dict[str, Any], finish: str | None,
 
 
 def _data(obj: dict[str, Any]) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+    return f"data: {sse_json(obj)}\n\n"
 
 
 def _wire_call(call: ToolCall, index: int | None = None) -> dict[str, Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -27,7 +26,7 @@ from smolrun.api.responses_wire import (
     wire_item,
 )
 from smolrun.api.state import AUTO, AppState, get_state
-from smolrun.api.wire import sampling
+from smolrun.api.wire import sampling, sse_json
 from smolrun.backends.decode import Prepared
 from smolrun.constraints.grammar import warning_headers
 from smolrun.engine import Engine
@@ -389,7 +388,7 @@ def _save(call: _Call, spec: RunSpec, output: list[Item], final: dict[str, Any])
 
 
 def _data(event: dict[str, Any]) -> str:
-    return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"
+    return f"event: {event['type']}\ndata: {sse_json(event)}\n\n"
 
 
 async def _sse(call: _Call, spec: RunSpec, first: Prepared, generate: _Admitted) -> AsyncIterator[str]:

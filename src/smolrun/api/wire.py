@@ -411,3 +411,14 @@ def _format(fmt: AnyFormat | None) -> ResponseFormat:
     strict = bool(spec.strict)
     schema = check_schema(spec.schema_ or {}, strict=strict, what=f"response_format {spec.name!r}")
     return ResponseFormat("json_schema", schema, spec.name, strict)
+
+
+# What str.splitlines() takes for a line end, and so the line readers of httpx and requests, besides CR and LF
+# (which JSON escapes, as it does every control character): escaped, so that a client reading a stream line by
+# line never cuts an event in two, whatever the model writes.
+_LINE_ENDS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def sse_json(obj: object) -> str:
+    """`obj` as JSON for an SSE `data:` line: UTF-8 as it is, line ends of any kind escaped."""
+    return json.dumps(obj, ensure_ascii=False).translate(_LINE_ENDS)
