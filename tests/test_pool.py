@@ -26,18 +26,19 @@ DEADLINE_STEPS = 2000  # event-loop turns a test waits for a state before it fai
 
 
 class Loader:
-    """Loads a fresh byte-level engine per call, named after the model; `gate` (when set) holds every load until
-    it opens; `fail` makes the next loads raise."""
+    """Loads a fresh byte-level engine per call, named after the model; when `gated`, every load waits until
+    `gate` opens; the first `fail` loads raise."""
 
-    def __init__(self, sees: frozenset[str] = frozenset()) -> None:
+    def __init__(self, sees: frozenset[str] = frozenset(), gated: bool = False, fail: int = 0) -> None:
         self.loaded: list[str] = []
-        self.gate: threading.Event | None = None
-        self.fail = 0
+        self.gate = threading.Event()
+        if not gated:
+            self.gate.set()
+        self.fail = fail
         self.sees = sees
 
     def __call__(self, model: Servable) -> Engine:
-        if self.gate is not None:
-            assert self.gate.wait(30), "the test never opened the gate"
+        assert self.gate.wait(30), "the test never opened the gate"
         if self.fail:
             self.fail -= 1
             raise ModelUnavailable(f"cannot load {model.name}")
@@ -120,8 +121,7 @@ def test_a_model_in_use_is_never_unloaded_the_load_waits_until_it_is_free() -> N
 
 def test_requests_for_a_model_that_is_loading_share_its_one_load() -> None:
     async def test() -> None:
-        loader = Loader()
-        loader.gate = threading.Event()
+        loader = Loader(gated=True)
         pool = pool_of("a", "b", loader=loader)
         tasks = [asyncio.ensure_future(pool.acquire("b")) for _ in range(3)]
         await until(lambda: pool._waiting == 3)
@@ -140,8 +140,7 @@ def test_requests_for_a_model_that_is_loading_share_its_one_load() -> None:
 
 def test_a_failed_load_is_every_waiters_error_and_the_next_request_tries_again() -> None:
     async def test() -> None:
-        loader = Loader()
-        loader.fail = 1
+        loader = Loader(fail=1)
         pool = pool_of("a", "b", loader=loader)
         results = await asyncio.gather(pool.acquire("b"), pool.acquire("b"), return_exceptions=True)
         assert [type(r) for r in results] == [ModelUnavailable, ModelUnavailable]
@@ -155,8 +154,7 @@ def test_a_failed_load_is_every_waiters_error_and_the_next_request_tries_again()
 
 def test_past_the_queue_limit_a_request_for_a_loading_model_is_429() -> None:
     async def test() -> None:
-        loader = Loader()
-        loader.gate = threading.Event()
+        loader = Loader(gated=True)
         pool = pool_of("a", "b", loader=loader, max_waiting=1)
         first = asyncio.ensure_future(pool.acquire("b"))
         await until(lambda: pool._waiting == 1)
@@ -174,8 +172,7 @@ def test_past_the_queue_limit_a_request_for_a_loading_model_is_429() -> None:
 
 def test_a_request_that_leaves_while_its_model_loads_lets_go_and_the_load_finishes() -> None:
     async def test() -> None:
-        loader = Loader()
-        loader.gate = threading.Event()
+        loader = Loader(gated=True)
         pool = pool_of("a", "b", loader=loader)
         leaving = asyncio.ensure_future(pool.acquire("b"))
         await until(lambda: pool._waiting == 1)

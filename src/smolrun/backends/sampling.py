@@ -91,12 +91,15 @@ def greedy(logits: Logits, bitmask: Bitmask | None) -> int:
 
 def _weights(logits: Logits, temperature: float, buffers: _Buffers) -> npt.NDArray[np.float32]:
     """exp((logits - max) / temperature) in the padded weight buffer (banned tokens, at -inf, get 0)."""
-    top = _top(logits)
-    weights = buffers.weights[: logits.shape[0]]
-    np.subtract(logits, np.float32(top), out=weights)
-    np.multiply(weights, np.float32(1.0 / temperature), out=weights)
-    np.exp(weights, out=weights)
+    _scaled_exp(logits, _top(logits), temperature, out=buffers.weights[: logits.shape[0]])
     return buffers.weights
+
+
+def _scaled_exp(logits: Logits, top: float, temperature: float, out: Logits) -> Logits:
+    """exp((logits - top) / temperature), written to `out` (which may be `logits` itself)."""
+    np.subtract(logits, np.float32(top), out=out)
+    np.multiply(out, np.float32(1.0 / temperature), out=out)
+    return np.exp(out, out=out)
 
 
 def _top(logits: Logits) -> float:
@@ -117,14 +120,13 @@ def _draw(logits: Logits, temperature: float, rng: np.random.Generator, tail: fl
     top = _top(logits)
     size = logits.shape[0]
     tail = math.log(size) if tail is None else tail
-    near = logits >= np.float32(top - tail * temperature)
+    cut = np.float32(top - tail * temperature)  # one value for the head's test and the tail's, so no token is both
+    near = logits >= cut
     if np.count_nonzero(near) * 4 > size:  # a flat distribution: every token weighed, none left to propose
         return _dense(_weights(logits, temperature, _buffers(size)), rng)
     head = np.flatnonzero(near)
-    weights = logits[head]
-    np.subtract(weights, np.float32(top), out=weights)
-    np.multiply(weights, np.float32(1.0 / temperature), out=weights)
-    np.exp(weights, out=weights)
+    gathered = logits[head]
+    weights = _scaled_exp(gathered, top, temperature, out=gathered)
     cumulative = np.cumsum(weights, dtype=np.float64)
     bound = math.exp(-tail)
     total = cumulative[-1] + (size - head.shape[0]) * bound
@@ -135,9 +137,9 @@ def _draw(logits: Logits, temperature: float, rng: np.random.Generator, tail: fl
             while weights[index] <= 0:  # rounding put the point past the last token with weight
                 index -= 1
             return int(head[index])
-        token = int(rng.integers(logits.shape[0]))  # uniform over the tail: redrawn while it lands in the head
-        while logits[token] >= top - tail * temperature:
-            token = int(rng.integers(logits.shape[0]))
+        token = int(rng.integers(size))  # uniform over the tail: redrawn while it lands in the head
+        while logits[token] >= cut:
+            token = int(rng.integers(size))
         if rng.random() * bound < math.exp((float(logits[token]) - top) / temperature):
             return token
 
