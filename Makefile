@@ -90,7 +90,7 @@ $(VLLM_STAMP):
 	touch $(VLLM_STAMP)
 
 # Serving the default needs llama.cpp, llguidance and the sandbox: no torch, no test tools (`make serve`).
-$(SERVE_STAMP): pyproject.toml Makefile
+$(SERVE_STAMP): pyproject.toml Makefile src/smolrun/backends/_draw.c
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "smolrun needs Python 3.11 or newer")'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip

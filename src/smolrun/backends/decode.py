@@ -18,7 +18,7 @@ from smolrun.backends.base import Model, Pixels
 from smolrun.backends.closing import Closer, Closing
 from smolrun.backends.parts import PLAIN, PartReader, Parts, Piece, Segment
 from smolrun.backends.repetition import Dry
-from smolrun.backends.sampling import Bitmask, mask_logits, sample
+from smolrun.backends.sampling import Bitmask, Rng, mask_logits, sample
 from smolrun.constraints.grammar import Grammar
 from smolrun.errors import ContextLengthExceeded, GenerationFailed
 from smolrun.thinking import ThinkBlock
@@ -84,7 +84,7 @@ class SequenceState:
         self.token_bytes = token_bytes
         self.prompt_tokens = prompt_tokens
         self.cached_tokens = 0  # set by the loop once it knows how much of the prompt the cache held
-        self.rng = np.random.default_rng(params.seed)
+        self.rng = Rng(params.seed)
         self.text = _TextStream(params.stop)
         self.penalties = _Penalties(params.frequency_penalty, params.presence_penalty)
         self.dry = Dry(params.dry_multiplier or 0.0, params.dry_base, params.dry_allowed_length, token_bytes)

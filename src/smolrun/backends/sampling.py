@@ -1,32 +1,46 @@
-"""Pick the next token from raw logits and an optional grammar bitmask, in numpy.
+"""Pick the next token from raw logits and an optional grammar bitmask.
 
-This runs once per token on the loop's thread, right after a forward pass has flushed the CPU's caches, so it
-touches as little memory as it can: a draw exponentiates only the tokens near the top (exact, see _draw); a
-flat distribution and the nucleus path work in preallocated float32 buffers, a flat one's draw through a
-two-level cumulative sum; a grammar mask is applied only when the token drawn without it is banned (exact, see
-sample)."""
+This runs once per token on the loop's thread, right after a forward pass has flushed the CPU's caches, where
+every numpy call pays for cold code and data: the plain draw and greedy picks are one C call each
+(`_draw.c`: the draw exponentiates only the tokens near the top, and is exact); a grammar mask is applied only
+when the token drawn without it is banned (exact, see sample); the nucleus path works in numpy, in a
+preallocated float32 buffer."""
 
 from __future__ import annotations
 
-import math
+import os
 import threading
 
 import numpy as np
 import numpy.typing as npt
 
+from smolrun.backends import _draw
 from smolrun.turn import SamplingParams
 
 Logits = npt.NDArray[np.float32]
 Bitmask = npt.NDArray[np.int32]  # shape (1, ceil(V/32)); token t allowed iff bit t%32 of word t//32 is set
 
-BLOCK = 256  # tokens per block of the dense draw: a cumsum over V/256 block sums, then over one block
+
+class Rng:
+    """One sequence's random stream: 8 bytes of splitmix64 state that each draw advances (in C), so a seed
+    repeats every draw exactly."""
+
+    __slots__ = ("state",)
+
+    def __init__(self, seed: int | None = None) -> None:
+        value = int.from_bytes(os.urandom(8), "little") if seed is None else seed % 2**64
+        self.state = bytearray(value.to_bytes(8, "little"))
+
+    def random(self) -> float:
+        """A float in [0, 1)."""
+        return _draw.uniform(self.state)
 
 
 class _Buffers:
     """Scratch space for one vocabulary size, reused every step."""
 
     def __init__(self, size: int) -> None:
-        self.weights = np.zeros(-(-size // BLOCK) * BLOCK, dtype=np.float32)  # the padding stays at weight 0
+        self.weights = np.empty(size, dtype=np.float32)
         self.masked = np.empty(size, dtype=np.float32)
 
 
@@ -61,108 +75,44 @@ def mask_logits(logits: Logits, bitmask: Bitmask, out: Logits | None = None) -> 
     return out
 
 
-def sample(logits: Logits, bitmask: Bitmask | None, params: SamplingParams, rng: np.random.Generator) -> int:
+def sample(logits: Logits, bitmask: Bitmask | None, params: SamplingParams, rng: Rng) -> int:
     if params.temperature <= 0:
         return greedy(logits, bitmask)
-    size = logits.shape[0]
-    buffers = _buffers(size)
     if params.top_k > 0 or params.top_p < 1.0:  # the nucleus depends on the mask: mask first
+        buffers = _buffers(logits.shape[0])
         if bitmask is not None:
             logits = mask_logits(logits, bitmask, buffers.masked)
-        return _nucleus(_weights(logits, params.temperature, buffers)[:size], params, rng)
+        return _nucleus(_weights(logits, params.temperature, buffers.weights), params, rng)
     if bitmask is not None:
         # Draw without the mask and keep the token when the grammar allows it; otherwise draw from the masked
         # distribution. With A the allowed mass, P(t) = p(t) + (1 - A) * p(t) / A = p(t) / A for an allowed t:
         # exactly the masked softmax, and most steps skip the mask.
-        token = _draw(logits, params.temperature, rng)
+        token = _draw.draw(logits, params.temperature, rng.state)
         if allowed(bitmask, token):
             return token
-        logits = mask_logits(logits, bitmask, buffers.masked)
-    return _draw(logits, params.temperature, rng)
+        logits = mask_logits(logits, bitmask, _buffers(logits.shape[0]).masked)
+    return _draw.draw(logits, params.temperature, rng.state)  # ValueError when no token is allowed
 
 
 def greedy(logits: Logits, bitmask: Bitmask | None) -> int:
-    best = int(np.argmax(logits))
+    best = _draw.argmax(logits)
     # Most steps the model's favourite is allowed: test its bit instead of masking the whole vocabulary.
     if bitmask is None or allowed(bitmask, best):
         return best
-    return int(np.argmax(mask_logits(logits, bitmask, _buffers(logits.shape[0]).masked)))
+    return _draw.argmax(mask_logits(logits, bitmask, _buffers(logits.shape[0]).masked))
 
 
-def _weights(logits: Logits, temperature: float, buffers: _Buffers) -> npt.NDArray[np.float32]:
-    """exp((logits - max) / temperature) in the padded weight buffer (banned tokens, at -inf, get 0)."""
-    _scaled_exp(logits, _top(logits), temperature, out=buffers.weights[: logits.shape[0]])
-    return buffers.weights
-
-
-def _scaled_exp(logits: Logits, top: float, temperature: float, out: Logits) -> Logits:
-    """exp((logits - top) / temperature), written to `out` (which may be `logits` itself)."""
+def _weights(logits: Logits, temperature: float, out: Logits) -> Logits:
+    """exp((logits - max) / temperature) in `out` (banned tokens, at -inf, get 0)."""
+    top = float(np.max(logits))
+    if not np.isfinite(top):
+        raise ValueError("no token is allowed")
     np.subtract(logits, np.float32(top), out=out)
     np.multiply(out, np.float32(1.0 / temperature), out=out)
     return np.exp(out, out=out)
 
 
-def _top(logits: Logits) -> float:
-    top = float(np.max(logits))
-    if not np.isfinite(top):
-        raise ValueError("no token is allowed")
-    return top
-
-
-def _draw(logits: Logits, temperature: float, rng: np.random.Generator, tail: float | None = None) -> int:
-    """A token drawn from softmax(logits / temperature), exactly, exponentiating only the head: the tokens within
-    `tail` temperatures of the top (default ln V). Rejection sampling: propose a head token by its weight, or
-    any other token with the bound weight e^-tail (relative to the top's), which no tail token exceeds; a
-    proposed tail token is kept with probability (its weight) / (the bound), else the draw starts over. What is
-    kept is each token in proportion to its weight, the head's and the tail's alike. With tail = ln V the
-    bounds sum to at most the top token's weight: at most half the proposals go to the tail, and restarts cost
-    a few scalar draws, not a pass over the vocabulary."""
-    top = _top(logits)
-    size = logits.shape[0]
-    tail = math.log(size) if tail is None else tail
-    cut = np.float32(top - tail * temperature)  # one value for the head's test and the tail's, so no token is both
-    near = logits >= cut
-    if np.count_nonzero(near) * 4 > size:  # a flat distribution: every token weighed, none left to propose
-        return _dense(_weights(logits, temperature, _buffers(size)), rng)
-    head = np.flatnonzero(near)
-    gathered = logits[head]
-    weights = _scaled_exp(gathered, top, temperature, out=gathered)
-    cumulative = np.cumsum(weights, dtype=np.float64)
-    bound = math.exp(-tail)
-    total = cumulative[-1] + (size - head.shape[0]) * bound
-    while True:
-        point = rng.random() * total
-        if point < cumulative[-1]:
-            index = min(int(np.searchsorted(cumulative, point, side="right")), head.shape[0] - 1)
-            while weights[index] <= 0:  # rounding put the point past the last token with weight
-                index -= 1
-            return int(head[index])
-        token = int(rng.integers(size))  # uniform over the tail: redrawn while it lands in the head
-        while logits[token] >= cut:
-            token = int(rng.integers(size))
-        if rng.random() * bound < math.exp((float(logits[token]) - top) / temperature):
-            return token
-
-
-def _dense(weights: npt.NDArray[np.float32], rng: np.random.Generator) -> int:
-    """A token drawn in proportion to `weights` (padded to whole blocks): the block first, then within it."""
-    # Block sums in float32 (a few hundred weights each, rounding ~1e-7 of the block); across blocks in float64.
-    blocks = weights.reshape(-1, BLOCK).sum(axis=1)
-    cumulative = np.cumsum(blocks, dtype=np.float64)
-    point = rng.random() * cumulative[-1]
-    block = min(int(np.searchsorted(cumulative, point, side="right")), blocks.shape[0] - 1)
-    while blocks[block] <= 0:  # rounding put the point past the last block with weight
-        block -= 1
-    start = block * BLOCK
-    inner = np.cumsum(weights[start:start + BLOCK], dtype=np.float64)
-    rest = point - (cumulative[block - 1] if block else 0.0)
-    index = min(int(np.searchsorted(inner, rest, side="right")), BLOCK - 1)
-    while weights[start + index] <= 0:  # the same, within the block
-        index -= 1
-    return int(start + index)
-
-
-def _nucleus(weights: npt.NDArray[np.float32], params: SamplingParams, rng: np.random.Generator) -> int:
+def _nucleus(weights: npt.NDArray[np.float32], params: SamplingParams, rng: Rng) -> int:
     # Sorting 49k-262k weights every step is slow: grow the candidate set until it holds the nucleus.
     vocab = weights.shape[0]
     total = float(weights.sum(dtype=np.float64))
@@ -176,6 +126,9 @@ def _nucleus(weights: npt.NDArray[np.float32], params: SamplingParams, rng: np.r
         cumulative = np.cumsum(probs) / mass
         if cumulative[-1] >= params.top_p or size == vocab or params.top_k > 0:
             cut = min(int(np.searchsorted(cumulative, params.top_p)) + 1, size)
-            probs = probs[:cut] / probs[:cut].sum()
-            return int(candidates[rng.choice(cut, p=probs)])
+            kept = np.cumsum(probs[:cut])
+            index = min(int(np.searchsorted(kept, rng.random() * kept[-1], side="right")), cut - 1)
+            while probs[index] <= 0:  # rounding put the point past the last token with weight
+                index -= 1
+            return int(candidates[index])
     raise AssertionError("unreachable: the last candidate set is the whole vocabulary")
