@@ -270,8 +270,10 @@ def test_the_engine_thread_bounds_its_queue() -> None:
     engine = Engine(BatchByteModel(n_seq=1), max_queue=1)
     runner = BatchEngine(engine.model, max_queue=1)  # type: ignore[arg-type]
     release = threading.Event()
+    # The first request's sink holds the batch thread until release: it keeps the only sequence however fast the
+    # fake decodes (it would otherwise end 4000 tokens before the test's next lines on a quick machine).
     runner.enqueue(engine.job(engine.prepare(turn("hold", max_tokens=4000, temperature=0)),
-                             lambda item: None, release.is_set))
+                             lambda item: release.wait(10), release.is_set))
     waiting = engine.job(engine.prepare(turn("wait", max_tokens=5)), lambda item: None, lambda: False)
     while runner.waiting() != 0:  # until the first holds the only sequence
         time.sleep(0.001)
